@@ -1,0 +1,149 @@
+"""The cost graph: aggregated block costs ``K[i, j] = sum |w|**p`` between hidden units.
+
+Only these aggregates matter for balancing. Edges from visible units (inputs, the bias unit)
+collapse into one incoming cost per hidden unit, edges into visible units (outputs) into one
+outgoing cost, and visible-to-visible edges into a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .network import Network
+from .regularisers import Regulariser, as_regulariser
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """Costs of the edges from hidden units ``src`` to hidden units ``dst`` (index ranges).
+
+    ``costs[t]`` is the (n_dst, n_src) aggregate for regulariser term t.
+    """
+
+    dst: tuple[int, int]
+    src: tuple[int, int]
+    costs: tuple[np.ndarray, ...]
+
+    @property
+    def is_internal(self) -> bool:
+        """True when the block links units of overlapping ranges (recurrent connections)."""
+        return self.dst[0] < self.src[1] and self.src[0] < self.dst[1]
+
+
+@dataclass(frozen=True, eq=False)
+class CostGraph:
+    """Everything the balancing kernels need, as plain arrays.
+
+    Attributes:
+        coefs, powers: the regulariser terms ``sum_t coefs[t] * |w|**powers[t]``.
+        degrees: homogeneity degree c_k per hidden unit (1 for BiLU).
+        group_names, group_ranges: hidden groups (layers) and their index ranges.
+        visible_in: (T, H) cost of edges into unit k from visible units (inputs, bias).
+        visible_out: (T, H) cost of edges from unit k to visible units (outputs).
+        self_cost: (T, H) cost of self-loops k -> k (also contained in the blocks).
+        blocks: hidden-to-hidden costs.
+        constant_cost: regularised cost of visible-to-visible edges (never changes).
+        dead: units with no incoming or no outgoing cost; they are never rescaled.
+    """
+
+    coefs: np.ndarray
+    powers: np.ndarray
+    degrees: np.ndarray
+    group_names: tuple[str, ...]
+    group_ranges: tuple[tuple[int, int], ...]
+    visible_in: np.ndarray
+    visible_out: np.ndarray
+    self_cost: np.ndarray
+    blocks: tuple[Block, ...]
+    constant_cost: float
+    dead: np.ndarray
+
+    @property
+    def n_units(self) -> int:
+        return int(self.degrees.shape[0])
+
+    @property
+    def n_terms(self) -> int:
+        return int(self.powers.shape[0])
+
+    @property
+    def free(self) -> np.ndarray:
+        return ~self.dead
+
+    def group_of(self, unit: int) -> int:
+        for g, (start, stop) in enumerate(self.group_ranges):
+            if start <= unit < stop:
+                return g
+        raise IndexError(unit)
+
+    def group_has_internal_edges(self, group: int) -> bool:
+        start, stop = self.group_ranges[group]
+        return any(b.dst[0] < stop and b.dst[1] > start and b.src[0] < stop and b.src[1] > start
+                   for b in self.blocks)
+
+
+def build_cost_graph(network: Network, regulariser: float | Regulariser) -> CostGraph:
+    """Aggregate the network's weights into block costs for ``regulariser``."""
+    reg = as_regulariser(regulariser)
+    powers = np.array(reg.powers, dtype=np.float64)
+    coefs = np.array(reg.coefs, dtype=np.float64)
+    n_terms = len(powers)
+    offsets = network.hidden_offsets()
+    n_hidden = network.n_hidden
+    by_name = {g.name: g for g in network.groups}
+    visible_in = np.zeros((n_terms, n_hidden))
+    visible_out = np.zeros((n_terms, n_hidden))
+    self_cost = np.zeros((n_terms, n_hidden))
+    constant = 0.0
+    blocks: list[Block] = []
+    for conn in network.connections:
+        dst, src = by_name[conn.dst], by_name[conn.src]
+        shaped = np.abs(conn.unit_axes(network.weights[conn.key]))
+        costs = []
+        for p in powers:
+            # p = 1 and p = 2 are the common cases; avoid the generic pow kernel for them.
+            if p == 1.0:
+                powered = shaped
+            elif p == 2.0:
+                powered = shaped * shaped
+            else:
+                powered = shaped**p
+            costs.append(powered.sum(axis=2) if powered.shape[2] > 1 else powered[:, :, 0])
+        if dst.hidden and src.hidden:
+            d0, d1 = offsets[dst.name]
+            s0, s1 = offsets[src.name]
+            block = Block((d0, d1), (s0, s1), tuple(np.ascontiguousarray(k) for k in costs))
+            blocks.append(block)
+            if block.is_internal:
+                lo, hi = max(d0, s0), min(d1, s1)
+                for t, k in enumerate(costs):
+                    rows = np.arange(lo, hi) - d0
+                    cols = np.arange(lo, hi) - s0
+                    self_cost[t, lo:hi] += k[rows, cols]
+        elif dst.hidden:
+            d0, d1 = offsets[dst.name]
+            for t, k in enumerate(costs):
+                visible_in[t, d0:d1] += k.sum(axis=1)
+        elif src.hidden:
+            s0, s1 = offsets[src.name]
+            for t, k in enumerate(costs):
+                visible_out[t, s0:s1] += k.sum(axis=0)
+        else:
+            constant += float(sum(c * k.sum() for c, k in zip(coefs, costs, strict=True)))
+    names = tuple(g.name for g in network.hidden_groups)
+    ranges = tuple(offsets[n] for n in names)
+    incoming = visible_in.sum(axis=0).copy()
+    outgoing = visible_out.sum(axis=0).copy()
+    for b in blocks:
+        total = sum(b.costs)
+        incoming[b.dst[0]:b.dst[1]] += total.sum(axis=1)
+        outgoing[b.src[0]:b.src[1]] += total.sum(axis=0)
+    own = self_cost.sum(axis=0)
+    # Self-loops alone cannot balance a unit: it needs other incoming and outgoing edges.
+    # The relative margin absorbs the rounding of (incoming - own) when only a loop exists.
+    margin = 1e-13 * np.maximum(own, 0.0)
+    dead = ((incoming - own) <= margin) | ((outgoing - own) <= margin)
+    return CostGraph(coefs, powers, network.degrees(), names, ranges, visible_in,
+                     visible_out, self_cost, tuple(blocks), constant, dead)
