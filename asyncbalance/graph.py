@@ -33,6 +33,57 @@ class Block:
 
 
 @dataclass(frozen=True, eq=False)
+class BlockStack:
+    """``count`` blocks of equal shape on consecutive index ranges, stored as one array.
+
+    Block i links src ``[src_start + i n_src, ...)`` to dst ``[dst_start + i n_dst, ...)``.
+    A deep chain of equal-width layers becomes one stack, so a kernel pass is one batched
+    matrix product instead of a Python loop over layers.
+    """
+
+    dst_start: int
+    src_start: int
+    count: int
+    n_dst: int
+    n_src: int
+    costs: tuple[np.ndarray, ...]  # per term, (count, n_dst, n_src)
+
+    @property
+    def dst_stop(self) -> int:
+        return self.dst_start + self.count * self.n_dst
+
+    @property
+    def src_stop(self) -> int:
+        return self.src_start + self.count * self.n_src
+
+
+def stack_blocks(blocks: list[Block], n_terms: int) -> tuple[list[Block], list[BlockStack]]:
+    """Group runs of consecutive equal-shape blocks; blocks become views into the stacks."""
+    stacks: list[BlockStack] = []
+    views: list[Block] = []
+    i = 0
+    while i < len(blocks):
+        first = blocks[i]
+        n_dst = first.dst[1] - first.dst[0]
+        n_src = first.src[1] - first.src[0]
+        j = i + 1
+        while (not first.is_internal and j < len(blocks) and not blocks[j].is_internal
+               and blocks[j].dst == (first.dst[0] + (j - i) * n_dst,
+                                     first.dst[0] + (j - i + 1) * n_dst)
+               and blocks[j].src == (first.src[0] + (j - i) * n_src,
+                                     first.src[0] + (j - i + 1) * n_src)):
+            j += 1
+        run = blocks[i:j]
+        costs = tuple(np.stack([b.costs[t] for b in run]) if len(run) > 1
+                      else run[0].costs[t][None] for t in range(n_terms))
+        stacks.append(BlockStack(first.dst[0], first.src[0], len(run), n_dst, n_src, costs))
+        for offset, b in enumerate(run):
+            views.append(Block(b.dst, b.src, tuple(c[offset] for c in costs)))
+        i = j
+    return views, stacks
+
+
+@dataclass(frozen=True, eq=False)
 class CostGraph:
     """Everything the balancing kernels need, as plain arrays.
 
@@ -43,7 +94,8 @@ class CostGraph:
         visible_in: (T, H) cost of edges into unit k from visible units (inputs, bias).
         visible_out: (T, H) cost of edges from unit k to visible units (outputs).
         self_cost: (T, H) cost of self-loops k -> k (also contained in the blocks).
-        blocks: hidden-to-hidden costs.
+        blocks: hidden-to-hidden costs, one per connection.
+        stacks: the same costs grouped for batched kernels (blocks are views into them).
         constant_cost: regularised cost of visible-to-visible edges (never changes).
         dead: units with no incoming or no outgoing cost; they are never rescaled.
     """
@@ -57,6 +109,7 @@ class CostGraph:
     visible_out: np.ndarray
     self_cost: np.ndarray
     blocks: tuple[Block, ...]
+    stacks: tuple[BlockStack, ...]
     constant_cost: float
     dead: np.ndarray
 
@@ -100,16 +153,15 @@ def build_cost_graph(network: Network, regulariser: float | Regulariser) -> Cost
     blocks: list[Block] = []
     for conn in network.connections:
         dst, src = by_name[conn.dst], by_name[conn.src]
-        shaped = np.abs(conn.unit_axes(network.weights[conn.key]))
+        raw = conn.unit_axes(network.weights[conn.key])
         costs = []
         for p in powers:
-            # p = 1 and p = 2 are the common cases; avoid the generic pow kernel for them.
-            if p == 1.0:
-                powered = shaped
-            elif p == 2.0:
-                powered = shaped * shaped
-            else:
-                powered = shaped**p
+            # One new array per term, powered in place: peak memory stays near one copy.
+            powered = np.abs(raw)
+            if p == 2.0:
+                np.multiply(powered, powered, out=powered)
+            elif p != 1.0:
+                np.power(powered, p, out=powered)
             costs.append(powered.sum(axis=2) if powered.shape[2] > 1 else powered[:, :, 0])
         if dst.hidden and src.hidden:
             d0, d1 = offsets[dst.name]
@@ -145,5 +197,6 @@ def build_cost_graph(network: Network, regulariser: float | Regulariser) -> Cost
     # The relative margin absorbs the rounding of (incoming - own) when only a loop exists.
     margin = 1e-13 * np.maximum(own, 0.0)
     dead = ((incoming - own) <= margin) | ((outgoing - own) <= margin)
+    views, stacks = stack_blocks(blocks, n_terms)
     return CostGraph(coefs, powers, network.degrees(), names, ranges, visible_in,
-                     visible_out, self_cost, tuple(blocks), constant, dead)
+                     visible_out, self_cost, tuple(views), tuple(stacks), constant, dead)

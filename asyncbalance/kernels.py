@@ -18,6 +18,18 @@ def _exp_pair(graph: CostGraph, log_scales: np.ndarray, t: int) -> tuple[np.ndar
     return np.exp(p * log_scales), np.exp(-p * graph.degrees * log_scales)
 
 
+def _stack_forward(stack, k: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``K_i @ x_i`` for every block i of a stack, flattened onto the dst range."""
+    xs = x[stack.src_start:stack.src_stop].reshape(stack.count, stack.n_src, 1)
+    return np.matmul(k, xs).reshape(-1)
+
+
+def _stack_backward(stack, k: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``y_i @ K_i`` for every block i of a stack, flattened onto the src range."""
+    ys = y[stack.dst_start:stack.dst_stop].reshape(stack.count, 1, stack.n_dst)
+    return np.matmul(ys, k).reshape(-1)
+
+
 def unit_flows(graph: CostGraph, log_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(incoming, outgoing)``, each (T, H): A_k and B_k per regulariser term.
 
@@ -30,10 +42,10 @@ def unit_flows(graph: CostGraph, log_scales: np.ndarray) -> tuple[np.ndarray, np
         up, down = _exp_pair(graph, log_scales, t)
         into = graph.visible_in[t].copy()
         out = graph.visible_out[t].copy()
-        for b in graph.blocks:
-            k = b.costs[t]
-            into[b.dst[0]:b.dst[1]] += k @ down[b.src[0]:b.src[1]]
-            out[b.src[0]:b.src[1]] += up[b.dst[0]:b.dst[1]] @ k
+        for st in graph.stacks:
+            k = st.costs[t]
+            into[st.dst_start:st.dst_stop] += _stack_forward(st, k, down)
+            out[st.src_start:st.src_stop] += _stack_backward(st, k, up)
         incoming[t] = up * into
         outgoing[t] = down * out
     return incoming, outgoing
@@ -201,12 +213,24 @@ def move_cost_decrease(graph: CostGraph, log_scales: np.ndarray, units: np.ndarr
     return weights.sum(axis=1) - after
 
 
+def single_precision_costs(graph: CostGraph) -> tuple[tuple[np.ndarray, ...], ...]:
+    """float32 copies of the stacked costs, for Hessian products inside Newton's solver.
+
+    The products are memory-bound; half the bytes per pass halves their time, and a Newton
+    direction accurate to ~1e-7 still converges (the gradient stays float64).
+    """
+    return tuple(tuple(k.astype(np.float32) for k in st.costs) for st in graph.stacks)
+
+
 def hessian_vector_product(graph: CostGraph, log_scales: np.ndarray, vector: np.ndarray,
-                           flows: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                           flows: tuple[np.ndarray, np.ndarray] | None = None,
+                           costs32: tuple[tuple[np.ndarray, ...], ...] | None = None
+                           ) -> np.ndarray:
     """``H v`` for the Hessian of R at ``log_scales``, restricted to free (non-dead) units.
 
     ``H = sum_t coef p^2 [diag(A + c^2 B) - C - C^T]`` with ``C_ij = c_j K_ij e^{p(u_i - c_j
     u_j)}`` over hidden-to-hidden edges: a weighted graph Laplacian for c = 1 (seed 004).
+    With ``costs32`` (from ``single_precision_costs``) the block products run in float32.
     """
     flows = unit_flows(graph, log_scales) if flows is None else flows
     incoming, outgoing = flows
@@ -219,12 +243,16 @@ def hessian_vector_product(graph: CostGraph, log_scales: np.ndarray, vector: np.
         term = (incoming[t] + c * c * outgoing[t]) * v
         weighted_src = c * down * v
         weighted_dst = up * v
-        for b in graph.blocks:
-            k = b.costs[t]
-            d0, d1 = b.dst
-            s0, s1 = b.src
-            term[d0:d1] -= up[d0:d1] * (k @ weighted_src[s0:s1])
-            term[s0:s1] -= c[s0:s1] * down[s0:s1] * (weighted_dst[d0:d1] @ k)
+        pulled = np.zeros_like(v)
+        pushed = np.zeros_like(v)
+        if costs32 is not None:
+            weighted_src = weighted_src.astype(np.float32)
+            weighted_dst = weighted_dst.astype(np.float32)
+        for s_index, st in enumerate(graph.stacks):
+            k = st.costs[t] if costs32 is None else costs32[s_index][t]
+            pulled[st.dst_start:st.dst_stop] += _stack_forward(st, k, weighted_src)
+            pushed[st.src_start:st.src_stop] += _stack_backward(st, k, weighted_dst)
+        term -= up * pulled + c * down * pushed
         result += graph.coefs[t] * p * p * term
     return np.where(graph.dead, 0.0, result)
 
@@ -264,12 +292,17 @@ def group_coupling(graph: CostGraph, log_scales: np.ndarray,
         up, down = _exp_pair(graph, log_scales, t)
         c_down = graph.degrees * down * free
         up_free = up * free
-        for b in graph.blocks:
-            gd, gs = group_index.get(b.dst), group_index.get(b.src)
-            if gd is None or gs is None:
-                continue
-            total = up_free[b.dst[0]:b.dst[1]] @ (b.costs[t] @ c_down[b.src[0]:b.src[1]])
-            value = graph.coefs[t] * p * p * total
-            coarse[gd, gs] -= value
-            coarse[gs, gd] -= value
+        for st in graph.stacks:
+            per_block = (_stack_forward(st, st.costs[t], c_down)
+                         * up_free[st.dst_start:st.dst_stop]).reshape(st.count, -1).sum(1)
+            for i, total in enumerate(per_block):
+                gd = group_index.get((st.dst_start + i * st.n_dst,
+                                      st.dst_start + (i + 1) * st.n_dst))
+                gs = group_index.get((st.src_start + i * st.n_src,
+                                      st.src_start + (i + 1) * st.n_src))
+                if gd is None or gs is None:
+                    continue
+                value = graph.coefs[t] * p * p * total
+                coarse[gd, gs] -= value
+                coarse[gs, gd] -= value
     return coarse

@@ -44,6 +44,10 @@ class Certificate:
 def gauge_components(graph: CostGraph) -> list[np.ndarray]:
     """Sets of free c = 1 units with no path to a visible unit (R is flat along their sum)."""
     n = graph.n_units
+    touches_visible = (graph.visible_in.sum(0) > 0) | (graph.visible_out.sum(0) > 0) | graph.dead
+    if touches_visible.all():
+        # The common case (every unit has a bias or an input/output edge): nothing floats.
+        return []
     rows, cols = [], []
     for b in graph.blocks:
         total = sum(b.costs)
@@ -51,7 +55,6 @@ def gauge_components(graph: CostGraph) -> list[np.ndarray]:
         rows.append(i + b.dst[0])
         cols.append(j + b.src[0])
     anchor = n  # one extra node standing for all visible units
-    touches_visible = (graph.visible_in.sum(0) > 0) | (graph.visible_out.sum(0) > 0) | graph.dead
     rows.append(np.nonzero(touches_visible)[0])
     cols.append(np.full(int(touches_visible.sum()), anchor))
     r = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
@@ -122,6 +125,7 @@ def solve_optimum(
         group_of[s0:s1] = g
     free = graph.free
     inner_total = 0
+    costs32 = kernels.single_precision_costs(graph)
     flows = kernels.unit_flows(graph, u)
     cost = kernels.total_cost(graph, u, flows)
     imbalance = kernels.max_log_imbalance(graph, u, flows)
@@ -139,7 +143,7 @@ def solve_optimum(
 
         def apply_h(v: np.ndarray, _u: np.ndarray = snapshot_u,
                     _f: tuple = snapshot_flows) -> np.ndarray:
-            return kernels.hessian_vector_product(graph, _u, v, _f)
+            return kernels.hessian_vector_product(graph, _u, v, _f, costs32)
 
         def precondition(r: np.ndarray, _diag: np.ndarray = diag,
                          _coarse_inv: np.ndarray = coarse_inverse) -> np.ndarray:
