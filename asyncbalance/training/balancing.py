@@ -1,0 +1,121 @@
+"""One balancing interleave: move log-scales, check the function in float64, write back.
+
+The balancing itself is the engine's: ``build_cost_graph`` + ``run_schedule`` (or the
+central Newton optimum) + ``scale_network``. Around it this module measures what a
+researcher needs to trust the step: the float64 function change on a probe batch, the cost
+before/after/at the optimum, the distance ``max |u - u*|`` to the unique optimum (also when a
+partial sweep stops short of it) and the per-unit imbalance before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import kernels
+from ..graph import build_cost_graph
+from ..network import scale_network
+from ..optimum import solve_optimum
+from ..schedules import run_schedule
+from .bridge import layout_network, model_layout, write_network
+
+
+@dataclass(frozen=True)
+class BalanceEvent:
+    """What one balancing interleave did (all figures in float64)."""
+
+    kind: str
+    iterations: int
+    function_rel_error: float
+    function_rel_error_float32: float
+    cost_before: float
+    cost_after: float
+    cost_optimum: float
+    distance_to_optimum: float
+    max_log_imbalance_before: float
+    max_log_imbalance_after: float
+    median_log_imbalance_before: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(probe)
+    finally:
+        model.train(was_training)
+
+
+def relative_change(reference: torch.Tensor, changed: torch.Tensor) -> float:
+    """``max |changed - reference| / max |reference|`` (0/0 counts as 0)."""
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    diff = float((changed - reference).abs().max()) if reference.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | None = None,
+                  tol: float = 1e-10, full_method: str = "exact", direction: str = "forward",
+                  with_optimum: bool = True, seed: int = 0) -> BalanceEvent:
+    """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep)
+    or ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol).
+
+    With a ``probe`` batch, the function change is measured on a float64 copy of the model
+    (the balancing's own error) and on the model itself (float32 rounding of the new weights).
+    """
+    start = time.perf_counter()
+    layout = model_layout(model)
+    network = layout_network(layout)
+    graph = build_cost_graph(network, p)
+    u0 = np.zeros(graph.n_units)
+    if kind == "partial":
+        result = run_schedule(graph, "partial", tol=tol, direction=direction)
+    else:
+        result = run_schedule(graph, full_method, tol=tol, seed=seed)
+    u = result.log_scales
+    balanced = scale_network(network, u)
+    seconds = time.perf_counter() - start
+    cost_opt, distance = float("nan"), float("nan")
+    if with_optimum:
+        cert = solve_optimum(graph, tol=1e-12) if kind == "partial" or full_method != "exact" \
+            else None
+        u_star = u if cert is None else cert.log_scales
+        cost_opt = result.cost if cert is None else cert.cost
+        distance = float(np.max(np.abs(u - u_star))) if u.size else 0.0
+    imbalance_before = np.abs(kernels.log_imbalance(graph, u0))
+    err64 = err32 = float("nan")
+    if probe is not None:
+        twin = copy.deepcopy(model).to(torch.float64)
+        probe64 = probe.to(torch.float64)
+        reference = _outputs(twin, probe64)
+        write_network(model_layout(twin), balanced)
+        err64 = relative_change(reference, _outputs(twin, probe64))
+        before32 = _outputs(model, probe)
+    start_write = time.perf_counter()
+    write_network(layout, balanced)
+    seconds += time.perf_counter() - start_write
+    if probe is not None:
+        err32 = relative_change(before32.double(), _outputs(model, probe).double())
+    return BalanceEvent(
+        kind=kind, iterations=int(result.iterations), function_rel_error=err64,
+        function_rel_error_float32=err32, cost_before=float(kernels.total_cost(graph, u0)),
+        cost_after=float(result.cost), cost_optimum=cost_opt, distance_to_optimum=distance,
+        max_log_imbalance_before=float(imbalance_before.max()) if u.size else 0.0,
+        max_log_imbalance_after=float(result.max_log_imbalance),
+        median_log_imbalance_before=float(np.median(imbalance_before)) if u.size else 0.0,
+        seconds=seconds)
+
+
+def unit_log_imbalance(model: nn.Module, p: float) -> np.ndarray:
+    """Per-unit ``log(A_k / (c_k B_k))`` of the model as it is (0 at dead units)."""
+    graph = build_cost_graph(layout_network(model_layout(model)), p)
+    return kernels.log_imbalance(graph, np.zeros(graph.n_units))

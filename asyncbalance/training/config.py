@@ -1,0 +1,208 @@
+"""Training scenarios as validated frozen dataclasses (loaded with ``asyncbalance.config``).
+
+A scenario file holds one ``TrainConfig`` (top-level keys plus the ``[data]``, ``[model]``,
+``[trainer]``, ``[optimizer]``, ``[regulariser]``, ``[balancing]`` and ``[monitor]`` tables),
+optionally ``[sweep]`` (a grid of dotted keys), ``[settings.<label>]`` and
+``[variants.<label>]`` (labelled tables of dotted-key overrides). Every combination of sweep
+point, setting and variant is run for every seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import InvalidInputError
+
+DATASETS = ("fashion_mnist", "idx", "digits", "circles")
+MODELS = ("mlp", "rnn", "cnn", "transformer")
+RULES = ("backprop", "dfa", "fa")
+OPTIMISERS = ("sgd", "adam")
+REGULARISERS = ("none", "l1", "l2")
+BALANCE_MODES = ("none", "partial", "full", "async")
+FULL_METHODS = ("exact", "full", "alternating", "stochastic")
+DEVICES = ("auto", "cpu", "cuda")
+TRANSFORMER_PARTS = ("ff",)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, how much of it, and the mini-batch size.
+
+    ``fraction`` keeps a stratified, seeded subset of the training set (class proportions
+    preserved, at least one sample per class); the test set is always complete.
+    """
+
+    name: Literal["fashion_mnist", "idx", "digits", "circles"] = "digits"
+    dir: str = ""
+    fraction: float = 1.0
+    batch_size: int = 64
+    test_fraction: float = 0.25
+    n_samples: int = 1000
+    noise: float = 0.1
+    factor: float = 0.5
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.fraction <= 1.0):
+            raise InvalidInputError("fraction", f"must be in (0, 1], got {self.fraction}")
+        if self.batch_size < 1:
+            raise InvalidInputError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not (0.0 < self.test_fraction < 1.0):
+            raise InvalidInputError("test_fraction",
+                                    f"must be in (0, 1), got {self.test_fraction}")
+        if self.n_samples < 4:
+            raise InvalidInputError("n_samples", f"must be >= 4, got {self.n_samples}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. ``widths`` (MLP) includes the input and output sizes, e.g. [64, 32, 10];
+    0 entries at either end are filled from the data set."""
+
+    kind: Literal["mlp", "rnn", "cnn", "transformer"] = "mlp"
+    widths: tuple[int, ...] = (0, 64, 0)
+    activation: str = "relu"
+    bias: bool = True
+    hidden: int = 64
+    channels: tuple[int, ...] = (8, 16)
+    d_model: int = 32
+    heads: int = 2
+    d_ff: int = 64
+    blocks: int = 1
+    ff_activation: str = "relu"
+    balance_parts: tuple[str, ...] = ("ff",)
+
+    def __post_init__(self) -> None:
+        if self.kind == "mlp":
+            if len(self.widths) < 2:
+                raise InvalidInputError("widths", "needs at least input and output sizes")
+            if any(w < 0 for w in self.widths) or any(w == 0 for w in self.widths[1:-1]):
+                raise InvalidInputError("widths", f"hidden widths must be >= 1: {self.widths}")
+        for name in ("hidden", "d_model", "heads", "d_ff", "blocks"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(name, f"must be >= 1, got {getattr(self, name)}")
+        if any(c < 1 for c in self.channels) or len(self.channels) != 2:
+            raise InvalidInputError("channels", f"needs two positive channel counts, got "
+                                    f"{self.channels}")
+        if self.d_model % self.heads:
+            raise InvalidInputError("heads", f"d_model {self.d_model} is not divisible by "
+                                    f"{self.heads} heads")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Learning rule. Feedback matrices are uniform in [-s, s] with
+    ``s = feedback_scale / sqrt(fan)``: fan = n_outputs for DFA (B_l: hidden_l x n_out),
+    fan = the layer's input width for FA (B_l shaped like W_l), as torch's Linear init."""
+
+    rule: Literal["backprop", "dfa", "fa"] = "backprop"
+    feedback_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.feedback_scale > 0:
+            raise InvalidInputError("feedback_scale", f"must be > 0, got {self.feedback_scale}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise InvalidInputError("lr", f"must be > 0, got {self.lr}")
+        if not (0.0 <= self.momentum < 1.0):
+            raise InvalidInputError("momentum", f"must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class RegulariserConfig:
+    """Penalty ``strength * sum |w|^p`` (p = 1 or 2) added to the loss, biases included when
+    ``include_biases`` (the bias is an edge from the bias unit, as in the balancing cost)."""
+
+    kind: Literal["none", "l1", "l2"] = "none"
+    strength: float = 0.0
+    include_biases: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strength < 0:
+            raise InvalidInputError("strength", f"must be >= 0, got {self.strength}")
+
+
+@dataclass(frozen=True)
+class BalancingConfig:
+    """Balancing during training, independent of the regulariser.
+
+    ``mode``: none; partial (one layer-wise sweep); full (to the unique optimum with
+    ``full_method``, max log-imbalance <= ``tol``); async (through the runtime).
+    ``every`` k ``unit`` (epoch or step); ``at_start`` adds a full balance before training.
+    """
+
+    mode: Literal["none", "partial", "full", "async"] = "none"
+    every: int = 1
+    unit: Literal["epoch", "step"] = "epoch"
+    p: float = 2.0
+    at_start: bool = False
+    full_method: Literal["exact", "full", "alternating", "stochastic"] = "exact"
+    direction: Literal["forward", "backward"] = "forward"
+    tol: float = 1e-10
+    async_budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise InvalidInputError("every", f"must be >= 1, got {self.every}")
+        if not self.p > 0:
+            raise InvalidInputError("p", f"must be > 0, got {self.p}")
+        if not self.tol > 0:
+            raise InvalidInputError("tol", f"must be > 0, got {self.tol}")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none" or self.at_start
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What is measured at each balancing interleave and each epoch.
+
+    ``probe_size`` test inputs form the float64 function-preservation probe; ``optimum``
+    solves the central optimum at every interleave (distance max|u - u*|); ``alignment``
+    measures the angle between the trainer's update and the backprop gradient;
+    ``unit_norms`` records per-unit in/out norms every epoch (small networks only).
+    """
+
+    probe_size: int = 256
+    optimum: bool = True
+    conservation: bool = True
+    alignment: bool = True
+    unit_norms: bool = False
+    alignment_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.probe_size < 1:
+            raise InvalidInputError("probe_size", f"must be >= 1, got {self.probe_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "train"
+    seeds: int = 1
+    first_seed: int = 0
+    epochs: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    label: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    regulariser: RegulariserConfig = field(default_factory=RegulariserConfig)
+    balancing: BalancingConfig = field(default_factory=BalancingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise InvalidInputError("seeds", f"must be >= 1, got {self.seeds}")
+        if self.epochs < 0:
+            raise InvalidInputError("epochs", f"must be >= 0, got {self.epochs}")
