@@ -1,0 +1,123 @@
+"""Run records: summary.json, trace.csv and plots, all written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..io import atomic_write, write_json
+
+SUMMARY_KEYS = (
+    "converged", "max_abs_log_scale_error", "relative_cost_gap", "function_max_rel_error",
+    "messages_sent", "messages_delivered", "messages_dropped", "wall_seconds", "sim_time",
+    "backend", "n_units", "n_shards", "seed",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One convergence sample, gathered from the owners' own log-scales."""
+
+    time: float
+    wall_seconds: float
+    max_abs_error: float
+    relative_cost_gap: float
+    max_log_imbalance: float
+    messages_sent: int
+    messages_delivered: int
+    messages_dropped: int
+    unit_updates: int
+    function_rel_error: float | None
+
+
+def write_trace_csv(path: Path, samples: Sequence[Sample]) -> None:
+    names = list(Sample.__dataclass_fields__)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for sample in samples:
+        row = asdict(sample)
+        writer.writerow(["" if row[n] is None else repr(row[n]) for n in names])
+    with atomic_write(path, "w") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_convergence(path: Path, samples: Sequence[Sample], tol: float, time_label: str,
+                     title: str) -> None:
+    """max |u - u*| and (R - R*)/R* against time, log scale, with the tolerance line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    times = [s.time for s in samples]
+    floor = 1e-17  # exact zeros cannot be drawn on a log axis
+    ax.semilogy(times, [max(s.max_abs_error, floor) for s in samples], label="max |u - u*|")
+    ax.semilogy(times, [max(abs(s.relative_cost_gap), floor) for s in samples],
+                label="|R - R*| / R*", linestyle="--")
+    ax.axhline(tol, color="grey", linewidth=0.8, linestyle=":", label=f"tolerance {tol:g}")
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("error")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def plot_sweep(path: Path, rows: Sequence[Mapping[str, Any]], x_key: str,
+               series_keys: Sequence[str], time_label: str) -> None:
+    """Time to tolerance against the swept ``x_key``, one line per value of the other keys."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        label = ", ".join(f"{k}={row['sweep'][k]}" for k in series_keys) or "time to tolerance"
+        value = row["time_to_tol"]
+        series.setdefault(label, []).append(
+            (float(row["sweep"][x_key]), float("nan") if value is None else float(value)))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"time to tolerance ({time_label})")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ValueError(f"summary lacks {missing}")
+    write_json(path, summary)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The summary of a run directory (or of a sweep directory: its ``sweep.json``)."""
+    directory = Path(run_dir)
+    for name in ("summary.json", "sweep.json"):
+        file = directory / name
+        if file.is_file():
+            try:
+                return json.loads(file.read_text())
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError("RUN_DIR", f"{file} is not valid JSON ({exc})") from None
+    raise InvalidInputError("RUN_DIR", f"{directory} holds no summary.json or sweep.json "
+                            "(is it a run directory?)")

@@ -1,0 +1,319 @@
+"""The shard: a pure state machine that balances the hidden units it owns.
+
+A shard owns some hidden units. It holds only the aggregated costs of the edges that touch
+them (their incoming rows and outgoing columns), its own log-scales and a *view* of the
+log-scales of the neighbouring units owned by other shards. ``on_wake(now)`` applies the local
+rule to the owned units and returns state messages for the neighbour shards;
+``on_message(msg)`` updates the view. There is no clock and no I/O here: the simulator and the
+Ray actors are the two hosts.
+
+The shard's costs form a small ``CostGraph`` over the local index space ``[own | halo]``, so
+the rules call the engine's kernels unchanged: halo units are marked dead there (they are
+moved by their owners, never here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from .. import kernels
+from ..graph import Block, CostGraph, stack_blocks
+from ..schedules import gradient_flow_step
+from .messages import StateMessage
+
+RULES = ("exact", "damped", "gradient")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The local rule: exact move, damped exact move (alpha) or gradient flow (eta)."""
+
+    name: str = "exact"
+    alpha: float = 1.0
+    eta: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"unknown rule {self.name!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSpec:
+    """What one shard knows about the network, fixed for the whole run.
+
+    Attributes:
+        shard_id: index of the shard.
+        units: global ids of the owned units (sorted); local indices ``0 .. n_own``.
+        halo: global ids of neighbour units owned elsewhere (local ``n_own ..``).
+        halo_owner: shard id of each halo unit.
+        graph: the local cost graph over ``[own | halo]``.
+        colors: local indices of owned units in groups with no edge inside a group; the exact
+            move of a group is exact for all its members at once (Gauss-Seidel across groups).
+        send_units: per neighbour shard, the local indices of owned units it needs.
+    """
+
+    shard_id: int
+    units: np.ndarray
+    halo: np.ndarray
+    halo_owner: np.ndarray
+    graph: CostGraph
+    colors: tuple[np.ndarray, ...]
+    send_units: dict[int, np.ndarray]
+
+    @property
+    def n_own(self) -> int:
+        return int(self.units.shape[0])
+
+    @property
+    def neighbours(self) -> tuple[int, ...]:
+        return tuple(sorted(self.send_units))
+
+    @property
+    def cost_entries(self) -> int:
+        """Number of stored cost entries (rows and columns of the owned units, per term)."""
+        return sum(k.size for b in self.graph.blocks for k in b.costs)
+
+
+def _touching(graph: CostGraph, own: np.ndarray
+              ) -> list[tuple[bool, np.ndarray, np.ndarray, list]]:
+    """(is a row piece, global dst ids, global src ids, per-term costs) of edges touching ``own``.
+
+    Row pieces hold every edge into an owned unit; column pieces every edge out of one.
+    """
+    pieces = []
+    for block in graph.blocks:
+        d0, d1 = block.dst
+        s0, s1 = block.src
+        rows = own[(own >= d0) & (own < d1)]
+        if rows.size:
+            pieces.append((True, rows, np.arange(s0, s1), [k[rows - d0, :] for k in block.costs]))
+        cols = own[(own >= s0) & (own < s1)]
+        if cols.size:
+            pieces.append((False, np.arange(d0, d1), cols, [k[:, cols - s0] for k in block.costs]))
+    return pieces
+
+
+def build_shard_specs(graph: CostGraph, partition: Sequence[np.ndarray]) -> list[ShardSpec]:
+    """One spec per shard of ``partition`` (disjoint sorted arrays of global unit ids)."""
+    owner = np.full(graph.n_units, -1, dtype=np.int64)
+    for sid, units in enumerate(partition):
+        owner[units] = sid
+    return [_build_spec(graph, sid, np.asarray(units, dtype=np.int64), owner)
+            for sid, units in enumerate(partition)]
+
+
+def _build_spec(graph: CostGraph, sid: int, own: np.ndarray, owner: np.ndarray) -> ShardSpec:
+    n_terms = graph.n_terms
+    n_own = own.shape[0]
+    pieces = _touching(graph, own)
+    is_own = np.zeros(graph.n_units, dtype=bool)
+    is_own[own] = True
+    # Neighbours that feed the owned units (sources) and that the owned units feed (sinks).
+    feeds_in = np.zeros(graph.n_units, dtype=bool)
+    fed_by = np.zeros(graph.n_units, dtype=bool)
+    for _, dst, src, costs in pieces:
+        nonzero = sum(costs) > 0
+        if not nonzero.any():
+            continue
+        rows_used, cols_used = np.nonzero(nonzero)
+        dst_hit = is_own[dst[rows_used]]
+        feeds_in[src[cols_used[dst_hit]]] = True
+        fed_by[dst[rows_used[is_own[src[cols_used]]]]] = True
+    feeds_in &= ~is_own
+    fed_by &= ~is_own
+    # Halo order [sources only | both | sinks only] lets the two cost blocks be contiguous.
+    src_only = np.nonzero(feeds_in & ~fed_by)[0]
+    both = np.nonzero(feeds_in & fed_by)[0]
+    sink_only = np.nonzero(fed_by & ~feeds_in)[0]
+    halo = np.concatenate([src_only, both, sink_only]).astype(np.int64)
+    n_local = n_own + halo.shape[0]
+    local_of = np.full(graph.n_units, -1, dtype=np.int64)
+    local_of[own] = np.arange(n_own)
+    local_of[halo] = n_own + np.arange(halo.shape[0])
+    src_end = n_own + src_only.shape[0] + both.shape[0]
+    sink_start = n_own + src_only.shape[0]
+    incoming = [np.zeros((n_own, src_end)) for _ in range(n_terms)]
+    outgoing = [np.zeros((n_local - sink_start, n_own)) for _ in range(n_terms)]
+    for is_rows, dst, src, costs in pieces:
+        if is_rows:
+            # Every nonzero source of an owned unit is owned or in the source part of the halo.
+            cols = local_of[src]
+            keep = (cols >= 0) & (cols < src_end)
+            index = np.ix_(local_of[dst], cols[keep])
+            for t in range(n_terms):
+                incoming[t][index] += costs[t][:, keep]
+        else:
+            # Edges among owned units are already in the rows.
+            rows = local_of[dst]
+            keep = (rows >= sink_start) & ~is_own[dst]
+            index = np.ix_(rows[keep] - sink_start, local_of[src])
+            for t in range(n_terms):
+                outgoing[t][index] += costs[t][keep, :]
+    blocks = [Block((0, n_own), (0, src_end), tuple(incoming))]
+    if n_local > sink_start:
+        blocks.append(Block((sink_start, n_local), (0, n_own), tuple(outgoing)))
+    local_ids = np.concatenate([own, halo])
+    views, stacks = stack_blocks(blocks, n_terms)
+
+    def pad(values: np.ndarray) -> np.ndarray:
+        padded = np.zeros((n_terms, n_local))
+        padded[:, :n_own] = values[:, own]
+        return padded
+
+    dead = np.ones(n_local, dtype=bool)
+    dead[:n_own] = graph.dead[own]
+    local_graph = CostGraph(
+        coefs=graph.coefs, powers=graph.powers, degrees=graph.degrees[local_ids],
+        group_names=("own", "halo"), group_ranges=((0, n_own), (n_own, n_local)),
+        visible_in=pad(graph.visible_in), visible_out=pad(graph.visible_out),
+        self_cost=pad(graph.self_cost), blocks=tuple(views), stacks=tuple(stacks),
+        constant_cost=0.0, dead=dead)
+    colors = _color_groups(sum(incoming)[:, :n_own], graph.dead[own])
+    halo_owner = owner[halo]
+    send_units: dict[int, np.ndarray] = {}
+    for _, dst, src, costs in pieces:
+        nonzero = sum(costs) > 0
+        rows_used, cols_used = np.nonzero(nonzero)
+        for a, b in ((dst[rows_used], src[cols_used]), (src[cols_used], dst[rows_used])):
+            mine = is_own[a] & ~is_own[b]
+            for peer in np.unique(owner[b[mine]]):
+                if peer < 0:
+                    continue
+                chosen = a[mine][owner[b[mine]] == peer]
+                previous = send_units.get(int(peer), np.zeros(0, dtype=np.int64))
+                send_units[int(peer)] = np.union1d(previous, local_of[chosen])
+    return ShardSpec(sid, own, halo, halo_owner, local_graph, colors, send_units)
+
+
+def _color_groups(internal: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Greedy colouring of the live owned units so that no edge joins two of the same colour."""
+    n = internal.shape[0]
+    linked = (internal > 0) | (internal.T > 0)
+    np.fill_diagonal(linked, False)
+    live = np.nonzero(~dead)[0]
+    if not linked[np.ix_(live, live)].any():
+        return (live,) if live.size else ()
+    color = np.full(n, -1)
+    for k in live:
+        taken = set(color[linked[k]].tolist())
+        c = 0
+        while c in taken:
+            c += 1
+        color[k] = c
+    return tuple(np.nonzero(color == c)[0] for c in range(color.max() + 1))
+
+
+class Shard:
+    """One shard's mutable state; see the module docstring.
+
+    ``resend_interval``: anti-entropy period; an unchanged state is still re-sent to every
+    neighbour after this much time, which repairs lost messages.
+    """
+
+    def __init__(self, spec: ShardSpec, rule: Rule, resend_interval: float, epoch: int = 0):
+        self.spec = spec
+        self.rule = rule
+        self.resend_interval = resend_interval
+        self.epoch = epoch
+        self.seq = 0
+        n_local = spec.n_own + spec.halo.shape[0]
+        self.state = np.zeros(n_local)
+        self.versions: dict[int, tuple[int, int]] = {}
+        self.dirty = True
+        self.last_send_time = -np.inf
+        self.last_sent = np.full(spec.n_own, np.nan)
+        self.unit_updates = 0
+        self._halo_order = np.argsort(spec.halo, kind="stable")
+
+    @property
+    def log_scales(self) -> np.ndarray:
+        """The owned units' log-scales (a copy), in the order of ``spec.units``."""
+        return self.state[:self.spec.n_own].copy()
+
+    def on_message(self, message: StateMessage) -> bool:
+        """Apply a neighbour's state if it is newer than what the view holds; True if applied."""
+        if message.receiver != self.spec.shard_id:
+            raise ValueError(f"message for shard {message.receiver} given to shard "
+                             f"{self.spec.shard_id}")
+        if message.version <= self.versions.get(message.sender, (-1, -1)):
+            return False
+        self.versions[message.sender] = message.version
+        halo = self.spec.halo
+        if halo.shape[0] == 0:
+            return True
+        pos = np.minimum(np.searchsorted(halo, message.units, sorter=self._halo_order),
+                         halo.shape[0] - 1)
+        local = self._halo_order[pos]
+        known = halo[local] == message.units
+        slots = self.spec.n_own + local[known]
+        values = message.log_scales[known]
+        if not np.array_equal(self.state[slots], values):
+            self.state[slots] = values
+            self.dirty = True
+        return True
+
+    def on_wake(self, now: float) -> list[StateMessage]:
+        """Apply the rule (when there is anything to do) and return the messages to send."""
+        if self.dirty:
+            self._move()
+        own = self.state[:self.spec.n_own]
+        changed = not np.array_equal(own, self.last_sent)
+        if not changed and now - self.last_send_time < self.resend_interval:
+            return []
+        self.seq += 1
+        self.last_send_time = now
+        self.last_sent = own.copy()
+        return [StateMessage(self.spec.shard_id, peer, self.epoch, self.seq,
+                             self.spec.units[idx], own[idx])
+                for peer, idx in sorted(self.spec.send_units.items())]
+
+    def _move(self) -> None:
+        graph = self.spec.graph
+        before = self.state[:self.spec.n_own].copy()
+        if self.rule.name == "gradient":
+            self.state = gradient_flow_step(graph, self.state, self.rule.eta)
+            self.unit_updates += sum(c.shape[0] for c in self.spec.colors)
+        else:
+            alpha = 1.0 if self.rule.name == "exact" else self.rule.alpha
+            for group in self.spec.colors:
+                self.state[group] += alpha * kernels.exact_moves(graph, self.state, group)
+                self.unit_updates += group.shape[0]
+        moved = not np.array_equal(before, self.state[:self.spec.n_own])
+        # After an exact move of a single colour group, every owned unit is balanced against
+        # the current view: nothing changes until new information arrives.
+        self.dirty = moved and (self.rule.name != "exact" or len(self.spec.colors) > 1)
+
+    def checkpoint(self) -> bytes:
+        """Own log-scales, view and versions, msgpack-encoded."""
+        versions = [[s, e, q] for s, (e, q) in sorted(self.versions.items())]
+        return msgpack.packb([CHECKPOINT_VERSION, self.spec.shard_id, self.epoch, self.seq,
+                              self.state.astype("<f8").tobytes(), versions], use_bin_type=True)
+
+    @classmethod
+    def restore(cls, spec: ShardSpec, rule: Rule, resend_interval: float, epoch: int,
+                checkpoint: bytes | None) -> Shard:
+        """A restarted shard in ``epoch`` (> every earlier epoch): from a checkpoint or u = 0."""
+        shard = cls(spec, rule, resend_interval, epoch)
+        if checkpoint is None:
+            return shard
+        version, sid, _, _, state, versions = msgpack.unpackb(checkpoint, raw=False)
+        if version != CHECKPOINT_VERSION or sid != spec.shard_id:
+            raise ValueError(f"checkpoint of shard {sid} (format {version}) does not fit shard "
+                             f"{spec.shard_id}")
+        shard.state = np.frombuffer(state, dtype="<f8").astype(np.float64)
+        shard.versions = {int(s): (int(e), int(q)) for s, e, q in versions}
+        return shard
+
+
+def gather_log_scales(n_units: int, specs: Sequence[ShardSpec],
+                      owned: Sequence[np.ndarray]) -> np.ndarray:
+    """The global log-scale vector from each owner's own values (unowned units stay 0)."""
+    u = np.zeros(n_units)
+    for spec, values in zip(specs, owned, strict=True):
+        u[spec.units] = values
+    return u
