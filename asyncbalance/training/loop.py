@@ -184,8 +184,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             if bal.mode in ("partial", "full") and bal.unit == "step" and step % bal.every == 0:
                 balance(bal.mode, epoch)
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training diverged in epoch {epoch} (non-finite loss); "
-                                     "lower optimizer.lr")
+            raise InvalidInputError("optimizer.lr", f"training diverged in epoch {epoch} "
+                                    "(non-finite loss); lower the learning rate")
         if bal.mode in ("partial", "full") and bal.unit == "epoch" and epoch % bal.every == 0:
             balance(bal.mode, epoch)
         seconds = time.perf_counter() - t0

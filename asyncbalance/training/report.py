@@ -1,0 +1,235 @@
+"""Aggregate run records into markdown tables (mean ± std over seeds) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..io import atomic_write
+from .records import EPOCHS, SUMMARY, find_runs, read_epochs
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    rows: list[dict]
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    runs = []
+    for path in find_runs(paths):
+        try:
+            summary = json.loads((path / SUMMARY).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInputError("RUN_DIR", f"{path / SUMMARY} is not readable ({exc})") \
+                from None
+        if "test_accuracy" not in summary or "trainer" not in summary:
+            continue  # another command's run record (e.g. a balancing run)
+        rows = read_epochs(path / EPOCHS) if (path / EPOCHS).is_file() else []
+        runs.append(Run(path, summary, rows))
+    if not runs:
+        raise InvalidInputError("RUN_DIR", f"no training run records (summary.json with "
+                                f"test_accuracy) under {', '.join(map(str, paths))}")
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of finite values."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), std, len(finite)
+
+
+def fmt_pct(values: list[float]) -> str:
+    mean, std, n = mean_std(values)
+    return "n/a" if n == 0 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def fmt_sci(values: list[float | None], worst: bool = True) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "–"
+    return f"{max(finite) if worst else float(np.mean(finite)):.1e}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "scenario"
+
+
+def group_runs(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    grouped: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        grouped[run.summary.get("name", "?")][run.summary.get("label") or "default"].append(run)
+    return grouped
+
+
+def _series(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    curves = [[r.get(key) for r in run.rows] for run in runs]
+    curves = [[np.nan if v is None else float(v) for v in c] for c in curves if c]
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    data = np.array([c[:length] for c in curves])
+    if np.all(np.isnan(data)):
+        return None
+    epochs = np.arange(length)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(data, axis=0)
+        std = np.nanstd(data, axis=0, ddof=1) if data.shape[0] > 1 else np.zeros(length)
+    return epochs, mean, np.nan_to_num(std)
+
+
+def _save(fig: object, path: Path) -> None:
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+
+
+def plot_metric(groups: dict[str, list[Run]], key: str, title: str, path: Path,
+                log: bool = False, scale: float = 1.0) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for label, runs in groups.items():
+        series = _series(runs, key)
+        if series is None:
+            continue
+        epochs, mean, std = series
+        line, = ax.plot(epochs, scale * mean, label=f"{label} (n={len(runs)})")
+        ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), alpha=0.2,
+                        color=line.get_color())
+        drawn = True
+    if drawn:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def plot_imbalance(groups: dict[str, list[Run]], path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for label, runs in groups.items():
+        values = [v for run in runs for v in (run.summary.get("final_unit_log_imbalance") or [])]
+        if not values:
+            continue
+        ax.hist(np.clip(values, -3, 3), bins=60, range=(-3, 3), histtype="step",
+                density=True, label=f"{label} (p={runs[0].summary.get('imbalance_p')})")
+        drawn = True
+    if drawn:
+        ax.set_xlabel("final per-unit log-imbalance log(A_k / B_k) (clipped to ±3)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def plot_unit_norms(runs: list[Run], path: Path) -> bool:
+    history = runs[0].summary.get("unit_norms")
+    if not history:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    ins, outs = np.array([h["in"] for h in history]), np.array([h["out"] for h in history])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k in range(ins.shape[1]):
+        line, = ax.plot(epochs, ins[:, k], label=f"unit {k} in")
+        ax.plot(epochs, outs[:, k], "--", color=line.get_color(), label=f"unit {k} out")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("L2 norm (in: with bias)")
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _last(run: Run, key: str) -> float | None:
+    for row in reversed(run.rows):
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def build_report(paths: list[str], output: str | Path) -> str:
+    """Write ``output`` (markdown) and its PNGs beside it; returns the markdown."""
+    out = Path(output)
+    runs = load_runs(paths)
+    lines = ["# Training report", "",
+             f"{len(runs)} runs. Accuracies are percentages, mean ± sample std (n − 1) over "
+             "seeds; 'final' is the last epoch, 'best' the best epoch on the test set.", ""]
+    for name, groups in sorted(group_runs(runs).items()):
+        lines += [f"## {name}", "",
+                  "| label | seeds | rule | final test acc | best test acc | final train acc | "
+                  "max float64 Δf at balance | max dist to optimum | final max abs log-imb | "
+                  "BP law drift | FA law drift | align ° | s/epoch |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label, group in sorted(groups.items()):
+            s = [r.summary for r in group]
+            imb = [float(np.max(np.abs(x["final_unit_log_imbalance"])))
+                   for x in s if x.get("final_unit_log_imbalance")]
+            align = [float(np.mean(x["alignment_deg"])) for x in s if x.get("alignment_deg")]
+            epoch_s = [np.mean([row["seconds"] for row in r.rows[1:]]) for r in group
+                       if len(r.rows) > 1]
+            lines.append(
+                f"| {label} | {len(group)} | {s[0].get('trainer')} | "
+                f"{fmt_pct([x['test_accuracy'] for x in s])} | "
+                f"{fmt_pct([x['best_test_accuracy'] for x in s])} | "
+                f"{fmt_pct([x.get('train_accuracy') for x in s])} | "
+                f"{fmt_sci([x.get('max_function_rel_error_at_balance') for x in s])} | "
+                f"{fmt_sci([x.get('max_distance_to_optimum') for x in s])} | "
+                f"{fmt_sci(imb, worst=False)} | "
+                f"{fmt_sci([x.get('bp_law_drift') for x in s], worst=False)} | "
+                f"{fmt_sci([x.get('fa_law_drift') for x in s], worst=False)} | "
+                f"{'–' if not align else f'{np.mean(align):.1f}'} | "
+                f"{'–' if not epoch_s else f'{np.mean(epoch_s):.2f}'} |")
+        lines.append("")
+        stem = f"{out.stem}-{_slug(name)}"
+        figures = [
+            (plot_metric(groups, "test_accuracy", "test accuracy (%)",
+                         out.with_name(f"{stem}-accuracy.png"), scale=100.0),
+             f"{stem}-accuracy.png", "test accuracy vs epoch (band: ± std over seeds)"),
+            (plot_imbalance(groups, out.with_name(f"{stem}-imbalance.png")),
+             f"{stem}-imbalance.png", "final per-unit imbalance"),
+            (plot_metric(groups, "imbalance_max", "max |log imbalance|",
+                         out.with_name(f"{stem}-imbalance-epochs.png"), log=True),
+             f"{stem}-imbalance-epochs.png", "max per-unit |log-imbalance| vs epoch"),
+            (plot_metric(groups, "fa_law_drift", "FA law drift (relative)",
+                         out.with_name(f"{stem}-fa-law.png"), log=True),
+             f"{stem}-fa-law.png", "FA conservation law drift vs epoch"),
+            (plot_metric(groups, "bp_law_drift", "BP law drift (relative)",
+                         out.with_name(f"{stem}-bp-law.png"), log=True),
+             f"{stem}-bp-law.png", "BP conservation law drift vs epoch"),
+        ]
+        for label, group in sorted(groups.items()):
+            target = out.with_name(f"{stem}-{_slug(label)}-norms.png")
+            figures.append((plot_unit_norms(group, target), target.name,
+                            f"{label}: per-unit in/out norms (seed {group[0].summary['seed']})"))
+        for drawn, file, caption in figures:
+            if drawn:
+                lines += [f"![{caption}]({file})", ""]
+    text = "\n".join(lines) + "\n"
+    with atomic_write(out, "w") as handle:
+        handle.write(text)
+    return text

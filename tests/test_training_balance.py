@@ -1,0 +1,129 @@
+"""Balancing during training keeps the function (float64) for MLP, RNN, CNN, transformer FF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asyncbalance.errors import InvalidInputError, NotHomogeneousError
+from asyncbalance.graph import build_cost_graph
+from asyncbalance.kernels import max_log_imbalance
+from asyncbalance.training.balancing import balance_model
+from asyncbalance.training.bridge import layout_network, model_layout
+from asyncbalance.training.config import (
+    BalancingConfig,
+    DataConfig,
+    ModelConfig,
+    MonitorConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+from asyncbalance.training.data import Dataset
+from asyncbalance.training.loop import train_run
+from asyncbalance.training.models import build_model
+
+# The balancing math runs in float64 and only rescales by exp(u); the outputs of the float64
+# twin change by rounding only (observed ~5e-16). 1e-12 leaves room for depth and batch.
+FUNCTION_TOL = 1e-12
+# Writing balanced weights back into a float32 model rounds them: ~1e-7 relative observed.
+FLOAT32_TOL = 1e-5
+
+
+def image_data(n_train: int = 96, n_test: int = 32, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_train + n_test, 64)).astype(np.float32)
+    y = rng.integers(0, 4, n_train + n_test)
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], (1, 8, 8), 4, "synthetic")
+
+
+MODELS = {
+    "mlp": ModelConfig(kind="mlp", widths=(0, 12, 10, 0), activation="leaky_relu:0.2"),
+    "rnn": ModelConfig(kind="rnn", hidden=12),
+    "cnn": ModelConfig(kind="cnn", channels=(3, 5), hidden=7),
+    "transformer": ModelConfig(kind="transformer", d_model=8, heads=2, d_ff=12, blocks=2),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("how", ["partial", "full"])
+def test_balancing_preserves_function(kind: str, how: str) -> None:
+    data = image_data()
+    torch.manual_seed(0)
+    model = build_model(MODELS[kind], data)
+    probe = torch.from_numpy(data.x_test)
+    before = build_cost_graph(layout_network(model_layout(model)), 1.0)
+    event = balance_model(model, 1.0, how, probe)
+    assert event.function_rel_error < FUNCTION_TOL
+    assert event.function_rel_error_float32 < FLOAT32_TOL
+    assert event.cost_after <= event.cost_before
+    assert event.cost_optimum <= event.cost_after + 1e-9 * event.cost_before
+    after = build_cost_graph(layout_network(model_layout(model)), 1.0)
+    u0 = np.zeros(after.n_units)
+    if how == "full":
+        # weights now sit at the unique optimum: balanced, and u* = 0 from here
+        assert max_log_imbalance(after, u0) < 1e-6  # float32 storage of the weights
+        assert event.distance_to_optimum == 0.0
+    assert max_log_imbalance(after, u0) <= max_log_imbalance(before, u0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_balancing_every_step_during_training(kind: str) -> None:
+    config = TrainConfig(
+        epochs=2, model=MODELS[kind], data=DataConfig(batch_size=32),
+        optimizer=OptimizerConfig(name="adam", lr=1e-3),
+        balancing=BalancingConfig(mode="partial", every=1, unit="step", p=2.0, at_start=True),
+        monitor=MonitorConfig(probe_size=32))
+    result = train_run(config, seed=0, device="cpu", data=image_data())
+    summary = result.summary
+    assert summary["n_balance_events"] == 1 + 2 * 3
+    assert summary["max_function_rel_error_at_balance"] < FUNCTION_TOL
+    assert summary["max_distance_to_optimum"] >= 0.0
+    assert len(result.rows) == 3 and result.rows[1]["n_balance"] == 3
+
+
+def test_full_every_k_epochs_and_partial_distance_reported() -> None:
+    config = TrainConfig(epochs=4, model=MODELS["mlp"], data=DataConfig(batch_size=32),
+                         balancing=BalancingConfig(mode="full", every=2, p=1.0))
+    result = train_run(config, seed=1, device="cpu", data=image_data())
+    assert [r["n_balance"] for r in result.rows] == [0, 0, 1, 0, 1]
+    assert result.rows[2]["balance_imbalance_after"] <= 1e-10
+    partial = TrainConfig(epochs=1, model=ModelConfig(kind="mlp", widths=(0, 30, 30, 30, 0)),
+                          data=DataConfig(batch_size=32),
+                          balancing=BalancingConfig(mode="partial", p=2.0))
+    row = train_run(partial, seed=0, device="cpu", data=image_data()).rows[-1]
+    # one sweep stops short of the optimum on a deep net; the distance says by how much
+    assert row["distance_to_optimum"] > 1e-6
+    assert row["cost_optimum"] < row["cost_after"] < row["cost_before"]
+
+
+def test_models_without_balanceable_units_are_refused() -> None:
+    data = image_data()
+    flat = build_model(ModelConfig(kind="mlp", widths=(0, 0)), data)
+    with pytest.raises(InvalidInputError, match="model.widths.*no hidden layer"):
+        model_layout(flat)
+    config = TrainConfig(model=ModelConfig(kind="mlp", widths=(0, 0)),
+                         balancing=BalancingConfig(mode="partial"))
+    with pytest.raises(InvalidInputError, match="no balanceable units"):
+        train_run(config, 0, "cpu", data=data)
+    gelu = build_model(ModelConfig(kind="transformer", d_model=8, d_ff=8,
+                                   ff_activation="gelu"), data)
+    with pytest.raises(NotHomogeneousError, match="model.ff_activation.*GELU"):
+        model_layout(gelu)
+    attention = build_model(ModelConfig(kind="transformer", d_model=8, d_ff=8,
+                                        balance_parts=("ff", "attention")), data)
+    with pytest.raises(NotHomogeneousError, match="model.balance_parts.*'attention'"):
+        model_layout(attention)
+    with pytest.raises(NotHomogeneousError, match="model.activation"):
+        build_model(ModelConfig(kind="mlp", activation="tanh"), data)
+
+
+def test_transformer_balances_only_feed_forward_units() -> None:
+    model = build_model(MODELS["transformer"], image_data())
+    layout = model_layout(model)
+    hidden = [g for g in layout.groups if g.hidden]
+    assert [g.name for g in hidden] == ["ff0", "ff1"]
+    assert all("ff_" in key for key in layout.params)
+    attn_before = model.blocks[0].attn.in_proj_weight.detach().clone()
+    balance_model(model, 2.0, "full")
+    assert torch.equal(attn_before, model.blocks[0].attn.in_proj_weight)
