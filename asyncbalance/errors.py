@@ -37,6 +37,7 @@ class NonConvergenceError(BalanceError, RuntimeError):
         self.tol = tol
         super().__init__(
             f"method {method!r} did not converge: max log-imbalance {max_log_imbalance:.3e} "
-            f"> tol {tol:.1e} after {iterations} iterations (raise max_iterations, loosen tol, "
-            f"or use method='exact')"
+            f"> tol {tol:.1e} after {iterations} iterations"
+            + (" (raise max_iterations, loosen tol, or use method='exact')"
+               if method != "exact" else " (check the weights for extreme magnitudes)")
         )

@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import kernels
-from .errors import NonConvergenceError
+from .errors import InvalidInputError, NonConvergenceError
 from .graph import CostGraph
 
 
@@ -71,7 +71,45 @@ def gauge_components(graph: CostGraph) -> list[np.ndarray]:
     return floating
 
 
-def _project_gauge(vector: np.ndarray, components: list[np.ndarray]) -> np.ndarray:
+def check_bounded(graph: CostGraph) -> None:
+    """Raise if some connected set of c = 1 units reaches visible units on one side only.
+
+    Shrinking (or growing) such a set together lowers R forever, so no balanced state exists:
+    e.g. a recurrent net with input weights or biases but no output weights.
+    """
+    labels = _unit_components(graph)
+    into_visible = graph.visible_out.sum(0) > 0
+    from_visible = graph.visible_in.sum(0) > 0
+    for label in np.unique(labels):
+        members = np.nonzero((labels == label) & graph.free)[0]
+        if members.size == 0 or np.any(graph.degrees[members] != 1.0):
+            continue
+        has_in, has_out = from_visible[members].any(), into_visible[members].any()
+        if has_in != has_out:
+            side = "an output (no outgoing weights to visible units, e.g. W_out)" if has_in \
+                else "an input or bias (no incoming weights from visible units, e.g. W_in or b)"
+            groups = sorted({graph.group_names[graph.group_of(int(k))] for k in members})
+            raise InvalidInputError(
+                "network", f"hidden units {members[:8].tolist()}{'...' if members.size > 8 else ''}"
+                f" of group(s) {groups} have no path to {side}: R has no minimiser, so no "
+                "balanced state exists")
+
+
+def _unit_components(graph: CostGraph) -> np.ndarray:
+    """Connected-component label of every hidden unit over nonzero hidden-to-hidden edges."""
+    n = graph.n_units
+    rows, cols = [np.arange(n)], [np.arange(n)]
+    for b in graph.blocks:
+        i, j = np.nonzero(sum(b.costs))
+        rows.append(i + b.dst[0])
+        cols.append(j + b.src[0])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    adjacency = coo_matrix((np.ones(r.shape[0]), (r, c)), shape=(n, n))
+    return connected_components(adjacency, directed=False)[1]
+
+
+def project_gauge(vector: np.ndarray, components: list[np.ndarray]) -> np.ndarray:
+    """Subtract each gauge component's mean (in place); R and the function are unchanged."""
     for members in components:
         vector[members] -= vector[members].mean()
     return vector
@@ -82,7 +120,7 @@ def _pcg(apply_h: Callable[[np.ndarray], np.ndarray], rhs: np.ndarray,
          components: list[np.ndarray]) -> tuple[np.ndarray, int]:
     x = np.zeros_like(rhs)
     r = rhs.copy()
-    z = _project_gauge(precondition(r), components)
+    z = project_gauge(precondition(r), components)
     d = z.copy()
     rz = r @ z
     target = rtol * np.linalg.norm(rhs)
@@ -96,7 +134,7 @@ def _pcg(apply_h: Callable[[np.ndarray], np.ndarray], rhs: np.ndarray,
         r -= step * hd
         if np.linalg.norm(r) <= target:
             return x, it
-        z = _project_gauge(precondition(r), components)
+        z = project_gauge(precondition(r), components)
         rz_new = r @ z
         d = z + (rz_new / rz) * d
         rz = rz_new
@@ -119,7 +157,7 @@ def solve_optimum(
     u = np.zeros(n) if initial is None else np.array(initial, dtype=np.float64)
     u[graph.dead] = 0.0
     components = gauge_components(graph)
-    u = _project_gauge(u, components)
+    u = project_gauge(u, components)
     group_of = np.zeros(n, dtype=np.intp)
     for g, (s0, s1) in enumerate(graph.group_ranges):
         group_of[s0:s1] = g
@@ -134,6 +172,7 @@ def solve_optimum(
     iteration = 0
     while imbalance > tol:
         if iteration >= max_iterations:
+            check_bounded(graph)
             raise NonConvergenceError("exact", iteration, imbalance, tol)
         iteration += 1
         diag = kernels.hessian_diagonal(graph, u, flows)
@@ -169,8 +208,11 @@ def solve_optimum(
                 break
             step *= 0.5
             if step < 1e-10:
+                check_bounded(graph)
                 raise NonConvergenceError("exact", iteration, imbalance, tol)
-        u, flows, cost, imbalance = trial, trial_flows, trial_cost, trial_imbalance
+        # Rounding drifts u along a flat gauge direction; R and the flows do not see it.
+        u = project_gauge(trial, components)
+        flows, cost, imbalance = trial_flows, trial_cost, trial_imbalance
         grad = kernels.gradient(graph, u, flows)
         if progress is not None:
             progress(iteration, imbalance)

@@ -16,7 +16,7 @@ import numpy as np
 from . import kernels
 from .errors import InvalidInputError, NonConvergenceError
 from .graph import CostGraph
-from .optimum import solve_optimum
+from .optimum import check_bounded, gauge_components, project_gauge, solve_optimum
 
 METHODS = ("exact", "full", "partial", "stochastic", "alternating", "tied")
 DIRECTIONS = ("forward", "backward")
@@ -228,6 +228,7 @@ def run_schedule(
     imbalance = measure(graph, u)
     while method == "partial" and iterations < 1 or method != "partial" and imbalance > tol:
         if iterations >= max_iterations:
+            check_bounded(graph)
             raise NonConvergenceError(method, iterations, imbalance, tol)
         u = step(u)
         iterations += 1
@@ -236,6 +237,8 @@ def run_schedule(
             history.append(kernels.total_cost(graph, u))
         if progress is not None:
             progress(iterations, imbalance)
+    # The same gauge as the exact solver, so every method reports comparable log-scales.
+    u = project_gauge(u, gauge_components(graph))
     return ScheduleResult(u, iterations, kernels.max_log_imbalance(graph, u),
                           kernels.total_cost(graph, u), time.perf_counter() - start, method,
                           tuple(history))
