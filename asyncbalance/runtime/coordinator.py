@@ -159,6 +159,11 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
             else:
                 interval = scenario.ray.sample_seconds
                 horizon = stop.max_time * scenario.ray.time_unit
+            # Faults are part of the experiment: tolerance ends a run only after they played out.
+            faults_end = max([c.at + c.down_for for c in scenario.faults.crashes]
+                             + [w.stop for w in scenario.faults.partitions] + [0.0])
+            if backend_name != "sim":
+                faults_end *= scenario.ray.time_unit
             clock = 0.0
             stop_reason = "max_time"
             index = 0
@@ -169,7 +174,7 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
                                       runtime.owned_log_scales())
                 final_check = False
                 error = float(np.max(np.abs(u - u_star))) if u.size else 0.0
-                if error <= stop.tol:
+                if error <= stop.tol and clock >= faults_end:
                     stop_reason = "tolerance"
                 elif clock >= horizon:
                     stop_reason = "max_time"

@@ -1,0 +1,211 @@
+"""The Ray backend: one ``ShardActor`` per shard, driven by the runtime's coordinator.
+
+``RayBackend`` has the same interface as the simulator: ``advance(until)`` lets the actors
+run until ``until`` wall seconds after start, injects the scenario's crashes on the way, and
+collects each actor's state, counters, events and checkpoint. Ray is started locally unless
+an address is given (``--address``, ``ray.address`` or ``RAY_ADDRESS``); actors are spread
+over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from asyncbalance.runtime.delays import link_mean_factors
+from asyncbalance.runtime.events import EventWriter
+from asyncbalance.runtime.scenario import Scenario
+from asyncbalance.runtime.shard import Shard, ShardSpec
+from asyncbalance.runtime.simulator import MessageCounters, rule_of
+
+from .shard_actor import ActorSettings, ShardActor
+
+_COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated")
+
+
+def connect_ray(address: str | None) -> bool:
+    """Initialise Ray unless it already is; True when this call started it (and owns it)."""
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=target, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    return True
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, specs: Sequence[ShardSpec], scenario: Scenario, events: EventWriter,
+                 address: str | None = None):
+        self.specs = list(specs)
+        self.scenario = scenario
+        self.events = events
+        self.time_unit = scenario.ray.time_unit
+        self.owns_ray = connect_ray(address or scenario.ray.address or None)
+        if len(self.specs) > scenario.ray.max_actors_warning:
+            print(f"warning: {len(self.specs)} shard actors (each a process); use "
+                  "partition.granularity = 'shard' with shards_per_layer or units_per_shard "
+                  "for networks this large", file=sys.stderr)
+        self.rule = rule_of(scenario)
+        rng = np.random.default_rng(scenario.seed)
+        pairs = [(s.shard_id, n) for s in self.specs for n in s.neighbours]
+        factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
+        self.origin = time.time()
+        self.started = time.perf_counter()
+        remote = ray.remote(ShardActor).options(
+            num_cpus=scenario.ray.actor_cpus, max_restarts=scenario.ray.max_restarts,
+            max_task_retries=0, scheduling_strategy="SPREAD")
+        self.actors = []
+        for spec in self.specs:
+            settings = self._settings(spec, factors)
+            self.actors.append(remote.remote(spec, settings, self.origin))
+        self.peers = [{n: self.actors[n] for n in spec.neighbours} for spec in self.specs]
+        ray.get([a.connect.remote(p) for a, p in zip(self.actors, self.peers, strict=True)])
+        n = len(self.specs)
+        self.latest = [np.zeros(s.n_own) for s in self.specs]
+        self.checkpoints: list[bytes | None] = [
+            Shard(s, self.rule, scenario.links.resend_interval).checkpoint() for s in self.specs]
+        self.current = [dict.fromkeys(_COUNTER_NAMES, 0) for _ in range(n)]
+        self.retired = [dict.fromkeys(_COUNTER_NAMES, 0) for _ in range(n)]
+        self.updates = [0] * n
+        self.retired_updates = [0] * n
+        self.epochs = [0] * n
+        self.down: dict[int, tuple[float, Any]] = {}
+        self.pending_crashes = sorted(enumerate(scenario.faults.crashes),
+                                      key=lambda item: item[1].at)
+        self.crashes = 0
+        self.restarts = 0
+        self.resident: list[int | None] = [None] * n
+
+    def _settings(self, spec: ShardSpec, factors: dict[tuple[int, int], float]) -> ActorSettings:
+        s = self.scenario
+        return ActorSettings(
+            seed=s.seed, rule=self.rule, resend_interval=s.links.resend_interval,
+            time_unit=s.ray.time_unit, wake_kind=s.wake.kind, wake_period=s.wake.period,
+            wake_jitter=s.wake.jitter, delay=s.links.delay, delay_spread=s.links.spread,
+            pareto_shape=s.links.pareto_shape, loss=s.links.loss,
+            duplication=s.links.duplication,
+            link_mean={n: s.links.mean * factors[(spec.shard_id, n)] for n in spec.neighbours},
+            partitions=tuple((w.start, w.stop, frozenset(w.shards))
+                             for w in s.faults.partitions),
+            checkpoint_interval=s.faults.checkpoint_interval)
+
+    def start(self) -> None:
+        # The coordinator's clock starts when the shards start balancing, after start-up.
+        self.started = time.perf_counter()
+        self.origin = time.time()
+        ray.get([a.start.remote(self.origin) for a in self.actors])
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def advance(self, until: float) -> float:
+        """Let the actors run until ``until`` seconds after start, then collect their state."""
+        while True:
+            self._faults()
+            remaining = until - self.elapsed()
+            if remaining <= 0:
+                break
+            # The driver only watches: the shards balance in their own processes meanwhile.
+            time.sleep(min(remaining, self.time_unit * 10, 0.05))
+        self._poll()
+        return self.elapsed()
+
+    def _faults(self) -> None:
+        now_units = self.elapsed() / self.time_unit
+        while self.pending_crashes and self.pending_crashes[0][1].at <= now_units:
+            _, crash = self.pending_crashes.pop(0)
+            sid = crash.shard
+            if sid in self.down:
+                continue
+            self._poll_one(sid)
+            for name in _COUNTER_NAMES:
+                self.retired[sid][name] += self.current[sid][name]
+            self.current[sid] = dict.fromkeys(_COUNTER_NAMES, 0)
+            self.retired_updates[sid] += self.updates[sid]
+            self.updates[sid] = 0
+            restore = self.checkpoints[sid] if crash.restore == "checkpoint" else None
+            ray.kill(self.actors[sid], no_restart=False)
+            self.crashes += 1
+            self.events.write("crash", self.elapsed(), sid)
+            self.down[sid] = (crash.at + crash.down_for, restore)
+            self.latest[sid] = Shard.restore(self.specs[sid], self.rule,
+                                             self.scenario.links.resend_interval, 0,
+                                             restore).log_scales
+        for sid, (back_at, restore) in list(self.down.items()):
+            if back_at <= now_units:
+                self.epochs[sid] += 1
+                self._resume(sid, restore)
+                del self.down[sid]
+                self.restarts += 1
+
+    def _resume(self, sid: int, restore: bytes | None) -> None:
+        """Hand the restarted actor its checkpoint; Ray may still be bringing it back up."""
+        deadline = time.perf_counter() + 120.0
+        while True:
+            try:
+                ray.get(self.actors[sid].resume.remote(self.peers[sid], restore,
+                                                       self.epochs[sid]))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                # Restarting a process takes a moment; resume is idempotent, so ask again.
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _poll_one(self, sid: int) -> None:
+        self._absorb(sid, ray.get(self.actors[sid].poll.remote()))
+
+    def _poll(self) -> None:
+        live = [sid for sid in range(len(self.actors)) if sid not in self.down]
+        replies = ray.get([self.actors[sid].poll.remote() for sid in live])
+        for sid, reply in zip(live, replies, strict=True):
+            self._absorb(sid, reply)
+
+    def _absorb(self, sid: int, reply: dict[str, Any]) -> None:
+        if reply["log_scales"] is not None:
+            self.latest[sid] = np.frombuffer(reply["log_scales"], dtype=np.float64).copy()
+        self.current[sid] = reply["counters"]
+        self.updates[sid] = reply["unit_updates"]
+        if reply["checkpoint"] is not None:
+            self.checkpoints[sid] = reply["checkpoint"]
+        self.resident[sid] = reply["resident_bytes"]
+        for record in reply["events"]:
+            self.events.write(*record)
+
+    def owned_log_scales(self) -> list[np.ndarray]:
+        return [values.copy() for values in self.latest]
+
+    def message_counters(self) -> MessageCounters:
+        total = {name: sum(r[name] + c[name] for r, c in
+                           zip(self.retired, self.current, strict=True))
+                 for name in _COUNTER_NAMES}
+        return MessageCounters(
+            sent=total["sent"], delivered=total["delivered"], applied=total["applied"],
+            dropped=total["dropped"], duplicated=total["duplicated"],
+            unit_updates=sum(self.retired_updates) + sum(self.updates),
+            crashes=self.crashes, restarts=self.restarts)
+
+    def resident_bytes(self) -> list[int | None]:
+        """Resident memory of each actor process at its last poll (None without psutil)."""
+        return list(self.resident)
+
+    def close(self) -> None:
+        try:
+            for actor in self.actors:
+                try:
+                    ray.get(actor.stop.remote(), timeout=10)
+                except ray.exceptions.RayError:
+                    pass  # crashed or restarting: killing it below is all that is left
+        finally:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            if self.owns_ray:
+                ray.shutdown()
