@@ -59,8 +59,11 @@ class RayBackend:
         factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
         self.origin = time.time()
         self.started = time.perf_counter()
+        # Restarts serve the scenario's injected crashes, which the driver resumes; without
+        # any, an actor that dies ends the run with an error rather than stalling it.
+        restarts = scenario.ray.max_restarts if scenario.faults.crashes else 0
         remote = ray.remote(ShardActor).options(
-            num_cpus=scenario.ray.actor_cpus, max_restarts=scenario.ray.max_restarts,
+            num_cpus=scenario.ray.actor_cpus, max_restarts=restarts,
             max_task_retries=0, scheduling_strategy="SPREAD")
         self.actors = []
         for spec in self.specs:

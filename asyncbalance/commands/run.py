@@ -1,0 +1,93 @@
+"""``asyncbalance run SCENARIO.toml [--out DIR] [--backend B] [--address A] [--set k=v]``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from ..progress import Progress
+from ..runtime.coordinator import run_points
+from ..runtime.record import Sample
+from ..runtime.report import summary_table, sweep_table
+from ..runtime.scenario import BACKENDS, Scenario, load_scenarios
+
+
+def add_parser(sub: argparse._SubParsersAction) -> str:
+    parser = sub.add_parser(
+        "run", help="run an asynchronous balancing scenario (simulator or Ray)",
+        description="Balance a network with shards that talk over delayed, lossy links, "
+                    "judge every sample against the exact optimum and write a run record "
+                    "(summary.json, events.msgpack, trace.csv, convergence.png).")
+    parser.add_argument("scenario", metavar="SCENARIO.toml")
+    parser.add_argument("--out", metavar="DIR",
+                        help="run directory to create (default runs/NAME-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--backend", choices=BACKENDS, help="override the scenario's backend")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a scenario key, e.g. links.mean=2")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    return "run"
+
+
+class _ProgressBar:
+    """Progress on a log scale: from the first error down to the tolerance."""
+
+    def __init__(self, quiet: bool, n_points: int):
+        self.display = Progress("run", quiet=quiet)
+        self.first: float | None = None
+        self.name = ""
+        self.n_points = n_points
+        self.point = 0
+
+    def __call__(self, sample: Sample, scenario: Scenario) -> None:
+        if self.first is None or scenario.name != self.name or sample.time == 0.0:
+            self.first = max(sample.max_abs_error, scenario.stop.tol * 10)
+            self.name = scenario.name
+            self.point += 1
+        span = math.log(self.first / scenario.stop.tol)
+        done = math.log(self.first / max(sample.max_abs_error, 1e-300)) / span
+        filled = int(round(20 * min(max(done, 0.0), 1.0)))
+        which = f" point {self.point}/{self.n_points}" if self.n_points > 1 else ""
+        self.display.label = f"run {scenario.name}{which}"
+        self.display.update(f"[{'#' * filled}{'.' * (20 - filled)}] t={sample.time:.4g} "
+                            f"max|u-u*|={sample.max_abs_error:.2e} "
+                            f"msgs={sample.messages_sent}")
+
+    def close(self) -> None:
+        self.display.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    points = load_scenarios(args.scenario, args.overrides)
+    out = Path(args.out) if args.out else _default_out(points[0].scenario.name)
+    bar = _ProgressBar(args.quiet, len(points))
+    try:
+        result = run_points(points, out, backend=args.backend, address=args.address,
+                            progress=bar)
+    finally:
+        bar.close()
+    if "points" in result:
+        print(sweep_table(result))
+        converged = all(row["converged"] for row in result["points"])
+    else:
+        print(summary_table(result))
+        converged = bool(result["converged"])
+    print(f"record: {out}")
+    if not converged:
+        print("asyncbalance run: did not reach the tolerance within the budget",
+              file=sys.stderr)
+    return 0 if converged else 1
+
+
+def _default_out(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{name}-{stamp}"
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = Path("runs") / f"{name}-{stamp}-{suffix}"
+    return out
