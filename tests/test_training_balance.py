@@ -97,6 +97,21 @@ def test_full_every_k_epochs_and_partial_distance_reported() -> None:
     assert row["cost_optimum"] < row["cost_after"] < row["cost_before"]
 
 
+def test_asynchronous_balancing_through_the_runtime() -> None:
+    config = TrainConfig(epochs=2, model=ModelConfig(kind="mlp", widths=(0, 16, 16, 16, 0)),
+                         data=DataConfig(batch_size=32),
+                         balancing=BalancingConfig(mode="async", p=1.0, async_budget=200.0,
+                                                   async_shards=2))
+    result = train_run(config, seed=0, device="cpu", data=image_data())
+    assert result.summary["n_balance_events"] == 2
+    assert result.summary["max_function_rel_error_at_balance"] < FUNCTION_TOL
+    # 200 time units of the simulator reach the optimum of this small net (observed ~1e-14)
+    assert result.summary["max_distance_to_optimum"] < 1e-6
+    short = balance_model(build_model(config.model, image_data()), 1.0, "async",
+                          async_budget=2.0)
+    assert short.distance_to_optimum > 1e-6  # a tight budget stops short, and says by how much
+
+
 def test_models_without_balanceable_units_are_refused() -> None:
     data = image_data()
     flat = build_model(ModelConfig(kind="mlp", widths=(0, 0)), data)

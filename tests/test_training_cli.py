@@ -45,7 +45,7 @@ def test_quick_scenario_end_to_end(tmp_path: Path) -> None:
     ("data.fraction=1.5", "data.fraction: must be in (0, 1]"),
     ("model.widths=[0,0]", "model.widths: [64, 10] has no hidden layer"),
     ("balancing.mode=sometimes", "balancing.mode: invalid value 'sometimes'"),
-    ("balancing.mode=async", "balancing.mode: 'async'"),
+    ("balancing.async_budget=0", "balancing.async_budget: must be > 0"),
 ])
 def test_bad_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture, override: str,
                               message: str) -> None:

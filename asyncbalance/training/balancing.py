@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..graph import build_cost_graph
+from ..errors import InvalidInputError
+from ..graph import CostGraph, build_cost_graph
 from ..network import scale_network
 from ..optimum import solve_optimum
-from ..schedules import run_schedule
+from ..schedules import ScheduleResult, run_schedule
 from .bridge import layout_network, model_layout, write_network
 
 
@@ -65,9 +66,11 @@ def relative_change(reference: torch.Tensor, changed: torch.Tensor) -> float:
 
 def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | None = None,
                   tol: float = 1e-10, full_method: str = "exact", direction: str = "forward",
-                  with_optimum: bool = True, seed: int = 0) -> BalanceEvent:
-    """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep)
-    or ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol).
+                  with_optimum: bool = True, seed: int = 0, async_budget: float = 50.0,
+                  async_shards: int = 1) -> BalanceEvent:
+    """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
+    ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
+    (the runtime's seeded event simulator for ``async_budget`` units of simulated time).
 
     With a ``probe`` batch, the function change is measured on a float64 copy of the model
     (the balancing's own error) and on the model itself (float32 rounding of the new weights).
@@ -79,6 +82,8 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     u0 = np.zeros(graph.n_units)
     if kind == "partial":
         result = run_schedule(graph, "partial", tol=tol, direction=direction)
+    elif kind == "async":
+        result = async_balance(graph, async_budget, async_shards, seed)
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
@@ -86,8 +91,8 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     seconds = time.perf_counter() - start
     cost_opt, distance = float("nan"), float("nan")
     if with_optimum:
-        cert = solve_optimum(graph, tol=1e-12) if kind == "partial" or full_method != "exact" \
-            else None
+        cert = None if kind == "full" and full_method == "exact" \
+            else solve_optimum(graph, tol=1e-12)
         u_star = u if cert is None else cert.log_scales
         cost_opt = result.cost if cert is None else cert.cost
         distance = float(np.max(np.abs(u - u_star))) if u.size else 0.0
@@ -113,6 +118,32 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         max_log_imbalance_after=float(result.max_log_imbalance),
         median_log_imbalance_before=float(np.median(imbalance_before)) if u.size else 0.0,
         seconds=seconds)
+
+
+def async_balance(graph: CostGraph, budget: float, shards_per_layer: int = 1,
+                  seed: int = 0) -> ScheduleResult:
+    """Asynchronous balancing through ``asyncbalance.runtime``: layer shards exchanging
+    log-scales over delayed links in the seeded event simulator (the runtime's default link
+    and wake model), stopped after ``budget`` units of simulated time, gathered."""
+    start = time.perf_counter()
+    try:
+        from ..runtime import Simulator, build_shard_specs, gather_log_scales, partition_units
+        from ..runtime.events import EventWriter
+        from ..runtime.scenario import Scenario
+    except ImportError:
+        raise InvalidInputError("balancing.mode", "'async' needs asyncbalance.runtime, which "
+                                "is not available", ["none", "partial", "full"]) from None
+    specs = build_shard_specs(graph, partition_units(graph, "shard", shards_per_layer))
+    simulator = Simulator(specs, Scenario(seed=seed, record_events=False), EventWriter(None))
+    try:
+        simulator.start()
+        simulator.advance(budget)
+        u = gather_log_scales(graph.n_units, specs, simulator.owned_log_scales())
+        updates = simulator.message_counters().unit_updates
+    finally:
+        simulator.close()
+    return ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
+                          kernels.total_cost(graph, u), time.perf_counter() - start, "async")
 
 
 def unit_log_imbalance(model: nn.Module, p: float) -> np.ndarray:

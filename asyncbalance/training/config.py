@@ -136,7 +136,9 @@ class BalancingConfig:
     """Balancing during training, independent of the regulariser.
 
     ``mode``: none; partial (one layer-wise sweep); full (to the unique optimum with
-    ``full_method``, max log-imbalance <= ``tol``); async (through the runtime).
+    ``full_method``, max log-imbalance <= ``tol``); async (layer shards in the runtime's
+    seeded event simulator for ``async_budget`` units of simulated time, with
+    ``async_shards`` shards per layer; the runtime's default delays and wake period 1).
     ``every`` k ``unit`` (epoch or step); ``at_start`` adds a full balance before training.
     """
 
@@ -148,13 +150,18 @@ class BalancingConfig:
     full_method: Literal["exact", "full", "alternating", "stochastic"] = "exact"
     direction: Literal["forward", "backward"] = "forward"
     tol: float = 1e-10
-    async_budget: float = 1.0
+    async_budget: float = 50.0
+    async_shards: int = 1
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise InvalidInputError("every", f"must be >= 1, got {self.every}")
         if not self.p > 0:
             raise InvalidInputError("p", f"must be > 0, got {self.p}")
+        if not self.async_budget > 0:
+            raise InvalidInputError("async_budget", f"must be > 0, got {self.async_budget}")
+        if self.async_shards < 1:
+            raise InvalidInputError("async_shards", f"must be >= 1, got {self.async_shards}")
         if not self.tol > 0:
             raise InvalidInputError("tol", f"must be > 0, got {self.tol}")
 

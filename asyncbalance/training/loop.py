@@ -61,17 +61,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 40
     return loss / n, correct / n
 
 
-def _check_async() -> None:
-    try:
-        from .. import runtime  # noqa: F401
-    except ImportError:
-        raise InvalidInputError(
-            "balancing.mode", "'async' balances through asyncbalance.runtime, which is not "
-            "available in this installation", ["none", "partial", "full"]) from None
-    raise InvalidInputError("balancing.mode", "'async' is not wired to the runtime yet",
-                            ["none", "partial", "full"])
-
-
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {"median": 0.0, "p90": 0.0, "max": 0.0}
@@ -92,8 +81,6 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     bal = config.balancing
     if bal.active:
         model_layout(model)  # refuses models without balanceable units, naming the field
-    if bal.mode == "async":
-        _check_async()
     rule = make_rule(model, config.trainer, seed)
     optimizer = make_optimizer(list(model.parameters()), config.optimizer.name,
                                config.optimizer.lr, config.optimizer.momentum)
@@ -111,7 +98,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     def balance(kind: str, epoch: int) -> None:
         events.append((epoch, balance_model(
             model, bal.p, kind, probe, bal.tol, bal.full_method, bal.direction,
-            with_optimum=mon.optimum, seed=seed)))
+            with_optimum=mon.optimum, seed=seed, async_budget=bal.async_budget,
+            async_shards=bal.async_shards)))
 
     if bal.at_start:
         balance("full", 0)
@@ -181,12 +169,12 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             loss_sum += float(loss) * idx.shape[0]
             correct += int((logits.argmax(dim=1) == yb).sum())
             seen += idx.shape[0]
-            if bal.mode in ("partial", "full") and bal.unit == "step" and step % bal.every == 0:
+            if bal.mode != "none" and bal.unit == "step" and step % bal.every == 0:
                 balance(bal.mode, epoch)
         if not math.isfinite(loss_sum):
             raise InvalidInputError("optimizer.lr", f"training diverged in epoch {epoch} "
                                     "(non-finite loss); lower the learning rate")
-        if bal.mode in ("partial", "full") and bal.unit == "epoch" and epoch % bal.every == 0:
+        if bal.mode != "none" and bal.unit == "epoch" and epoch % bal.every == 0:
             balance(bal.mode, epoch)
         seconds = time.perf_counter() - t0
         record(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), seconds,
