@@ -188,6 +188,9 @@ def main() -> None:
                         help="maximum layer sweeps of the baseline (default 3000)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N for the solver")
     parser.add_argument("--quick", action="store_true", help="smaller nets (smoke test)")
+    parser.add_argument("--only", choices=["wide", "deep"], help="headline net to run")
+    parser.add_argument("--headline-only", action="store_true",
+                        help="skip the scaling and memory tables")
     parser.add_argument("--wall", action="store_true",
                         help="time by the wall clock instead of CPU time")
     args = parser.parse_args()
@@ -200,6 +203,8 @@ def main() -> None:
     else:
         nets = {"wide": WIDE, "deep": DEEP}
         widths, depths = [256, 512, 1024, 2048], [4, 8, 16, 32]
+    if args.only:
+        nets = {args.only: nets[args.only]}
     threads = ",".join(f"{k}={os.environ.get(k, 'unset')}" for k in
                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
     print(f"# bench_engine: numpy {np.__version__}, python {platform.python_version()}, "
@@ -224,6 +229,8 @@ def main() -> None:
               f"{r['total']:.3f} | {passes:.1f} | {r['solve'] / r['pass']:.1f} | "
               f"{r['certified']:.1e} | {r['cert'].iterations}/{r['cert'].inner_iterations} | "
               f"{sweeps} | {sw['seconds']:.2f} | {ratio_text} | {met} |")
+    if args.headline_only:
+        return
     print("\n## Scaling with width (784-W-W-W-10) and depth (784-256xD-10)")
     print("| axis | value | p | weights | optimum s | passes | ns / weight | Newton/CG |")
     print("|---|---|---|---|---|---|---|---|")

@@ -127,8 +127,6 @@ def test_gauge_component_is_found_and_solver_converges(p: float) -> None:
         assert "mean" in report.gauge
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: exact solver leaves the gauge mean at up "
-                   "to 4e-9 instead of 0 (see /tmp/core_bugs.md)")
 @pytest.mark.parametrize("p", [1.0, 2.0])
 def test_gauge_mean_log_scale_is_zero(p: float) -> None:
     for seed in range(5):
@@ -138,8 +136,6 @@ def test_gauge_mean_log_scale_is_zero(p: float) -> None:
         assert abs(u.mean()) <= 1e-13 * (1 + np.max(np.abs(u))), (seed, u.mean())
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: balance_network reports the gauge as fixed "
-                   "(mean 0) but only method='exact' fixes it (see /tmp/core_bugs.md)")
 @pytest.mark.parametrize("method", ["full", "stochastic", "alternating"])
 def test_gauge_fixed_for_every_method(method: str) -> None:
     _, u, report = balance_network(_gauge_net(1), 2.0, method=method, tol=SCHEDULE_TOL)
@@ -147,13 +143,19 @@ def test_gauge_fixed_for_every_method(method: str) -> None:
     assert abs(u.mean()) <= 1e-12, u.mean()
 
 
-def test_gauge_with_bias_only_has_no_balanced_state() -> None:
-    """Units fed by a bias but with no path to an output: R decreases without bound along
-    the common shift, so no balanced state exists; the engine must say so, not loop."""
+@pytest.mark.parametrize("method", ["exact", "full"])
+@pytest.mark.parametrize("given", ["bias", "W_in"])
+def test_no_path_to_an_output_has_no_balanced_state(given: str, method: str) -> None:
+    """Units fed by a bias or inputs but with no path to an output: R decreases without bound
+    along the common shift, so no balanced state exists; the engine must say so, not loop."""
     rng = np.random.default_rng(0)
-    net = recurrent_network(None, rng.standard_normal((4, 4)), None, b=rng.standard_normal(4))
-    with pytest.raises(BalanceError):
-        balance_network(net, 2.0)
+    w_in = rng.standard_normal((4, 2)) if given == "W_in" else None
+    b = rng.standard_normal(4) if given == "bias" else None
+    net = recurrent_network(w_in, rng.standard_normal((4, 4)), None, b=b)
+    with pytest.raises(BalanceError) as info:
+        balance_network(net, 2.0, method=method, max_iterations=2000)
+    assert isinstance(info.value, InvalidInputError)
+    assert "no path to an output" in str(info.value) and "W_out" in str(info.value)
 
 
 def _dead_net() -> tuple[Network, list[int]]:
