@@ -43,11 +43,10 @@ def act_forward(act: Activation, x: torch.Tensor) -> torch.Tensor:
 
 
 def act_derivative(act: Activation, x: torch.Tensor) -> torch.Tensor:
-    """f'(x) (the right derivative at 0, as autograd's ReLU uses 0 there: see below)."""
+    """f'(x), with autograd's convention at x = 0 (0 for ReLU, the positive slope for the
+    other BiLUs), so hand-written rules match autograd bit for bit."""
     if act.degree != 1.0:
         return act.degree * torch.relu(x) ** (act.degree - 1.0)
-    # autograd's relu and where() give slope 0 (relu) / neg_slope at exactly x = 0 for relu;
-    # use the same convention so hand-written rules match autograd bit for bit.
     if act.name == "relu":
         return (x > 0).to(x.dtype)
     return torch.where(x >= 0, torch.full_like(x, act.pos_slope),
