@@ -49,7 +49,8 @@ class _ProgressBar:
             self.name = scenario.name
             self.point += 1
         span = math.log(self.first / scenario.stop.tol)
-        done = math.log(self.first / max(sample.max_abs_error, 1e-300)) / span
+        error = sample.max_abs_error
+        done = math.log(self.first / max(error, 1e-300)) / span if math.isfinite(error) else 0
         filled = int(round(20 * min(max(done, 0.0), 1.0)))
         which = f" point {self.point}/{self.n_points}" if self.n_points > 1 else ""
         self.display.label = f"run {scenario.name}{which}"

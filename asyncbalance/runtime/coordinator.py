@@ -174,7 +174,10 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
                                       runtime.owned_log_scales())
                 final_check = False
                 error = float(np.max(np.abs(u - u_star))) if u.size else 0.0
-                if error <= stop.tol and clock >= faults_end:
+                if not np.isfinite(error):
+                    # A step too large for the gradient-flow rule (or too little damping).
+                    stop_reason = "diverged"
+                elif error <= stop.tol and clock >= faults_end:
                     stop_reason = "tolerance"
                 elif clock >= horizon:
                     stop_reason = "max_time"
@@ -249,6 +252,9 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
     if backend_name == "sim":
         busy = getattr(runtime, "busy_seconds", 0.0)
         summary["unit_updates_per_second"] = counters.unit_updates / busy if busy else None
+    summary["shard_cost_bytes"] = [spec.cost_bytes for spec in problem.specs]
+    resident = getattr(runtime, "resident_bytes", None)
+    summary["actor_resident_bytes"] = resident() if resident is not None else None
     if not scenario.record_events:
         (directory / "events.msgpack").unlink()
     write_summary(directory / "summary.json", summary)

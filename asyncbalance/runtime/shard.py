@@ -49,7 +49,7 @@ class ShardSpec:
     Attributes:
         shard_id: index of the shard.
         units: global ids of the owned units (sorted); local indices ``0 .. n_own``.
-        halo: global ids of neighbour units owned elsewhere (local ``n_own ..``).
+        halo: global ids (sorted) of neighbour units owned elsewhere (local ``n_own ..``).
         halo_owner: shard id of each halo unit.
         graph: the local cost graph over ``[own | halo]``.
         colors: local indices of owned units in groups with no edge inside a group; the exact
@@ -74,28 +74,9 @@ class ShardSpec:
         return tuple(sorted(self.send_units))
 
     @property
-    def cost_entries(self) -> int:
-        """Number of stored cost entries (rows and columns of the owned units, per term)."""
-        return sum(k.size for b in self.graph.blocks for k in b.costs)
-
-
-def _touching(graph: CostGraph, own: np.ndarray
-              ) -> list[tuple[bool, np.ndarray, np.ndarray, list]]:
-    """(is a row piece, global dst ids, global src ids, per-term costs) of edges touching ``own``.
-
-    Row pieces hold every edge into an owned unit; column pieces every edge out of one.
-    """
-    pieces = []
-    for block in graph.blocks:
-        d0, d1 = block.dst
-        s0, s1 = block.src
-        rows = own[(own >= d0) & (own < d1)]
-        if rows.size:
-            pieces.append((True, rows, np.arange(s0, s1), [k[rows - d0, :] for k in block.costs]))
-        cols = own[(own >= s0) & (own < s1)]
-        if cols.size:
-            pieces.append((False, np.arange(d0, d1), cols, [k[:, cols - s0] for k in block.costs]))
-    return pieces
+    def cost_bytes(self) -> int:
+        """Bytes of the costs this shard holds: its units' rows and columns, per term."""
+        return sum(k.nbytes for s in self.graph.stacks for k in s.costs)
 
 
 def build_shard_specs(graph: CostGraph, partition: Sequence[np.ndarray]) -> list[ShardSpec]:
@@ -107,57 +88,59 @@ def build_shard_specs(graph: CostGraph, partition: Sequence[np.ndarray]) -> list
             for sid, units in enumerate(partition)]
 
 
+def _in_range(ids: np.ndarray, bounds: tuple[int, int]) -> np.ndarray:
+    return ids[(ids >= bounds[0]) & (ids < bounds[1])]
+
+
 def _build_spec(graph: CostGraph, sid: int, own: np.ndarray, owner: np.ndarray) -> ShardSpec:
     n_terms = graph.n_terms
     n_own = own.shape[0]
-    pieces = _touching(graph, own)
     is_own = np.zeros(graph.n_units, dtype=bool)
     is_own[own] = True
-    # Neighbours that feed the owned units (sources) and that the owned units feed (sinks).
-    feeds_in = np.zeros(graph.n_units, dtype=bool)
-    fed_by = np.zeros(graph.n_units, dtype=bool)
-    for _, dst, src, costs in pieces:
-        nonzero = sum(costs) > 0
-        if not nonzero.any():
-            continue
-        rows_used, cols_used = np.nonzero(nonzero)
-        dst_hit = is_own[dst[rows_used]]
-        feeds_in[src[cols_used[dst_hit]]] = True
-        fed_by[dst[rows_used[is_own[src[cols_used]]]]] = True
-    feeds_in &= ~is_own
-    fed_by &= ~is_own
-    # Halo order [sources only | both | sinks only] lets the two cost blocks be contiguous.
-    src_only = np.nonzero(feeds_in & ~fed_by)[0]
-    both = np.nonzero(feeds_in & fed_by)[0]
-    sink_only = np.nonzero(fed_by & ~feeds_in)[0]
-    halo = np.concatenate([src_only, both, sink_only]).astype(np.int64)
-    n_local = n_own + halo.shape[0]
-    local_of = np.full(graph.n_units, -1, dtype=np.int64)
-    local_of[own] = np.arange(n_own)
-    local_of[halo] = n_own + np.arange(halo.shape[0])
-    src_end = n_own + src_only.shape[0] + both.shape[0]
-    sink_start = n_own + src_only.shape[0]
-    incoming = [np.zeros((n_own, src_end)) for _ in range(n_terms)]
-    outgoing = [np.zeros((n_local - sink_start, n_own)) for _ in range(n_terms)]
-    for is_rows, dst, src, costs in pieces:
-        if is_rows:
-            # Every nonzero source of an owned unit is owned or in the source part of the halo.
-            cols = local_of[src]
-            keep = (cols >= 0) & (cols < src_end)
-            index = np.ix_(local_of[dst], cols[keep])
-            for t in range(n_terms):
-                incoming[t][index] += costs[t][:, keep]
-        else:
-            # Edges among owned units are already in the rows.
-            rows = local_of[dst]
-            keep = (rows >= sink_start) & ~is_own[dst]
-            index = np.ix_(rows[keep] - sink_start, local_of[src])
-            for t in range(n_terms):
-                outgoing[t][index] += costs[t][keep, :]
-    blocks = [Block((0, n_own), (0, src_end), tuple(incoming))]
-    if n_local > sink_start:
-        blocks.append(Block((sink_start, n_local), (0, n_own), tuple(outgoing)))
+    # The halo: every unit joined to an owned unit by a nonzero cost, in either direction.
+    linked = np.zeros(graph.n_units, dtype=bool)
+    for block in graph.blocks:
+        total = sum(block.costs)
+        rows = _in_range(own, block.dst) - block.dst[0]
+        if rows.size:
+            linked[block.src[0] + np.nonzero(total[rows].any(axis=0))[0]] = True
+        cols = _in_range(own, block.src) - block.src[0]
+        if cols.size:
+            linked[block.dst[0] + np.nonzero(total[:, cols].any(axis=1))[0]] = True
+    halo = np.nonzero(linked & ~is_own)[0].astype(np.int64)
     local_ids = np.concatenate([own, halo])
+    n_local = local_ids.shape[0]
+    local_of = np.full(graph.n_units, -1, dtype=np.int64)
+    local_of[local_ids] = np.arange(n_local)
+    # Owned and halo units are each sorted by global id, so the part of a layer-to-layer
+    # block that touches owned units splits into at most three contiguous local blocks:
+    # owned <- owned, owned <- halo (the owned units' rows) and halo <- owned (their columns).
+    blocks: list[Block] = []
+    internal = np.zeros((n_own, n_own))
+    send: dict[int, np.ndarray] = {}
+    empty = np.zeros(0, dtype=np.int64)
+    for block in graph.blocks:
+        own_dst, halo_dst = _in_range(own, block.dst), _in_range(halo, block.dst)
+        own_src, halo_src = _in_range(own, block.src), _in_range(halo, block.src)
+        for dst, src in ((own_dst, own_src), (own_dst, halo_src), (halo_dst, own_src)):
+            if not (dst.size and src.size):
+                continue
+            index = np.ix_(dst - block.dst[0], src - block.src[0])
+            costs = tuple(np.ascontiguousarray(k[index]) for k in block.costs)
+            nonzero = sum(costs) > 0
+            if not nonzero.any():
+                continue
+            blocks.append(Block((int(local_of[dst[0]]), int(local_of[dst[-1]]) + 1),
+                                (int(local_of[src[0]]), int(local_of[src[-1]]) + 1), costs))
+            if dst is own_dst and src is own_src:
+                internal[np.ix_(local_of[dst], local_of[src])] += sum(costs)
+                continue
+            # The owner of each halo unit needs the owned units it is joined to.
+            mine, theirs, links = ((dst, src, nonzero) if dst is own_dst
+                                   else (src, dst, nonzero.T))
+            for peer in np.unique(owner[theirs]):
+                needed = mine[links[:, owner[theirs] == peer].any(axis=1)]
+                send[int(peer)] = np.union1d(send.get(int(peer), empty), local_of[needed])
     views, stacks = stack_blocks(blocks, n_terms)
 
     def pad(values: np.ndarray) -> np.ndarray:
@@ -173,21 +156,9 @@ def _build_spec(graph: CostGraph, sid: int, own: np.ndarray, owner: np.ndarray) 
         visible_in=pad(graph.visible_in), visible_out=pad(graph.visible_out),
         self_cost=pad(graph.self_cost), blocks=tuple(views), stacks=tuple(stacks),
         constant_cost=0.0, dead=dead)
-    colors = _color_groups(sum(incoming)[:, :n_own], graph.dead[own])
-    halo_owner = owner[halo]
-    send_units: dict[int, np.ndarray] = {}
-    for _, dst, src, costs in pieces:
-        nonzero = sum(costs) > 0
-        rows_used, cols_used = np.nonzero(nonzero)
-        for a, b in ((dst[rows_used], src[cols_used]), (src[cols_used], dst[rows_used])):
-            mine = is_own[a] & ~is_own[b]
-            for peer in np.unique(owner[b[mine]]):
-                if peer < 0:
-                    continue
-                chosen = a[mine][owner[b[mine]] == peer]
-                previous = send_units.get(int(peer), np.zeros(0, dtype=np.int64))
-                send_units[int(peer)] = np.union1d(previous, local_of[chosen])
-    return ShardSpec(sid, own, halo, halo_owner, local_graph, colors, send_units)
+    colors = _color_groups(internal, graph.dead[own])
+    return ShardSpec(sid, own, halo, owner[halo], local_graph, colors,
+                     {peer: idx.astype(np.int64) for peer, idx in send.items()})
 
 
 def _color_groups(internal: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, ...]:
