@@ -80,3 +80,23 @@ def test_report_without_runs_is_an_error(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.md")]) == 2
     assert "no training run records" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_report_statistics_and_records_round_trip(tmp_path: Path) -> None:
+    from asyncbalance.training.records import read_epochs, write_run
+    from asyncbalance.training.report import build_report, mean_std
+
+    mean, std, n = mean_std([0.9, 0.8, float("nan"), None])
+    assert n == 2 and mean == pytest.approx(0.85) and std == pytest.approx(0.0707106781)
+    for seed, accs in enumerate([(0.5, 0.7), (0.6, 0.9)]):
+        summary = {"name": "demo", "label": "a", "seed": seed, "trainer": "backprop",
+                   "test_accuracy": accs[-1], "best_test_accuracy": max(accs),
+                   "train_accuracy": accs[-1], "final_unit_log_imbalance": [0.1, -0.2],
+                   "imbalance_p": 2.0}
+        rows = [{"epoch": i, "test_accuracy": a, "seconds": 1.0, "alignment_deg": [1.0, 2.0]}
+                for i, a in enumerate(accs)]
+        write_run(tmp_path / "runs" / f"seed-{seed}", summary, rows)
+    back = read_epochs(tmp_path / "runs" / "seed-1" / "epochs.csv")
+    assert back[1]["test_accuracy"] == 0.9 and back[1]["alignment_deg"] == "[1.0, 2.0]"
+    text = build_report([str(tmp_path / "runs")], tmp_path / "out" / "r.md")
+    assert "| a | 2 | backprop | 80.00 ± 14.14 | 80.00 ± 14.14 |" in text
