@@ -1,0 +1,187 @@
+"""A real 3-node Ray cluster on this machine: shards spread over nodes, a node killed mid-run.
+
+The cluster runs in a subprocess (``python -m actors.cluster``): a Ray driver is connected to
+one cluster at a time, and the rest of the suite shares the session's local Ray. The
+subprocess starts three nodes (head + two workers, each its own raylet and object store) in
+a private temporary directory, runs the scenario through the runtime's Ray backend with
+``address`` pointed at the cluster, then runs it again and kills the worker node that hosts
+the most shard actors after 10 convergence samples. It reports, from the cluster's control
+store (the run record does not name nodes), on which node each shard actor ran.
+
+Every process is torn down even on failure: the subprocess leads its own session, which is
+killed as a whole on timeout, and the test checks that no process of the cluster survives.
+
+Tolerances: max |u - u*| <= 1e-8 is the runtime's stopping rule, judged against the exact
+optimum; the network function is exact in exact arithmetic, so <= 1e-12 relative (float64
+rounding of a 4-layer forward pass is ~1e-15).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-8
+FUNCTION_TOL = 1e-12
+# Start-up of 3 nodes (~7-20 s on 2 loaded cores), two runs of ~20 s each, teardown.
+TIMEOUT_S = 240
+REMOVE_AFTER_SAMPLES = 10
+
+SCENARIO = """
+name = "scaleout"
+seed = 1
+backend = "ray"
+[network]
+kind = "mlp"
+sizes = [6, 10, 10, 10, 3]
+unit_spread = 1.0
+seed = 3
+[partition]
+granularity = "shard"
+shards_per_layer = 2          # 6 shard actors over 3 nodes
+[links]
+delay = "exponential"
+mean = 0.5
+[stop]
+tol = 1e-8
+max_wall_seconds = 60.0
+function_check = "every_sample"
+[ray]
+time_unit = 0.01
+sample_seconds = 0.05
+"""
+
+
+def _cluster_processes(marker: str) -> list[Any]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or ()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """Kill the subprocess's whole session (driver, raylets, workers), then reap it."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(1.0)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    work = tmp_path_factory.mktemp("scaleout")
+    scenario = work / "scaleout.toml"
+    scenario.write_text(SCENARIO)
+    report_file = work / "report.json"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "actors.cluster", str(scenario), "--out",
+               str(work / "runs"), "--nodes", "3", "--removal-run", str(REMOVE_AFTER_SAMPLES),
+               "--report", str(report_file)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        pytest.fail(f"the 3-node cluster run took more than {TIMEOUT_S} s; killed it")
+    if not report_file.is_file():
+        pytest.fail(f"no report (exit {proc.returncode}):\n{output[-4000:]}")
+    report = json.loads(report_file.read_text())
+    report["exit_code"] = proc.returncode
+    report["output_tail"] = output[-4000:]
+    return report
+
+
+def test_cluster_is_torn_down(cluster_report: dict[str, Any]) -> None:
+    marker = cluster_report["temp_dir"]
+    assert marker and marker.startswith("/tmp/abray-")
+    deadline = time.monotonic() + 20
+    while (left := _cluster_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for proc in left:  # never leave them behind, even when failing
+        proc.kill()
+    assert not left, f"{len(left)} cluster processes outlived the driver"
+    assert not Path(marker).exists()
+
+
+def test_three_nodes_shards_spread_converged_exact(cluster_report: dict[str, Any]) -> None:
+    assert len(cluster_report["node_ids"]) == 3
+    run = cluster_report["runs"][0]
+    assert run["error"] is None, run["error"]
+    summary = run["summary"]
+    assert summary["converged"], summary["stop_reason"]
+    assert summary["max_abs_log_scale_error"] <= TOL
+    assert summary["function_exact"]
+    assert summary["function_max_rel_error"] <= FUNCTION_TOL
+    # One actor per shard, each on a node of this cluster; at least two distinct nodes.
+    assert len(run["actors"]) == summary["n_shards"] == 6
+    assert all(actor["node"] in (0, 1, 2) for actor in run["actors"])
+    assert run["distinct_nodes"] >= 2, run["actors"]
+
+
+class NodeLossAbortsRun(Exception):
+    """The run died with the actors of the removed node instead of restarting them."""
+
+
+@pytest.mark.xfail(strict=True, raises=NodeLossAbortsRun, reason=(
+    "actors/backend.py: shard actors get max_restarts=0 unless the scenario scripts crashes, "
+    "and RayBackend._poll lets ray.get raise on an actor whose node died "
+    "(ActorUnavailableError/ActorDiedError), which aborts the run; nothing restarts the lost "
+    "shards on another node from their checkpoints or records the failure"))
+def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) -> None:
+    run = cluster_report["runs"][1]
+    removal = run["removal"]
+    # The node really went away mid-run, with shard actors on it.
+    assert removal["done_at_sample"] == REMOVE_AFTER_SAMPLES
+    assert removal["node_index"] in (1, 2) and removal["actors_on_node"] >= 1
+    error = run["error"]
+    if error and error.split(":")[0] in ("ActorUnavailableError", "ActorDiedError",
+                                         "RayActorError"):
+        raise NodeLossAbortsRun(error)
+    assert error is None, error
+    summary = run["summary"]
+    assert summary["converged"], summary["stop_reason"]
+    assert summary["max_abs_log_scale_error"] <= TOL
+    assert summary["function_exact"]
+    assert summary["function_max_rel_error"] <= FUNCTION_TOL
+    # Each lost shard was restarted elsewhere and the record says so.
+    assert summary["crashes"] >= removal["actors_on_node"]
+    assert summary["restarts"] >= removal["actors_on_node"]
+    # Ray's control store: the restarted actors last ran on a surviving node.
+    moved = [actor for actor in run["actors"] if actor["num_restarts"] >= 1]
+    assert len(moved) >= removal["actors_on_node"]
+    assert all(actor["node"] != removal["node_index"] for actor in moved)
