@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up the project virtualenv and runs the main job on its embedded default.
+# Sets up the project virtualenv and runs the main job: the quickstart scenario, a
+# 384-neuron MLP balanced by Ray shard actors over delayed links (a local Ray is started by
+# the program itself; set RAY_ADDRESS or pass --address to use a cluster).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
-mkdir -p runs
-exec .venv/bin/asyncbalance balance asyncbalance/data/example_mlp.npz --p 1 \
-    -o runs/example_mlp.balanced.npz --report runs/example_mlp.report.json "$@"
+exec .venv/bin/asyncbalance run scenarios/quickstart.toml "$@"
