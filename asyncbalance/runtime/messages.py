@@ -61,8 +61,9 @@ def decode_message(payload: bytes) -> StateMessage:
     _, sender, receiver, epoch, seq, units_raw, values_raw = fields
     if len(units_raw) % _UNIT_DTYPE.itemsize or len(values_raw) % _VALUE_DTYPE.itemsize:
         raise InvalidInputError("message", "array payload length is not a whole number of items")
-    units = np.frombuffer(units_raw, dtype=_UNIT_DTYPE).astype(np.int64)
-    values = np.frombuffer(values_raw, dtype=_VALUE_DTYPE).astype(np.float64)
+    # Read-only views of the payload: receivers copy what they keep.
+    units = np.frombuffer(units_raw, dtype=_UNIT_DTYPE)
+    values = np.frombuffer(values_raw, dtype=_VALUE_DTYPE)
     if units.shape != values.shape:
         raise InvalidInputError("message", f"{units.shape[0]} unit ids for "
                                 f"{values.shape[0]} log-scales")

@@ -199,7 +199,7 @@ class Shard:
         self.last_send_time = -np.inf
         self.last_sent = np.full(spec.n_own, np.nan)
         self.unit_updates = 0
-        self._halo_order = np.argsort(spec.halo, kind="stable")
+        self._slot_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     @property
     def log_scales(self) -> np.ndarray:
@@ -214,26 +214,39 @@ class Shard:
         if message.version <= self.versions.get(message.sender, (-1, -1)):
             return False
         self.versions[message.sender] = message.version
-        halo = self.spec.halo
-        if halo.shape[0] == 0:
-            return True
-        pos = np.minimum(np.searchsorted(halo, message.units, sorter=self._halo_order),
-                         halo.shape[0] - 1)
-        local = self._halo_order[pos]
-        known = halo[local] == message.units
-        slots = self.spec.n_own + local[known]
-        values = message.log_scales[known]
-        if not np.array_equal(self.state[slots], values):
+        slots, known = self._slots(message.sender, message.units)
+        values = message.log_scales if known is None else message.log_scales[known]
+        if (self.state[slots] != values).any():
             self.state[slots] = values
             self.dirty = True
         return True
+
+    def _slots(self, sender: int, units: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """View slots of ``units`` (and which of them are in the halo, None if all are).
+
+        A sender sends the same unit ids every time, so the lookup is cached per sender.
+        """
+        cached = self._slot_cache.get(sender)
+        if (cached is not None and cached[0].shape == units.shape
+                and (cached[0] == units).all()):
+            return cached[1], cached[2]
+        halo = self.spec.halo
+        if halo.shape[0] == 0:
+            slots, known = np.zeros(0, dtype=np.int64), np.zeros(units.shape[0], dtype=bool)
+        else:
+            pos = np.minimum(np.searchsorted(halo, units), halo.shape[0] - 1)
+            known = halo[pos] == units
+            slots = self.spec.n_own + pos[known]
+        mask = None if known.all() else known
+        self._slot_cache[sender] = (units.copy(), slots, mask)
+        return slots, mask
 
     def on_wake(self, now: float) -> list[StateMessage]:
         """Apply the rule (when there is anything to do) and return the messages to send."""
         if self.dirty:
             self._move()
         own = self.state[:self.spec.n_own]
-        changed = not np.array_equal(own, self.last_sent)
+        changed = bool((own != self.last_sent).any())  # NaN before the first send
         if not changed and now - self.last_send_time < self.resend_interval:
             return []
         self.seq += 1
