@@ -27,7 +27,6 @@ from asyncbalance.runtime.simulator import MessageCounters, rule_of
 from .shard_actor import ActorSettings, ShardActor
 
 _COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated")
-_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def connect_ray(address: str | None) -> bool:
@@ -65,10 +64,7 @@ class RayBackend:
         restarts = scenario.ray.max_restarts if scenario.faults.crashes else 0
         remote = ray.remote(ShardActor).options(
             num_cpus=scenario.ray.actor_cpus, max_restarts=restarts,
-            max_task_retries=0, scheduling_strategy="SPREAD",
-            # One BLAS thread per actor: the shards are the parallelism, and idle BLAS
-            # threads spinning in every actor process starve the others' message handling.
-            runtime_env={"env_vars": {name: "1" for name in _BLAS_THREAD_VARIABLES}})
+            max_task_retries=0, scheduling_strategy="SPREAD")
         self.actors = []
         for spec in self.specs:
             settings = self._settings(spec, factors)

@@ -172,7 +172,6 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
                 counters = runtime.message_counters()
                 u = gather_log_scales(problem.graph.n_units, problem.specs,
                                       runtime.owned_log_scales())
-                final_check = False
                 error = float(np.max(np.abs(u - u_star))) if u.size else 0.0
                 if not np.isfinite(error):
                     # A step too large for the gradient-flow rule (or too little damping).
