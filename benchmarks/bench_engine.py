@@ -87,7 +87,7 @@ def one_pass(net: Network, p: float) -> float:
     def run() -> float:
         return sum(float(np.sum(power(w))) for w in arrays)
 
-    return best_time(run, 7)
+    return best_time(run, 3)
 
 
 def certified_imbalance(net: Network, balanced: Network, p: float) -> float:
@@ -106,23 +106,29 @@ def certified_imbalance(net: Network, balanced: Network, p: float) -> float:
 
 
 def time_optimum(net: Network, p: float, repeats: int) -> dict:
-    """Build the cost graph and solve to TOL; best of ``repeats``; certify the answer."""
-    result: dict = {}
-
-    def build_and_solve() -> None:
+    """Build the cost graph and solve to TOL, ``repeats`` times, each right after timing a
+    pass (best of 3), so every ratio compares two measurements taken side by side under the
+    same machine load; report medians and the range of the ratios. Certify the answer."""
+    passes, totals, solves = [], [], []
+    cert = graph = None
+    for _ in range(repeats):
+        passes.append(one_pass(net, p))
+        gc.collect()
         start = CLOCK()
         graph = build_cost_graph(net, p)
         built = CLOCK()
         cert = solve_optimum(graph, tol=TOL)
         done = CLOCK()
-        if not result or done - start < result["total"]:
-            result.update(total=done - start, build=built - start, solve=done - built,
-                          cert=cert, graph=graph)
-
-    best_time(build_and_solve, repeats)
-    balanced = scale_network(net, result["cert"].log_scales)
-    result["certified"] = certified_imbalance(net, balanced, p)
-    return result
+        totals.append(done - start)
+        solves.append(done - built)
+    ratio = np.array(totals) / np.array(passes)
+    balanced = scale_network(net, cert.log_scales)
+    return {"pass": float(np.median(passes)), "total": float(np.median(totals)),
+            "solve": float(np.median(solves)), "passes": float(np.median(ratio)),
+            "passes_range": (float(ratio.min()), float(ratio.max())),
+            "solve_passes": float(np.median(np.array(solves) / np.array(passes))),
+            "cert": cert, "graph": graph,
+            "certified": certified_imbalance(net, balanced, p)}
 
 
 def time_sweeps(graph, cap: int) -> dict:
@@ -186,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-cap", type=int, default=3000,
                         help="maximum layer sweeps of the baseline (default 3000)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for the solver")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="solver runs, each paired with a pass timing (median reported)")
     parser.add_argument("--quick", action="store_true", help="smaller nets (smoke test)")
     parser.add_argument("--only", choices=["wide", "deep"], help="headline net to run")
     parser.add_argument("--headline-only", action="store_true",
@@ -209,16 +216,18 @@ def main() -> None:
                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
     print(f"# bench_engine: numpy {np.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, {threads}, tol {TOL:g}, "
-          f"sweep cap {args.sweep_cap}, solver best of {args.repeats}, "
+          f"sweep cap {args.sweep_cap}, median of {args.repeats} paired runs, "
           f"clock: {'wall' if args.wall else 'process CPU time'}")
     print("\n## Time to a certified optimum (max imbalance <= 1e-10, biases), in passes of |W|^p")
     rows = headline(args.sweep_cap, args.repeats, nets)
     print()
-    print("| net | p | weights | pass ms | optimum s | passes (build+solve) | passes (solve) "
-          "| certified imbalance | Newton/CG | sweeps | sweeps s | sweeps / optimum | goal |")
+    print("| net | p | weights | pass ms | optimum s | passes (build+solve) [range] | passes "
+          "(solve) | certified imbalance | Newton/CG | sweeps | sweeps s | sweeps / optimum "
+          "| goal (median) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        passes = r["total"] / r["pass"]
+        passes = r["passes"]
+        lo, hi = r["passes_range"]
         goal = GOALS.get(r["net"])
         met = "n/a" if goal is None else (f"<= {goal:g}: {'met' if passes <= goal else 'NOT met'}")
         sw = r["sweeps"]
@@ -226,17 +235,18 @@ def main() -> None:
         ratio = sw["seconds"] / r["total"]
         ratio_text = f"{'>= ' if sw['capped'] else ''}{ratio:.1f}x"
         print(f"| {r['net']} | {r['p']:g} | {r['weights']:,} | {r['pass'] * 1e3:.2f} | "
-              f"{r['total']:.3f} | {passes:.1f} | {r['solve'] / r['pass']:.1f} | "
+              f"{r['total']:.3f} | {passes:.1f} [{lo:.1f}-{hi:.1f}] | {r['solve_passes']:.1f} | "
               f"{r['certified']:.1e} | {r['cert'].iterations}/{r['cert'].inner_iterations} | "
               f"{sweeps} | {sw['seconds']:.2f} | {ratio_text} | {met} |")
     if args.headline_only:
         return
     print("\n## Scaling with width (784-W-W-W-10) and depth (784-256xD-10)")
-    print("| axis | value | p | weights | optimum s | passes | ns / weight | Newton/CG |")
+    print("| axis | value | p | weights | optimum s | passes [range] | ns / weight | Newton/CG |")
     print("|---|---|---|---|---|---|---|---|")
     for r in scaling(args.repeats, widths, depths):
         print(f"| {r['axis']} | {r['value']} | {r['p']:g} | {r['weights']:,} | "
-              f"{r['total']:.3f} | {r['total'] / r['pass']:.1f} | "
+              f"{r['total']:.3f} | {r['passes']:.1f} [{r['passes_range'][0]:.1f}-"
+              f"{r['passes_range'][1]:.1f}] | "
               f"{r['total'] / r['weights'] * 1e9:.1f} | "
               f"{r['cert'].iterations}/{r['cert'].inner_iterations} |")
     print("\n## Peak memory (tracemalloc) vs the weights (float64)")
