@@ -185,3 +185,28 @@ def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) ->
     moved = [actor for actor in run["actors"] if actor["num_restarts"] >= 1]
     assert len(moved) >= removal["actors_on_node"]
     assert all(actor["node"] != removal["node_index"] for actor in moved)
+
+
+def test_unreachable_address_is_named_not_waited_on() -> None:
+    import socket
+
+    from actors.cluster import ClusterError, check_address
+
+    # A port nobody listens on: bind one, note it, close it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Refused at once; an address that drops packets would wait the bounded timeout.
+    with pytest.raises(ClusterError, match=r"^address: no Ray cluster answers"):
+        check_address(f"127.0.0.1:{port}", timeout=5.0)
+    with pytest.raises(ClusterError, match=r"^address: expected HOST:PORT"):
+        check_address("nowhere")
+
+
+def test_bad_cluster_sizes_name_the_field() -> None:
+    from actors.cluster import LocalCluster
+
+    with pytest.raises(ValueError, match="^nodes"):
+        LocalCluster(nodes=0)
+    with pytest.raises(ValueError, match="^cpus_per_node"):
+        LocalCluster(nodes=2, cpus_per_node=0)
