@@ -9,6 +9,7 @@ over the cluster's nodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -59,18 +60,17 @@ class RayBackend:
         factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
         self.origin = time.time()
         self.started = time.perf_counter()
-        # Restarts serve the scenario's injected crashes, which the driver resumes; without
-        # any, an actor that dies ends the run with an error rather than stalling it.
-        restarts = scenario.ray.max_restarts if scenario.faults.crashes else 0
-        remote = ray.remote(ShardActor).options(
-            num_cpus=scenario.ray.actor_cpus, max_restarts=restarts,
+        # Ray restarts a dead actor (an injected crash, or a node that went away) up to
+        # max_restarts times, on any node; the driver then resumes it from its checkpoint.
+        self.remote = ray.remote(ShardActor).options(
+            num_cpus=scenario.ray.actor_cpus, max_restarts=scenario.ray.max_restarts,
             max_task_retries=0, scheduling_strategy="SPREAD")
-        self.actors = []
-        for spec in self.specs:
-            settings = self._settings(spec, factors)
-            self.actors.append(remote.remote(spec, settings, self.origin))
+        self.spec_refs = [ray.put(spec) for spec in self.specs]
+        self.settings = [self._settings(spec, factors) for spec in self.specs]
+        self.actors = [self._create(sid) for sid in range(len(self.specs))]
         self.peers = [{n: self.actors[n] for n in spec.neighbours} for spec in self.specs]
-        ray.get([a.connect.remote(p) for a, p in zip(self.actors, self.peers, strict=True)])
+        ray.get([a.setup.remote([ref], p) for a, ref, p in
+                 zip(self.actors, self.spec_refs, self.peers, strict=True)])
         n = len(self.specs)
         self.latest = [np.zeros(s.n_own) for s in self.specs]
         self.checkpoints: list[bytes | None] = [
@@ -86,6 +86,9 @@ class RayBackend:
         self.crashes = 0
         self.restarts = 0
         self.resident: list[int | None] = [None] * n
+
+    def _create(self, sid: int) -> Any:
+        return self.remote.remote(sid, self.settings[sid], self.origin)
 
     def _settings(self, spec: ShardSpec, factors: dict[tuple[int, int], float]) -> ActorSettings:
         s = self.scenario
@@ -128,20 +131,13 @@ class RayBackend:
             sid = crash.shard
             if sid in self.down:
                 continue
-            self._poll_one(sid)
-            for name in _COUNTER_NAMES:
-                self.retired[sid][name] += self.current[sid][name]
-            self.current[sid] = dict.fromkeys(_COUNTER_NAMES, 0)
-            self.retired_updates[sid] += self.updates[sid]
-            self.updates[sid] = 0
+            try:
+                self._absorb(sid, ray.get(self.actors[sid].poll.remote()))
+            except ray.exceptions.RayActorError:
+                pass  # already gone: it crashes from where the last poll left it
             restore = self.checkpoints[sid] if crash.restore == "checkpoint" else None
             ray.kill(self.actors[sid], no_restart=False)
-            self.crashes += 1
-            self.events.write("crash", self.elapsed(), sid)
-            self.down[sid] = (crash.at + crash.down_for, restore)
-            self.latest[sid] = Shard.restore(self.specs[sid], self.rule,
-                                             self.scenario.links.resend_interval, 0,
-                                             restore).log_scales
+            self._mark_down(sid, crash.at + crash.down_for, restore)
         for sid, (back_at, restore) in list(self.down.items()):
             if back_at <= now_units:
                 self.epochs[sid] += 1
@@ -149,27 +145,60 @@ class RayBackend:
                 del self.down[sid]
                 self.restarts += 1
 
+    def _mark_down(self, sid: int, back_at: float, restore: bytes | None) -> None:
+        """Count a crash; until ``back_at`` the shard counts with what it will restart from."""
+        for name in _COUNTER_NAMES:
+            self.retired[sid][name] += self.current[sid][name]
+        self.current[sid] = dict.fromkeys(_COUNTER_NAMES, 0)
+        self.retired_updates[sid] += self.updates[sid]
+        self.updates[sid] = 0
+        self.crashes += 1
+        self.events.write("crash", self.elapsed(), sid)
+        self.down[sid] = (back_at, restore)
+        self.latest[sid] = Shard.restore(self.specs[sid], self.rule,
+                                         self.scenario.links.resend_interval, 0,
+                                         restore).log_scales
+
     def _resume(self, sid: int, restore: bytes | None) -> None:
-        """Hand the restarted actor its checkpoint; Ray may still be bringing it back up."""
+        """Hand the restarted actor its checkpoint, replacing it if Ray could not restart it."""
         deadline = time.perf_counter() + 120.0
         while True:
             try:
-                ray.get(self.actors[sid].resume.remote(self.peers[sid], restore,
-                                                       self.epochs[sid]))
+                ray.get(self.actors[sid].resume.remote([self.spec_refs[sid]], self.peers[sid],
+                                                       restore, self.epochs[sid]))
                 return
             except ray.exceptions.ActorUnavailableError:
                 # Restarting a process takes a moment; resume is idempotent, so ask again.
                 if time.perf_counter() > deadline:
                     raise
                 time.sleep(0.05)
+            except ray.exceptions.RayActorError:
+                # Restarts used up: a fresh actor takes the shard over.
+                if time.perf_counter() > deadline:
+                    raise
+                self._replace(sid)
 
-    def _poll_one(self, sid: int) -> None:
-        self._absorb(sid, ray.get(self.actors[sid].poll.remote()))
+    def _replace(self, sid: int) -> None:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(self.actors[sid], no_restart=True)
+        self.actors[sid] = self._create(sid)
+        for peers in self.peers:
+            if sid in peers:
+                peers[sid] = self.actors[sid]
+        ray.get([self.actors[n].connect.remote(self.peers[n])
+                 for n in self.specs[sid].neighbours if n not in self.down])
 
     def _poll(self) -> None:
         live = [sid for sid in range(len(self.actors)) if sid not in self.down]
-        replies = ray.get([self.actors[sid].poll.remote() for sid in live])
-        for sid, reply in zip(live, replies, strict=True):
+        pending = [(sid, self.actors[sid].poll.remote()) for sid in live]
+        for sid, ref in pending:
+            try:
+                reply = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                # Not an injected crash: its process or node died. It comes back from its
+                # last checkpoint at once, on whichever node Ray (or the driver) puts it.
+                self._mark_down(sid, 0.0, self.checkpoints[sid])
+                continue
             self._absorb(sid, reply)
 
     def _absorb(self, sid: int, reply: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ path with the same distributions as the simulator: a delayed message is handed t
 when its delay has elapsed.
 
 A crashed actor is restarted by Ray (``max_restarts``) and re-runs ``__init__``; it then
-stays silent, dropping what it receives, until the driver calls ``resume`` with its last
-checkpoint (or none, for a restart from u = 0) and a new epoch.
+stays silent, dropping what it receives, until the driver calls ``resume`` with its spec, its
+last checkpoint (or none, for a restart from u = 0) and a new epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 
 from asyncbalance.runtime.delays import DelaySampler, WakeSchedule
 from asyncbalance.runtime.messages import StateMessage, decode_message, encode_message
@@ -48,16 +47,18 @@ class ActorSettings:
 
 
 class ShardActor:
-    def __init__(self, spec: ShardSpec, settings: ActorSettings, clock_origin: float):
-        self.spec = spec
+    """Constructed with small arguments only; the spec arrives by reference in ``setup`` (and
+    again in ``resume`` after a restart), so Ray can restart the actor on any node."""
+
+    def __init__(self, shard_id: int, settings: ActorSettings, clock_origin: float):
+        self.shard_id = shard_id
         self.settings = settings
         self.origin = clock_origin
-        self.rng = np.random.default_rng([settings.seed, spec.shard_id])
+        self.rng = np.random.default_rng([settings.seed, shard_id])
         self.sampler = DelaySampler(settings.delay, settings.delay_spread, settings.pareto_shape)
         self.wake = WakeSchedule(settings.wake_kind, settings.wake_period, settings.wake_jitter)
-        reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
-        self.shard: Shard | None = None if reconstructed else Shard(
-            spec, settings.rule, settings.resend_interval)
+        self.spec: ShardSpec | None = None
+        self.shard: Shard | None = None
         self.peers: dict[int, Any] = {}
         self.counters = {"sent": 0, "delivered": 0, "applied": 0, "dropped": 0,
                          "duplicated": 0}
@@ -69,9 +70,22 @@ class ShardActor:
     def _seconds(self) -> float:
         return time.time() - self.origin
 
+    async def _fetch(self, spec_box: list) -> ShardSpec:
+        if self.spec is None:
+            self.spec = await spec_box[0]
+        return self.spec
+
+    async def setup(self, spec_box: list, peers: dict[int, Any]) -> int:
+        """Receive the spec (``[ObjectRef]``) and the neighbours' handles; start at u = 0."""
+        spec = await self._fetch(spec_box)
+        self.peers = peers
+        if self.shard is None:
+            self.shard = Shard(spec, self.settings.rule, self.settings.resend_interval)
+        return self.shard_id
+
     async def connect(self, peers: dict[int, Any]) -> int:
         self.peers = peers
-        return self.spec.shard_id
+        return self.shard_id
 
     async def start(self, clock_origin: float | None = None) -> bool:
         if clock_origin is not None:
@@ -80,12 +94,17 @@ class ShardActor:
             self.task = asyncio.get_running_loop().create_task(self._loop())
         return self.shard is not None
 
-    async def resume(self, peers: dict[int, Any], checkpoint: bytes | None, epoch: int) -> bool:
+    async def resume(self, spec_box: list, peers: dict[int, Any], checkpoint: bytes | None,
+                     epoch: int) -> bool:
         """Come back after a crash in ``epoch``, from ``checkpoint`` (None: from u = 0)."""
+        spec = await self._fetch(spec_box)
         self.peers = peers
-        self.shard = Shard.restore(self.spec, self.settings.rule,
-                                   self.settings.resend_interval, epoch, checkpoint)
-        self.events.append(["restart", self._seconds(), self.spec.shard_id,
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.shard = Shard.restore(spec, self.settings.rule, self.settings.resend_interval,
+                                   epoch, checkpoint)
+        self.events.append(["restart", self._seconds(), self.shard_id,
                             "checkpoint" if checkpoint is not None else "zero", epoch])
         return await self.start()
 
@@ -111,7 +130,7 @@ class ShardActor:
         self.counters["sent"] += 1
         self.events.append(["send", stamp, *ids, int(message.units.shape[0]), len(payload)])
         dst = message.receiver
-        me = self.spec.shard_id
+        me = self.shard_id
         if any(start <= now < stop and ((me in cut) != (dst in cut))
                for start, stop, cut in settings.partitions):
             self.counters["dropped"] += 1

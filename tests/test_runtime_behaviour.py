@@ -146,3 +146,37 @@ def test_run_record_has_the_documented_files_and_keys(tmp_path, backend):
     assert len(samples) == summary["samples"]
     assert np.isclose(samples[-1]["max_abs_error"], summary["max_abs_log_scale_error"])
     assert (directory / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.ray
+def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ray_session):
+    # A shard's process is killed from outside (as when its node goes away), twice: the first
+    # time Ray restarts it (max_restarts = 1), the second time its restarts are used up and a
+    # fresh actor takes over. Both times it resumes from its last checkpoint.
+    import os
+    import signal
+
+    from ray._private import state
+
+    def first_live_shard_pid() -> int:
+        live = sorted((actor_id, info["Pid"]) for actor_id, info in state.actors().items()
+                      if info.get("ActorClassName") == "ShardActor"
+                      and info.get("State") == "ALIVE")
+        return int(live[0][1])
+
+    seen = {"samples": 0}
+
+    def kill_at_samples(sample, scenario) -> None:
+        seen["samples"] += 1
+        if seen["samples"] in (5, 15):
+            os.kill(first_live_shard_pid(), signal.SIGKILL)
+
+    data = {"name": "run", "backend": "ray", "seed": 1, "ray": {**RAY, "max_restarts": 1},
+            "network": LAYERED, "partition": PER_LAYER,
+            "faults": {"checkpoint_interval": 3.0},
+            "stop": {"tol": TOL, "max_wall_seconds": 90.0}}
+    summary = run_scenario(scenario_from_mapping(data), tmp_path / "run",
+                           progress=kill_at_samples)
+    assert seen["samples"] > 15
+    assert_converged_and_exact(summary, trace(tmp_path))
+    assert summary["crashes"] == summary["restarts"] == 2
