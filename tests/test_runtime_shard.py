@@ -87,6 +87,26 @@ def test_synchronous_rounds_reach_the_optimum():
     assert np.abs(u - optimum).max() < 1e-11
 
 
+def test_dead_units_are_owned_by_nobody_and_stay_at_zero():
+    rng = np.random.default_rng(6)
+    weights = [rng.standard_normal((o, i)) for i, o in ((4, 6), (6, 6), (6, 3))]
+    weights[0][2] = 0.0  # unit 2 of the first hidden layer has no incoming cost: dead
+    graph = build_cost_graph(layered_network(weights, None, "relu"), 1.0)
+    assert graph.dead[2]
+    optimum = solve_optimum(graph).log_scales
+    for partition in PARTITIONS:
+        specs = specs_for(graph, *partition)
+        assert all(2 not in s.units for s in specs)
+        assert all(peer >= 0 for s in specs for peer in s.send_units)
+        shards = [Shard(s, Rule("exact"), 5.0) for s in specs]
+        for now in range(300):
+            for message in [m for s in shards for m in s.on_wake(float(now))]:
+                shards[message.receiver].on_message(message)
+        u = gather_log_scales(graph.n_units, specs, [s.log_scales for s in shards])
+        assert u[2] == 0.0
+        np.testing.assert_allclose(u, optimum, atol=1e-10)
+
+
 def _message(sender=1, receiver=0, epoch=0, seq=1, units=(3, 4), values=(0.5, -0.25)):
     return StateMessage(sender, receiver, epoch, seq, np.array(units), np.array(values))
 

@@ -50,7 +50,7 @@ class ShardSpec:
         shard_id: index of the shard.
         units: global ids of the owned units (sorted); local indices ``0 .. n_own``.
         halo: global ids (sorted) of neighbour units owned elsewhere (local ``n_own ..``).
-        halo_owner: shard id of each halo unit.
+        halo_owner: shard id of each halo unit (-1 for a dead unit, which nobody owns).
         graph: the local cost graph over ``[own | halo]``.
         colors: local indices of owned units in groups with no edge inside a group; the exact
             move of a group is exact for all its members at once (Gauss-Seidel across groups).
@@ -139,6 +139,8 @@ def _build_spec(graph: CostGraph, sid: int, own: np.ndarray, owner: np.ndarray) 
             mine, theirs, links = ((dst, src, nonzero) if dst is own_dst
                                    else (src, dst, nonzero.T))
             for peer in np.unique(owner[theirs]):
+                if peer < 0:
+                    continue  # a dead unit: nobody owns it, its log-scale stays 0
                 needed = mine[links[:, owner[theirs] == peer].any(axis=1)]
                 send[int(peer)] = np.union1d(send.get(int(peer), empty), local_of[needed])
     views, stacks = stack_blocks(blocks, n_terms)
