@@ -55,7 +55,7 @@ delay = "exponential"
 mean = 0.5
 [stop]
 tol = 1e-8
-max_wall_seconds = 60.0
+max_wall_seconds = 30.0
 function_check = "every_sample"
 [ray]
 time_unit = 0.01
@@ -153,27 +153,27 @@ def test_three_nodes_shards_spread_converged_exact(cluster_report: dict[str, Any
     assert run["distinct_nodes"] >= 2, run["actors"]
 
 
-class NodeLossAbortsRun(Exception):
-    """The run died with the actors of the removed node instead of restarting them."""
+class LostShardsNotResumed(Exception):
+    """Some shards of the removed node never came back, so the run stalled."""
 
 
-@pytest.mark.xfail(strict=True, raises=NodeLossAbortsRun, reason=(
-    "actors/backend.py: shard actors get max_restarts=0 unless the scenario scripts crashes, "
-    "and RayBackend._poll lets ray.get raise on an actor whose node died "
-    "(ActorUnavailableError/ActorDiedError), which aborts the run; nothing restarts the lost "
-    "shards on another node from their checkpoints or records the failure"))
+@pytest.mark.xfail(strict=True, raises=LostShardsNotResumed, reason=(
+    "actors/backend.py: RayBackend resumes a shard only when its poll raises RayActorError; "
+    "when Ray has already restarted the actor on a surviving node, the poll succeeds with "
+    "log_scales None (a reconstructed actor waits for resume), so that shard is never "
+    "resumed (measured: 1 restart recorded for 4 lost shards; the run stalls at 1e-3)"))
 def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) -> None:
     run = cluster_report["runs"][1]
     removal = run["removal"]
     # The node really went away mid-run, with shard actors on it.
     assert removal["done_at_sample"] == REMOVE_AFTER_SAMPLES
     assert removal["node_index"] in (1, 2) and removal["actors_on_node"] >= 1
-    error = run["error"]
-    if error and error.split(":")[0] in ("ActorUnavailableError", "ActorDiedError",
-                                         "RayActorError"):
-        raise NodeLossAbortsRun(error)
-    assert error is None, error
+    assert run["error"] is None, run["error"]
     summary = run["summary"]
+    if not summary["converged"] and summary["restarts"] < removal["actors_on_node"]:
+        raise LostShardsNotResumed(f"{summary['restarts']} restarts for "
+                                   f"{removal['actors_on_node']} lost shards; "
+                                   f"stop: {summary['stop_reason']}")
     assert summary["converged"], summary["stop_reason"]
     assert summary["max_abs_log_scale_error"] <= TOL
     assert summary["function_exact"]

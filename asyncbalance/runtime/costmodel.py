@@ -199,18 +199,21 @@ class CostModel:
         return self.solve_base + self.solve_per_weight * weights
 
     def compare(self, layout: Layout, nodes: int, cores_per_node: float, bandwidth: float,
-                latency: float, delay: float = 0.0) -> dict[str, float]:
+                latency: float, delay: float = 0.0, delay_factor: float = 1.0
+                ) -> dict[str, float]:
         """One balance of ``layout``, decentralised vs centralised, on ``nodes`` nodes.
 
         ``bandwidth``: bytes/s of each node's network link; ``latency``: seconds per message
-        on the wire; ``delay``: extra delay per message (the scenario's link delay).
+        on the wire; ``delay``: extra delay per message (the scenario's link delay);
+        ``delay_factor``: gamma, how much of a message's delay and latency each round waits
+        for (fitted in the simulator: time to tolerance = R (P + gamma d)).
         """
         rounds = self.rounds_to_tol(layout)
         per_round = self.bytes_per_round(layout)
         cross = (nodes - 1) / nodes if nodes > 1 else 0.0
         link_bytes_round = per_round * cross / max(nodes, 1)
-        round_time = (self.time_per_round(layout, nodes, cores_per_node, delay=delay + latency)
-                      + link_bytes_round / bandwidth)
+        round_time = (self.time_per_round(layout, nodes, cores_per_node)
+                      + delay_factor * (delay + latency) + link_bytes_round / bandwidth)
         weights = layout.weights
         gather = BYTES_PER_WEIGHT * weights * cross
         central_time = 2 * gather / bandwidth + self.solve_seconds(weights)
