@@ -35,7 +35,7 @@ from asyncbalance import (
     total_cost,
 )
 
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
