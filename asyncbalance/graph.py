@@ -57,30 +57,55 @@ class BlockStack:
         return self.src_start + self.count * self.n_src
 
 
+def plan_runs(ranges: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[list[int]]:
+    """Indices of maximal runs of consecutive equal-shape, non-internal (dst, src) ranges."""
+    runs: list[list[int]] = []
+    i = 0
+    while i < len(ranges):
+        (d0, d1), (s0, s1) = ranges[i]
+        n_dst, n_src = d1 - d0, s1 - s0
+        internal = d0 < s1 and s0 < d1
+        j = i + 1
+        while (not internal and j < len(ranges)
+               and ranges[j] == ((d0 + (j - i) * n_dst, d0 + (j - i + 1) * n_dst),
+                                 (s0 + (j - i) * n_src, s0 + (j - i + 1) * n_src))):
+            j += 1
+        runs.append(list(range(i, j)))
+        i = j
+    return runs
+
+
 def stack_blocks(blocks: list[Block], n_terms: int) -> tuple[list[Block], list[BlockStack]]:
     """Group runs of consecutive equal-shape blocks; blocks become views into the stacks."""
     stacks: list[BlockStack] = []
     views: list[Block] = []
-    i = 0
-    while i < len(blocks):
-        first = blocks[i]
-        n_dst = first.dst[1] - first.dst[0]
-        n_src = first.src[1] - first.src[0]
-        j = i + 1
-        while (not first.is_internal and j < len(blocks) and not blocks[j].is_internal
-               and blocks[j].dst == (first.dst[0] + (j - i) * n_dst,
-                                     first.dst[0] + (j - i + 1) * n_dst)
-               and blocks[j].src == (first.src[0] + (j - i) * n_src,
-                                     first.src[0] + (j - i + 1) * n_src)):
-            j += 1
-        run = blocks[i:j]
+    for run_index in plan_runs([(b.dst, b.src) for b in blocks]):
+        run = [blocks[i] for i in run_index]
+        first = run[0]
         costs = tuple(np.stack([b.costs[t] for b in run]) if len(run) > 1
                       else run[0].costs[t][None] for t in range(n_terms))
-        stacks.append(BlockStack(first.dst[0], first.src[0], len(run), n_dst, n_src, costs))
+        stacks.append(BlockStack(first.dst[0], first.src[0], len(run),
+                                 first.dst[1] - first.dst[0], first.src[1] - first.src[0],
+                                 costs))
         for offset, b in enumerate(run):
             views.append(Block(b.dst, b.src, tuple(c[offset] for c in costs)))
-        i = j
     return views, stacks
+
+
+def _powered(raw: np.ndarray, p: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``sum_rest |raw|**p`` as (n_dst, n_src), into ``out`` when given (no extra copy)."""
+    if raw.shape[2] == 1:
+        powered = np.abs(raw[:, :, 0], out=out)
+    else:
+        powered = np.abs(raw)
+    # Powered in place: peak memory stays near one copy of the weights.
+    if p == 2.0:
+        np.multiply(powered, powered, out=powered)
+    elif p != 1.0:
+        np.power(powered, p, out=powered)
+    if raw.shape[2] == 1:
+        return powered
+    return powered.sum(axis=2, out=out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,31 +175,15 @@ def build_cost_graph(network: Network, regulariser: float | Regulariser) -> Cost
     visible_out = np.zeros((n_terms, n_hidden))
     self_cost = np.zeros((n_terms, n_hidden))
     constant = 0.0
-    blocks: list[Block] = []
+    hidden_links = []
     for conn in network.connections:
         dst, src = by_name[conn.dst], by_name[conn.src]
         raw = conn.unit_axes(network.weights[conn.key])
-        costs = []
-        for p in powers:
-            # One new array per term, powered in place: peak memory stays near one copy.
-            powered = np.abs(raw)
-            if p == 2.0:
-                np.multiply(powered, powered, out=powered)
-            elif p != 1.0:
-                np.power(powered, p, out=powered)
-            costs.append(powered.sum(axis=2) if powered.shape[2] > 1 else powered[:, :, 0])
         if dst.hidden and src.hidden:
-            d0, d1 = offsets[dst.name]
-            s0, s1 = offsets[src.name]
-            block = Block((d0, d1), (s0, s1), tuple(np.ascontiguousarray(k) for k in costs))
-            blocks.append(block)
-            if block.is_internal:
-                lo, hi = max(d0, s0), min(d1, s1)
-                for t, k in enumerate(costs):
-                    rows = np.arange(lo, hi) - d0
-                    cols = np.arange(lo, hi) - s0
-                    self_cost[t, lo:hi] += k[rows, cols]
-        elif dst.hidden:
+            hidden_links.append((offsets[dst.name], offsets[src.name], raw))
+            continue
+        costs = [_powered(raw, p) for p in powers]
+        if dst.hidden:
             d0, d1 = offsets[dst.name]
             for t, k in enumerate(costs):
                 visible_in[t, d0:d1] += k.sum(axis=1)
@@ -184,12 +193,32 @@ def build_cost_graph(network: Network, regulariser: float | Regulariser) -> Cost
                 visible_out[t, s0:s1] += k.sum(axis=0)
         else:
             constant += float(sum(c * k.sum() for c, k in zip(coefs, costs, strict=True)))
+    # Costs between hidden groups are written straight into their stacked storage.
+    blocks: list[Block] = []
+    stacks: list[BlockStack] = []
+    for run in plan_runs([(d, s) for d, s, _ in hidden_links]):
+        (d0, d1), (s0, s1), _ = hidden_links[run[0]]
+        n_dst, n_src = d1 - d0, s1 - s0
+        storage = tuple(np.empty((len(run), n_dst, n_src)) for _ in powers)
+        for slot, index in enumerate(run):
+            dst_range, src_range, raw = hidden_links[index]
+            for t, p in enumerate(powers):
+                _powered(raw, p, out=storage[t][slot])
+            block = Block(dst_range, src_range, tuple(k[slot] for k in storage))
+            blocks.append(block)
+            if block.is_internal:
+                lo, hi = max(dst_range[0], src_range[0]), min(dst_range[1], src_range[1])
+                rows = np.arange(lo, hi) - dst_range[0]
+                cols = np.arange(lo, hi) - src_range[0]
+                for t, k in enumerate(block.costs):
+                    self_cost[t, lo:hi] += k[rows, cols]
+        stacks.append(BlockStack(d0, s0, len(run), n_dst, n_src, storage))
     names = tuple(g.name for g in network.hidden_groups)
     ranges = tuple(offsets[n] for n in names)
     incoming = visible_in.sum(axis=0).copy()
     outgoing = visible_out.sum(axis=0).copy()
     for b in blocks:
-        total = sum(b.costs)
+        total = b.costs[0] if n_terms == 1 else sum(b.costs)
         incoming[b.dst[0]:b.dst[1]] += total.sum(axis=1)
         outgoing[b.src[0]:b.src[1]] += total.sum(axis=0)
     own = self_cost.sum(axis=0)
@@ -197,6 +226,5 @@ def build_cost_graph(network: Network, regulariser: float | Regulariser) -> Cost
     # The relative margin absorbs the rounding of (incoming - own) when only a loop exists.
     margin = 1e-13 * np.maximum(own, 0.0)
     dead = ((incoming - own) <= margin) | ((outgoing - own) <= margin)
-    views, stacks = stack_blocks(blocks, n_terms)
     return CostGraph(coefs, powers, network.degrees(), names, ranges, visible_in,
-                     visible_out, self_cost, tuple(views), tuple(stacks), constant, dead)
+                     visible_out, self_cost, tuple(blocks), tuple(stacks), constant, dead)
