@@ -83,6 +83,8 @@ def test_bad_override_and_missing_file(tmp_path, capsys):
     assert "--set: expected key=value" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.toml"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["run", str(file), "--address", "head:6379", "--quiet"]) == 2
+    assert "--address: names a Ray cluster" in capsys.readouterr().err
 
 
 def test_existing_output_directory_is_refused(tmp_path, capsys):

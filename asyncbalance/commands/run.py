@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import InvalidInputError
 from ..progress import Progress
 from ..runtime.coordinator import run_points
 from ..runtime.record import Sample
@@ -64,6 +65,10 @@ class _ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     points = load_scenarios(args.scenario, args.overrides)
+    backends = {args.backend or p.scenario.backend for p in points}
+    if args.address and "ray" not in backends:
+        raise InvalidInputError("--address", "names a Ray cluster, but this run uses the "
+                                "simulator (add --backend ray)", BACKENDS)
     out = Path(args.out) if args.out else _default_out(points[0].scenario.name)
     bar = _ProgressBar(args.quiet, len(points))
     try:
