@@ -266,8 +266,11 @@ class Shard:
             self.unit_updates += sum(c.shape[0] for c in self.spec.colors)
         else:
             alpha = 1.0 if self.rule.name == "exact" else self.rule.alpha
+            n_own = self.spec.n_own
             for group in self.spec.colors:
-                self.state[group] += alpha * kernels.exact_moves(graph, self.state, group)
+                # Only the owned units' flows: the halo's are never needed here.
+                flows = kernels.unit_flows_range(graph, self.state, 0, n_own)
+                self.state[group] += alpha * kernels.exact_moves(graph, self.state, group, flows)
                 self.unit_updates += group.shape[0]
         moved = not np.array_equal(before, self.state[:self.spec.n_own])
         # After an exact move of a single colour group, every owned unit is balanced against
