@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     device = resolve_device(args.device)
     x, y, source = data_tensors(args.data_dir, device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name()})"
