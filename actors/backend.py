@@ -199,6 +199,11 @@ class RayBackend:
                 # last checkpoint at once, on whichever node Ray (or the driver) puts it.
                 self._mark_down(sid, 0.0, self.checkpoints[sid])
                 continue
+            if reply["log_scales"] is None:
+                # Ray already restarted this actor (its node died between two polls): the
+                # new process holds no shard until it is resumed from the checkpoint.
+                self._mark_down(sid, 0.0, self.checkpoints[sid])
+                continue
             self._absorb(sid, reply)
 
     def _absorb(self, sid: int, reply: dict[str, Any]) -> None:

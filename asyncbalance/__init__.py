@@ -34,6 +34,14 @@ from .network import (
 )
 from .optimum import Certificate, solve_optimum
 from .regularisers import Regulariser, elastic_net, lp
+from .runtime import (
+    Scenario,
+    load_scenarios,
+    read_events,
+    read_summary,
+    run_points,
+    run_scenario,
+)
 from .schedules import (
     METHODS,
     ScheduleResult,
@@ -64,6 +72,7 @@ __all__ = [
     "NonConvergenceError",
     "NotHomogeneousError",
     "Regulariser",
+    "Scenario",
     "ScheduleResult",
     "UnitGroup",
     "alternating_sweep",
@@ -79,6 +88,7 @@ __all__ = [
     "hessian_vector_product",
     "layer_sweep",
     "layered_network",
+    "load_scenarios",
     "log_imbalance",
     "lp",
     "max_log_imbalance",
@@ -86,7 +96,11 @@ __all__ = [
     "network_from_arrays",
     "parse_activation",
     "probe_inputs",
+    "read_events",
+    "read_summary",
     "recurrent_network",
+    "run_points",
+    "run_scenario",
     "run_schedule",
     "scale_network",
     "solve_optimum",

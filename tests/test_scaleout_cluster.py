@@ -153,15 +153,6 @@ def test_three_nodes_shards_spread_converged_exact(cluster_report: dict[str, Any
     assert run["distinct_nodes"] >= 2, run["actors"]
 
 
-class LostShardsNotResumed(Exception):
-    """Some shards of the removed node never came back, so the run stalled."""
-
-
-@pytest.mark.xfail(strict=True, raises=LostShardsNotResumed, reason=(
-    "actors/backend.py: RayBackend resumes a shard only when its poll raises RayActorError; "
-    "when Ray has already restarted the actor on a surviving node, the poll succeeds with "
-    "log_scales None (a reconstructed actor waits for resume), so that shard is never "
-    "resumed (measured: 1 restart recorded for 4 lost shards; the run stalls at 1e-3)"))
 def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) -> None:
     run = cluster_report["runs"][1]
     removal = run["removal"]
@@ -170,10 +161,6 @@ def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) ->
     assert removal["node_index"] in (1, 2) and removal["actors_on_node"] >= 1
     assert run["error"] is None, run["error"]
     summary = run["summary"]
-    if not summary["converged"] and summary["restarts"] < removal["actors_on_node"]:
-        raise LostShardsNotResumed(f"{summary['restarts']} restarts for "
-                                   f"{removal['actors_on_node']} lost shards; "
-                                   f"stop: {summary['stop_reason']}")
     assert summary["converged"], summary["stop_reason"]
     assert summary["max_abs_log_scale_error"] <= TOL
     assert summary["function_exact"]
