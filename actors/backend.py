@@ -19,22 +19,40 @@ from typing import Any
 import numpy as np
 import ray
 
+from asyncbalance.errors import InvalidInputError
 from asyncbalance.runtime.delays import link_mean_factors
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import Scenario
 from asyncbalance.runtime.shard import Shard, ShardSpec
 from asyncbalance.runtime.simulator import MessageCounters, rule_of
 
+from .cluster import ClusterError, check_address
 from .shard_actor import ActorSettings, ShardActor
 
 _COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated")
 
 
-def connect_ray(address: str | None) -> bool:
-    """Initialise Ray unless it already is; True when this call started it (and owns it)."""
+def connect_ray(address: str | None, field: str = "--address") -> bool:
+    """Initialise Ray unless it already is; True when this call started it (and owns it).
+
+    An explicit ``HOST:PORT`` (or ``ray://HOST:PORT``) is probed first with a bounded TCP
+    connect: ``ray.init`` itself retries an unreachable cluster for minutes.
+    """
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", "local") and \
+                address.removeprefix("ray://") != current:
+            raise InvalidInputError(field, f"this process is already connected to the Ray "
+                                    f"cluster at {current}; cannot also use {address}")
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and target:
+        field = "RAY_ADDRESS"
+    if target and target not in ("auto", "local"):
+        try:
+            check_address(target.removeprefix("ray://"))
+        except ClusterError as exc:
+            raise InvalidInputError(field, str(exc).removeprefix("address: ")) from None
     ray.init(address=target, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
@@ -49,7 +67,8 @@ class RayBackend:
         self.scenario = scenario
         self.events = events
         self.time_unit = scenario.ray.time_unit
-        self.owns_ray = connect_ray(address or scenario.ray.address or None)
+        self.owns_ray = connect_ray(address or scenario.ray.address or None,
+                                    "--address" if address else "ray.address")
         if len(self.specs) > scenario.ray.max_actors_warning:
             print(f"warning: {len(self.specs)} shard actors (each a process); use "
                   "partition.granularity = 'shard' with shards_per_layer or units_per_shard "
