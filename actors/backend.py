@@ -105,6 +105,7 @@ class RayBackend:
         self.crashes = 0
         self.restarts = 0
         self.resident: list[int | None] = [None] * n
+        self.nodes: list[str | None] = [None] * n
 
     def _create(self, sid: int) -> Any:
         return self.remote.remote(sid, self.settings[sid], self.origin)
@@ -233,6 +234,7 @@ class RayBackend:
         if reply["checkpoint"] is not None:
             self.checkpoints[sid] = reply["checkpoint"]
         self.resident[sid] = reply["resident_bytes"]
+        self.nodes[sid] = reply.get("node_id")
         for record in reply["events"]:
             self.events.write(*record)
 
@@ -248,6 +250,10 @@ class RayBackend:
             dropped=total["dropped"], duplicated=total["duplicated"],
             unit_updates=sum(self.retired_updates) + sum(self.updates),
             crashes=self.crashes, restarts=self.restarts)
+
+    def shard_nodes(self) -> list[str | None]:
+        """The Ray node id each shard's actor reported at its last poll."""
+        return list(self.nodes)
 
     def resident_bytes(self) -> list[int | None]:
         """Resident memory of each actor process at its last poll (None without psutil)."""

@@ -297,7 +297,7 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
         run["summary"] = {k: summary.get(k) for k in (
             "converged", "stop_reason", "max_abs_log_scale_error", "function_max_rel_error",
             "function_exact", "messages_sent", "crashes", "restarts", "n_shards", "n_units",
-            "run_seconds", "time_to_tol")}
+            "run_seconds", "time_to_tol", "shard_nodes")}
         run["error"] = None
     except Exception as exc:  # reported to the caller, which decides what it means
         run["summary"] = None

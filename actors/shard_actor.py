@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 
 from asyncbalance.runtime.delays import DelaySampler, WakeSchedule
 from asyncbalance.runtime.messages import StateMessage, decode_message, encode_message
@@ -178,6 +179,7 @@ class ShardActor:
             "events": events,
             "checkpoint": checkpoint,
             "resident_bytes": _resident_bytes(),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     async def stop(self) -> bool:

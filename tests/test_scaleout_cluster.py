@@ -151,6 +151,10 @@ def test_three_nodes_shards_spread_converged_exact(cluster_report: dict[str, Any
     assert len(run["actors"]) == summary["n_shards"] == 6
     assert all(actor["node"] in (0, 1, 2) for actor in run["actors"])
     assert run["distinct_nodes"] >= 2, run["actors"]
+    # The run record names the node of every shard too, and agrees on the spread.
+    assert len(summary["shard_nodes"]) == summary["n_shards"]
+    assert None not in summary["shard_nodes"]
+    assert len(set(summary["shard_nodes"])) >= 2
 
 
 def test_node_removed_mid_run_still_converges(cluster_report: dict[str, Any]) -> None:

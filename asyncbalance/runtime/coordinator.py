@@ -254,6 +254,9 @@ def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: s
     summary["shard_cost_bytes"] = [spec.cost_bytes for spec in problem.specs]
     resident = getattr(runtime, "resident_bytes", None)
     summary["actor_resident_bytes"] = resident() if resident is not None else None
+    # Where each shard last ran (Ray node ids; a restart elsewhere shows), None in simulation.
+    nodes = getattr(runtime, "shard_nodes", None)
+    summary["shard_nodes"] = nodes() if nodes is not None else None
     if not scenario.record_events:
         (directory / "events.msgpack").unlink()
     write_summary(directory / "summary.json", summary)
