@@ -9,7 +9,7 @@
 
 Falls back to a synthetic data set of the same shape (60000 x 784, 10 classes) when the IDX
 files are absent, and says so. Usage: python benchmarks/bench_training.py [--epochs 3]
-[--steps 200] [--device auto|cpu|cuda] [--data-dir DIR]
+[--steps 200] [--device auto|cpu|cuda] [--data-dir DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); use 1 on a shared machine")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     device = resolve_device(args.device)
     x, y, source = data_tensors(args.data_dir, device)
