@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..training.report import build_report
-
 
 def add_parser(sub: argparse._SubParsersAction) -> str:
     parser = sub.add_parser(
@@ -20,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.report import build_report  # imported on use: it loads matplotlib
+
     build_report(args.runs, args.output)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..progress import Progress
-from ..training.data import Dataset, load_dataset
-from ..training.loop import resolve_device, train_run
-from ..training.records import write_run
-from ..training.scenario import load_scenario, run_dir_name
+
+if TYPE_CHECKING:
+    from ..training.data import Dataset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> str:
@@ -33,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch is imported here, not at start-up, so the other subcommands start quickly.
+    from ..training.data import load_dataset
+    from ..training.loop import resolve_device, train_run
+    from ..training.records import write_run
+    from ..training.scenario import load_scenario, run_dir_name
+
     configs = load_scenario(args.scenario, args.overrides, args.only)
     total = sum(c.seeds for c in configs)
     cache: dict[tuple, Dataset] = {}
