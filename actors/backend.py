@@ -73,6 +73,14 @@ class RayBackend:
             print(f"warning: {len(self.specs)} shard actors (each a process); use "
                   "partition.granularity = 'shard' with shards_per_layer or units_per_shard "
                   "for networks this large", file=sys.stderr)
+        missing = sorted({name for name in scenario.ray.placement
+                          if name not in ray.cluster_resources()})
+        if missing:
+            offered = sorted(k for k in ray.cluster_resources()
+                             if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                             and not k.startswith("node:"))
+            raise InvalidInputError("ray.placement", f"no node offers the resource(s) {missing}",
+                                    offered or ["(this cluster offers no custom resources)"])
         self.rule = rule_of(scenario)
         rng = np.random.default_rng(scenario.seed)
         pairs = [(s.shard_id, n) for s in self.specs for n in s.neighbours]
@@ -108,7 +116,14 @@ class RayBackend:
         self.nodes: list[str | None] = [None] * n
 
     def _create(self, sid: int) -> Any:
-        return self.remote.remote(sid, self.settings[sid], self.origin)
+        placement = self.scenario.ray.placement
+        if not placement:
+            return self.remote.remote(sid, self.settings[sid], self.origin)
+        # Explicit placement: a sliver of the node's custom resource pins the actor to it.
+        pinned = ray.remote(ShardActor).options(
+            num_cpus=self.scenario.ray.actor_cpus, max_restarts=self.scenario.ray.max_restarts,
+            max_task_retries=0, resources={placement[sid % len(placement)]: 0.001})
+        return pinned.remote(sid, self.settings[sid], self.origin)
 
     def _settings(self, spec: ShardSpec, factors: dict[tuple[int, int], float]) -> ActorSettings:
         s = self.scenario

@@ -201,3 +201,36 @@ def test_bad_cluster_sizes_name_the_field() -> None:
         LocalCluster(nodes=0)
     with pytest.raises(ValueError, match="^cpus_per_node"):
         LocalCluster(nodes=2, cpus_per_node=0)
+
+
+def test_explicit_placement_pins_every_shard_to_the_named_node(tmp_path: Path) -> None:
+    """``ray.placement`` = a node's custom resource: every shard runs on that node."""
+    pytest.importorskip("ray")
+    scenario = tmp_path / "placement.toml"
+    scenario.write_text(SCENARIO)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "placement_driver.py"), str(scenario),
+         str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    node_two = report["node_ids"]["2"]
+    assert report["converged"]
+    assert report["function_max_rel_error"] <= FUNCTION_TOL
+    assert report["shard_nodes"] == [node_two] * 6
+
+
+def test_placement_on_a_resource_no_node_offers_is_named(ray_session: Any,
+                                                         tmp_path: Path) -> None:
+    from asyncbalance.errors import InvalidInputError
+    from asyncbalance.runtime.coordinator import run_scenario
+    from asyncbalance.runtime.scenario import load_scenarios
+
+    scenario = tmp_path / "placement.toml"
+    scenario.write_text(SCENARIO)
+    point = load_scenarios(scenario, ['ray.placement=["no_such_node"]'])[0]
+    with pytest.raises(InvalidInputError, match=r"ray\.placement: no node offers"):
+        run_scenario(point.scenario, tmp_path / "run", backend="ray", base_dir=point.base_dir)
+    assert not (tmp_path / "run").exists()

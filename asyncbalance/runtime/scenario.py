@@ -208,7 +208,9 @@ class StopConfig:
 @dataclass(frozen=True)
 class RayConfig:
     """``address``: empty starts a local Ray (or uses RAY_ADDRESS); ``time_unit``: seconds per
-    scenario time unit; ``sample_seconds``: how often the coordinator polls the shards."""
+    scenario time unit; ``sample_seconds``: how often the coordinator polls the shards;
+    ``placement``: custom node resource names, shard i goes to a node offering
+    ``placement[i % len(placement)]`` (empty: shards are spread over the nodes)."""
 
     address: str = ""
     time_unit: float = 0.001
@@ -216,6 +218,7 @@ class RayConfig:
     actor_cpus: float = 0.0
     max_restarts: int = 1
     max_actors_warning: int = 256
+    placement: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("time_unit", self.time_unit)
@@ -224,6 +227,8 @@ class RayConfig:
             raise InvalidInputError("actor_cpus", f"must be >= 0, got {self.actor_cpus}")
         if self.max_restarts < 0:
             raise InvalidInputError("max_restarts", f"must be >= 0, got {self.max_restarts}")
+        if any(not name.strip() for name in self.placement):
+            raise InvalidInputError("placement", "resource names must be non-empty strings")
 
 
 @dataclass(frozen=True)
