@@ -67,7 +67,7 @@ def relative_change(reference: torch.Tensor, changed: torch.Tensor) -> float:
 def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | None = None,
                   tol: float = 1e-10, full_method: str = "exact", direction: str = "forward",
                   with_optimum: bool = True, seed: int = 0, async_budget: float = 50.0,
-                  async_shards: int = 1) -> BalanceEvent:
+                  async_shards: int = 1, async_backend: str = "sim") -> BalanceEvent:
     """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
     ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
     (the runtime's seeded event simulator for ``async_budget`` units of simulated time).
@@ -83,7 +83,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     if kind == "partial":
         result = run_schedule(graph, "partial", tol=tol, direction=direction)
     elif kind == "async":
-        result = async_balance(graph, async_budget, async_shards, seed)
+        result = async_balance(graph, async_budget, async_shards, seed, async_backend)
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
@@ -121,10 +121,13 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
 
 
 def async_balance(graph: CostGraph, budget: float, shards_per_layer: int = 1,
-                  seed: int = 0) -> ScheduleResult:
+                  seed: int = 0, backend: str = "sim") -> ScheduleResult:
     """Asynchronous balancing through ``asyncbalance.runtime``: layer shards exchanging
-    log-scales over delayed links in the seeded event simulator (the runtime's default link
-    and wake model), stopped after ``budget`` units of simulated time, gathered."""
+    log-scales over delayed links (the runtime's default link and wake model), stopped after
+    ``budget`` and gathered. ``backend = "sim"``: the seeded event simulator, ``budget`` in
+    units of simulated time. ``backend = "ray"``: one Ray actor per shard on the Ray this
+    process is connected to (a local one is started once and kept for later interleaves),
+    ``budget`` in seconds of wall time."""
     start = time.perf_counter()
     try:
         from ..runtime import Simulator, build_shard_specs, gather_log_scales, partition_units
@@ -134,7 +137,18 @@ def async_balance(graph: CostGraph, budget: float, shards_per_layer: int = 1,
         raise InvalidInputError("balancing.mode", "'async' needs asyncbalance.runtime, which "
                                 "is not available", ["none", "partial", "full"]) from None
     specs = build_shard_specs(graph, partition_units(graph, "shard", shards_per_layer))
-    simulator = Simulator(specs, Scenario(seed=seed, record_events=False), EventWriter(None))
+    if backend == "ray":
+        from actors.backend import RayBackend, connect_ray
+
+        # Started here, not by the backend, so that Ray outlives this interleave.
+        connect_ray(None)
+        simulator = RayBackend(specs, Scenario(seed=seed, backend="ray", record_events=False),
+                               EventWriter(None))
+    elif backend == "sim":
+        simulator = Simulator(specs, Scenario(seed=seed, record_events=False), EventWriter(None))
+    else:
+        raise InvalidInputError("balancing.async_backend", f"unknown backend {backend!r}",
+                                ["sim", "ray"])
     try:
         simulator.start()
         simulator.advance(budget)

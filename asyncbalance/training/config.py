@@ -138,7 +138,8 @@ class BalancingConfig:
     ``mode``: none; partial (one layer-wise sweep); full (to the unique optimum with
     ``full_method``, max log-imbalance <= ``tol``); async (layer shards in the runtime's
     seeded event simulator for ``async_budget`` units of simulated time, with
-    ``async_shards`` shards per layer; the runtime's default delays and wake period 1).
+    ``async_shards`` shards per layer; the runtime's default delays and wake period 1; with
+    ``async_backend = "ray"`` the shards are Ray actors and ``async_budget`` is in seconds).
     ``every`` k ``unit`` (epoch or step); ``at_start`` adds a full balance before training.
     """
 
@@ -152,6 +153,7 @@ class BalancingConfig:
     tol: float = 1e-10
     async_budget: float = 50.0
     async_shards: int = 1
+    async_backend: Literal["sim", "ray"] = "sim"
 
     def __post_init__(self) -> None:
         if self.every < 1:

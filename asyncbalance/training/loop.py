@@ -99,7 +99,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         events.append((epoch, balance_model(
             model, bal.p, kind, probe, bal.tol, bal.full_method, bal.direction,
             with_optimum=mon.optimum, seed=seed, async_budget=bal.async_budget,
-            async_shards=bal.async_shards)))
+            async_shards=bal.async_shards, async_backend=bal.async_backend)))
 
     if bal.at_start:
         balance("full", 0)
