@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import kernels
+from .forward import function_rel_error
 from .graph import build_cost_graph
 from .network import Network, scale_network
 from .optimum import gauge_components
@@ -55,8 +56,6 @@ def balance_network(
     compares outputs on a seeded probe batch; ``compare_to_optimum`` also solves the exact
     optimum and reports ``max |u - u*|``.
     """
-    from .forward import function_rel_error
-
     reg = as_regulariser(p)
     start = time.perf_counter()
     graph = build_cost_graph(network, reg)

@@ -43,30 +43,16 @@ class Certificate:
 
 def gauge_components(graph: CostGraph) -> list[np.ndarray]:
     """Sets of free c = 1 units with no path to a visible unit (R is flat along their sum)."""
-    n = graph.n_units
     touches_visible = (graph.visible_in.sum(0) > 0) | (graph.visible_out.sum(0) > 0) | graph.dead
     if touches_visible.all():
         # The common case (every unit has a bias or an input/output edge): nothing floats.
         return []
-    rows, cols = [], []
-    for b in graph.blocks:
-        total = sum(b.costs)
-        i, j = np.nonzero(total)
-        rows.append(i + b.dst[0])
-        cols.append(j + b.src[0])
-    anchor = n  # one extra node standing for all visible units
-    rows.append(np.nonzero(touches_visible)[0])
-    cols.append(np.full(int(touches_visible.sum()), anchor))
-    r = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
-    c = np.concatenate(cols) if cols else np.zeros(0, dtype=int)
-    adjacency = coo_matrix((np.ones(r.shape[0]), (r, c)), shape=(n + 1, n + 1))
-    _, labels = connected_components(adjacency, directed=False)
+    labels = _unit_components(graph)
+    anchored = np.unique(labels[touches_visible])
     floating = []
-    for label in np.unique(labels[:n]):
-        if label == labels[anchor]:
-            continue
-        members = np.nonzero(labels[:n] == label)[0]
-        if np.all(graph.degrees[members] == 1.0) and not graph.dead[members].any():
+    for label in np.setdiff1d(np.unique(labels), anchored):
+        members = np.nonzero(labels == label)[0]
+        if np.all(graph.degrees[members] == 1.0):
             floating.append(members)
     return floating
 

@@ -101,10 +101,6 @@ def gradient_flow_step(graph: CostGraph, log_scales: np.ndarray, eta: float) -> 
     return np.where(graph.dead, log_scales, log_scales - eta * drive)
 
 
-def tied_groups(graph: CostGraph) -> list[np.ndarray]:
-    return [np.arange(*r) for r in graph.group_ranges]
-
-
 def tied_move(graph: CostGraph, log_scales: np.ndarray, group: int) -> np.ndarray:
     """Shift all live units of ``group`` by one common amount that minimises R exactly."""
     start, stop = graph.group_ranges[group]
@@ -119,15 +115,13 @@ def tied_move(graph: CostGraph, log_scales: np.ndarray, group: int) -> np.ndarra
     incoming, outgoing = kernels.unit_flows(graph, log_scales)
     # Edges inside the group scale by exp(p (1 - c) d) under a common shift d.
     internal = np.zeros(graph.n_terms)
-    up_all = [np.exp(p * log_scales) for p in graph.powers]
+    local = live - start
     for b in graph.blocks:
         if b.dst == (start, stop) and b.src == (start, stop):
             for t, p in enumerate(graph.powers):
-                down = np.exp(-p * graph.degrees * log_scales)
-                mask = ~graph.dead
-                internal[t] += up_all[t][start:stop][mask[start:stop]] @ (
-                    b.costs[t][np.ix_(mask[start:stop], mask[start:stop])]
-                    @ down[start:stop][mask[start:stop]])
+                u_live = log_scales[live]
+                internal[t] += np.exp(p * u_live) @ (
+                    b.costs[t][np.ix_(local, local)] @ np.exp(-p * c * u_live))
     a = incoming[:, live].sum(axis=1) - internal
     bo = outgoing[:, live].sum(axis=1) - internal
     p = graph.powers
