@@ -24,6 +24,7 @@ from ..network import scale_network
 from ..optimum import solve_optimum
 from ..schedules import ScheduleResult, run_schedule
 from .bridge import layout_network, model_layout, write_network
+from .rescaling import rescale_optimizer_state
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,14 @@ def relative_change(reference: torch.Tensor, changed: torch.Tensor) -> float:
 def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | None = None,
                   tol: float = 1e-10, full_method: str = "exact", direction: str = "forward",
                   with_optimum: bool = True, seed: int = 0, async_budget: float = 50.0,
-                  async_shards: int = 1, async_backend: str = "sim") -> BalanceEvent:
+                  async_shards: int = 1, async_backend: str = "sim",
+                  optimizer: torch.optim.Optimizer | None = None,
+                  optimizer_state: str = "transform") -> BalanceEvent:
     """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
     ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
     (the runtime's seeded event simulator for ``async_budget`` units of simulated time).
+    With an ``optimizer``, its state for the rescaled parameters follows ``optimizer_state``
+    (transform / keep / reset, see ``asyncbalance.optim_state``).
 
     With a ``probe`` batch, the function change is measured on a float64 copy of the model
     (the balancing's own error) and on the model itself (float32 rounding of the new weights).
@@ -107,6 +112,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         before32 = _outputs(model, probe)
     start_write = time.perf_counter()
     write_network(layout, balanced)
+    rescale_optimizer_state(optimizer, layout, u, optimizer_state)
     seconds += time.perf_counter() - start_write
     if probe is not None:
         err32 = relative_change(before32.double(), _outputs(model, probe).double())

@@ -23,6 +23,8 @@ BALANCE_MODES = ("none", "partial", "full", "async")
 FULL_METHODS = ("exact", "full", "alternating", "stochastic")
 DEVICES = ("auto", "cpu", "cuda")
 TRANSFORMER_PARTS = ("ff",)
+SCALINGS = ("unit", "symmetric")
+OPTIMIZER_STATES = ("transform", "keep", "reset")
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,19 @@ class DataConfig:
     noise: float = 0.1
     factor: float = 0.5
     split_seed: int = 0
+    # "unit": pixels in [0, 1]; "symmetric": [-1, 1] (Normalize(0.5, 0.5), the papers' code)
+    scaling: Literal["unit", "symmetric"] = "unit"
+    # > 0: hold out this share of the (subsetted) training set, stratified and seeded by
+    # split_seed, and evaluate on it instead of the test set (learning-rate selection)
+    validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise InvalidInputError("data.scaling", f"unknown scaling {self.scaling!r}",
+                                    SCALINGS)
+        if not (0.0 <= self.validation_fraction < 1.0):
+            raise InvalidInputError("data.validation_fraction",
+                                    f"must be in [0, 1), got {self.validation_fraction}")
         if not (0.0 < self.fraction <= 1.0):
             raise InvalidInputError("fraction", f"must be in (0, 1], got {self.fraction}")
         if self.batch_size < 1:
@@ -109,10 +122,15 @@ class OptimizerConfig:
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
+    # the learning rate is multiplied by lr_decay after every epoch (StepLR, step 1)
+    lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise InvalidInputError("lr", f"must be > 0, got {self.lr}")
+        if not (0.0 < self.lr_decay <= 1.0):
+            raise InvalidInputError("optimizer.lr_decay",
+                                    f"must be in (0, 1], got {self.lr_decay}")
         if not (0.0 <= self.momentum < 1.0):
             raise InvalidInputError("momentum", f"must be in [0, 1), got {self.momentum}")
 
@@ -154,8 +172,20 @@ class BalancingConfig:
     async_budget: float = 50.0
     async_shards: int = 1
     async_backend: Literal["sim", "ray"] = "sim"
+    # momentum / Adam moments of the rescaled weights: transform (/s, /s^2), keep or reset
+    optimizer_state: Literal["transform", "keep", "reset"] = "transform"
+    # false: balance the weights only, ignoring biases (the papers' code); this changes the
+    # function of a biased network, which function_rel_error then measures
+    include_biases: bool = True
+    # p of the at_start full balance (0: the same p as the interleaves)
+    start_p: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise InvalidInputError("balancing.optimizer_state",
+                                    f"unknown mode {self.optimizer_state!r}", OPTIMIZER_STATES)
+        if self.start_p < 0:
+            raise InvalidInputError("balancing.start_p", f"must be >= 0, got {self.start_p}")
         if self.every < 1:
             raise InvalidInputError("every", f"must be >= 1, got {self.every}")
         if not self.p > 0:

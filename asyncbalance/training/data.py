@@ -1,5 +1,9 @@
 """Offline data sets: IDX files (Fashion-MNIST, MNIST), scikit-learn digits, circles.
 
+Pixels are in [0, 1] (``scaling = "unit"``) or [-1, 1] (``"symmetric"``, the papers' code's
+``Normalize(0.5, 0.5)``); ``validation_fraction`` replaces the test set by a held-out part
+of the training set, for choosing hyper-parameters without looking at the test set.
+
 Every loader returns a ``Dataset`` of float32 numpy arrays with inputs flattened to
 (n, features) and the image shape kept aside for convolutional and sequence models.
 """
@@ -171,4 +175,22 @@ def load_dataset(config: DataConfig, seed: int = 0, data_dir: str | None = None)
         keep = stratified_subset(data.y_train, config.fraction, seed)
         data = Dataset(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test,
                        data.image_shape, data.n_classes, data.name)
+    if config.validation_fraction > 0:
+        data = validation_split(data, config.validation_fraction, config.split_seed)
+    if config.scaling == "symmetric":
+        data = Dataset(2.0 * data.x_train - 1.0, data.y_train, 2.0 * data.x_test - 1.0,
+                       data.y_test, data.image_shape, data.n_classes, data.name)
     return data
+
+
+def validation_split(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """Hold out a stratified, seeded ``fraction`` of the training set as the evaluation set
+    (the test set is dropped, so nothing tuned on this data set can see it)."""
+    held = stratified_subset(data.y_train, fraction, seed + 7919)
+    if held.size >= data.y_train.size:
+        raise InvalidInputError("data.validation_fraction",
+                                f"{fraction} leaves no training samples")
+    train = np.setdiff1d(np.arange(data.y_train.size), held)
+    return Dataset(data.x_train[train], data.y_train[train], data.x_train[held],
+                   data.y_train[held], data.image_shape, data.n_classes,
+                   f"{data.name}:validation")

@@ -2,7 +2,8 @@
 
 The run is deterministic for a given seed on a given device: the seed fixes the model
 initialisation, the feedback matrices, the limited-data subset and the mini-batch order.
-The optimiser state (momentum, Adam moments) is kept as it is across a balancing step.
+At a balancing step the optimiser state (momentum, Adam moments) of the rescaled weights is
+transformed with them (``balancing.optimizer_state``: transform, the default; keep; reset).
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from .bridge import model_layout
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .models import MLP, build_model
-from .monitors import alignment_angles, bp_quantity, drift, fa_quantity, law_scale, unit_norms
+from .monitors import (
+    alignment_angles,
+    bp_quantity,
+    drift,
+    fa_quantity,
+    feedback_cosines,
+    law_scale,
+    unit_norms,
+)
 from .rules import FeedbackRule, add_regulariser_grad, make_optimizer, make_rule, regulariser_value
+from .weights_only import WeightsOnlyView
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -84,6 +94,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     rule = make_rule(model, config.trainer, seed)
     optimizer = make_optimizer(list(model.parameters()), config.optimizer.name,
                                config.optimizer.lr, config.optimizer.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1,
+                                                gamma=config.optimizer.lr_decay)
     x_train = torch.from_numpy(data.x_train).to(dev)
     y_train = torch.from_numpy(data.y_train).to(dev)
     x_test = torch.from_numpy(data.x_test).to(dev)
@@ -95,14 +107,17 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     x_align, y_align = x_train[align_idx.to(dev)], y_train[align_idx.to(dev)]
     events: list[tuple[int, BalanceEvent]] = []
 
-    def balance(kind: str, epoch: int) -> None:
+    target = model if bal.include_biases else WeightsOnlyView(model)
+
+    def balance(kind: str, epoch: int, p: float = bal.p) -> None:
         events.append((epoch, balance_model(
-            model, bal.p, kind, probe, bal.tol, bal.full_method, bal.direction,
+            target, p, kind, probe, bal.tol, bal.full_method, bal.direction,
             with_optimum=mon.optimum, seed=seed, async_budget=bal.async_budget,
-            async_shards=bal.async_shards, async_backend=bal.async_backend)))
+            async_shards=bal.async_shards, async_backend=bal.async_backend,
+            optimizer=optimizer, optimizer_state=bal.optimizer_state)))
 
     if bal.at_start:
-        balance("full", 0)
+        balance("full", 0, bal.start_p or bal.p)
     is_mlp = isinstance(model, MLP) and len(model.layers) >= 2
     watch_laws = mon.conservation and is_mlp
     bp0 = bp_quantity(model) if watch_laws else None
@@ -132,7 +147,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             row["balance_imbalance_before"] = last.max_log_imbalance_before
             row["balance_imbalance_after"] = last.max_log_imbalance_after
         try:
-            q = _quantiles(unit_log_imbalance(model, imbalance_p))
+            q = _quantiles(unit_log_imbalance(target, imbalance_p))
             row.update({f"imbalance_{k}": v for k, v in q.items()})
         except InvalidInputError:
             pass
@@ -144,6 +159,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             angles = alignment_angles(model, rule, x_align, y_align)
             row["alignment_deg_mean"] = float(np.nanmean(angles)) if angles else float("nan")
             row["alignment_deg"] = angles
+            row["feedback_cosine"] = feedback_cosines(model, rule)
         if mon.unit_norms and is_mlp:
             ins, outs = unit_norms(model)
             norms_history.append({"epoch": epoch, "in": ins.tolist(), "out": outs.tolist()})
@@ -176,6 +192,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
                                     "(non-finite loss); lower the learning rate")
         if bal.mode != "none" and bal.unit == "epoch" and epoch % bal.every == 0:
             balance(bal.mode, epoch)
+        scheduler.step()
         seconds = time.perf_counter() - t0
         record(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), seconds,
                [e for _, e in events[n_events:]])
@@ -188,7 +205,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         "name": config.name, "label": config.label, "seed": seed, "device": str(dev),
         "trainer": config.trainer.rule, "model": config.model.kind,
         "architecture": list(getattr(model, "widths", ())) or None,
-        "dataset": data.name, "n_train": int(data.x_train.shape[0]),
+        "dataset": data.name, "evaluated_on": "validation" if config.data.validation_fraction
+        else "test", "n_train": int(data.x_train.shape[0]),
         "n_test": int(data.x_test.shape[0]), "epochs": config.epochs,
         "balancing": asdict(bal), "regulariser": asdict(config.regulariser),
         "optimizer": asdict(config.optimizer),
@@ -213,7 +231,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     if "alignment_deg" in final:
         summary["alignment_deg"] = final["alignment_deg"]
     try:
-        summary["final_unit_log_imbalance"] = unit_log_imbalance(model, imbalance_p).tolist()
+        summary["final_unit_log_imbalance"] = unit_log_imbalance(target, imbalance_p).tolist()
         summary["imbalance_p"] = imbalance_p
     except InvalidInputError:
         summary["final_unit_log_imbalance"] = None

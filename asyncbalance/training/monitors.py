@@ -74,6 +74,24 @@ def law_scale(model: MLP) -> float:
     return float(np.mean(ins**2 + outs**2)) if ins.size else 1.0
 
 
+@torch.no_grad()
+def feedback_cosines(model: MLP, rule: FeedbackRule) -> list[float]:
+    """Cosine between each feedback matrix and the forward weights it stands in for (seed
+    003's alignment): FA ``cos(W_{l+1}, B_{l+1})`` per layer; DFA ``cos(W_L, B_L^T)`` for the
+    last hidden layer (the only DFA matrix with a forward counterpart)."""
+    if rule.name == "fa":
+        pairs = [(layer.weight, b) for layer, b in zip(model.layers[1:], rule.feedback,
+                                                       strict=True)]
+    else:
+        pairs = [(model.layers[-1].weight, rule.feedback[-1].T)]
+    out = []
+    for w, b in pairs:
+        w64, b64 = w.double().flatten(), b.double().flatten()
+        denom = float(w64.norm() * b64.norm())
+        out.append(float(w64 @ b64) / denom if denom > 0 else float("nan"))
+    return out
+
+
 def alignment_angles(model: nn.Module, rule: Rule, x: torch.Tensor, y: torch.Tensor
                      ) -> list[float]:
     """Angle in degrees between the rule's update and the backprop gradient, per hidden
