@@ -27,6 +27,14 @@ class NotHomogeneousError(InvalidInputError):
     """A unit whose activation is not homogeneous was asked to be balanced."""
 
 
+class ResultOverflowError(BalanceError, ArithmeticError):
+    """The balanced network exists but some of its weights exceed the float64 range."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
 class NonConvergenceError(BalanceError, RuntimeError):
     """An iterative schedule hit its iteration cap before reaching the tolerance."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .activations import Activation, parse_activation
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ResultOverflowError
 
 LAYOUTS = ("dense", "bias", "conv", "flatten")
 VISIBLE_GROUPS = ("input", "output", "bias")
@@ -321,10 +321,17 @@ def scale_network(network: Network, log_scales: np.ndarray) -> Network:
             continue
         weight = network.weights[conn.key]
         shaped = conn.unit_axes(weight)
-        factor_dst = np.exp(log_scales[slice(*offsets[dst.name])]) if dst.hidden \
-            else np.ones(dst.size)
-        factor_src = np.exp(-src.degree * log_scales[slice(*offsets[src.name])]) if src.hidden \
-            else np.ones(src.size)
-        scaled = shaped * factor_dst[:, None, None] * factor_src[None, :, None]
+        with np.errstate(over="ignore"):
+            factor_dst = np.exp(log_scales[slice(*offsets[dst.name])]) if dst.hidden \
+                else np.ones(dst.size)
+            factor_src = np.exp(-src.degree * log_scales[slice(*offsets[src.name])]) \
+                if src.hidden else np.ones(src.size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = shaped * factor_dst[:, None, None] * factor_src[None, :, None]
+        if not np.all(np.isfinite(scaled)):
+            raise ResultOverflowError(
+                conn.key, "the balanced weights overflow float64: the balanced network "
+                f"rescales hidden units by factors up to e^{float(np.max(np.abs(log_scales))):.0f}"
+                ", beyond the float64 range (1.8e308); it cannot be represented in float64")
         new[conn.key] = scaled.reshape(weight.shape)
     return network.with_weights(new)
