@@ -218,8 +218,12 @@ class MonitorConfig:
     alignment: bool = True
     unit_norms: bool = False
     alignment_batch: int = 256
+    # evaluate and record a row every k epochs (and at the last epoch)
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            raise InvalidInputError("monitor.eval_every", f"must be >= 1, got {self.eval_every}")
         if self.probe_size < 1:
             raise InvalidInputError("probe_size", f"must be >= 1, got {self.probe_size}")
 

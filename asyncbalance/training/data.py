@@ -152,6 +152,22 @@ def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
+def check_available(config: DataConfig, data_dir: str | None = None) -> None:
+    """Fail at once (naming ``data.dir`` and the install command) when an IDX data set the
+    configuration needs is not there; bundled data sets are always available."""
+    if config.name not in ("fashion_mnist", "idx"):
+        return
+    directory = data_dir or config.dir or (FASHION_MNIST_DIR
+                                           if config.name == "fashion_mnist" else "")
+    if not directory or not Path(directory).is_dir():
+        raise InvalidInputError("data.dir", f"{config.name} needs IDX files in "
+                                f"{directory or '(no directory given)'}; {INSTALL_HINT}")
+    missing = [stems[0] for stems in IDX_FILES.values() if _find(Path(directory), stems) is None]
+    if missing:
+        raise InvalidInputError("data.dir", f"no IDX data set in {directory} (missing "
+                                f"{', '.join(missing)}[.gz]); {INSTALL_HINT}")
+
+
 def load_dataset(config: DataConfig, seed: int = 0, data_dir: str | None = None) -> Dataset:
     """The configured data set, with the training set cut to ``config.fraction`` (seeded)."""
     if config.name == "digits":

@@ -125,12 +125,14 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     scale0 = law_scale(model) if watch_laws else 1.0
     imbalance_p = bal.p
     rows: list[dict] = []
+    step = 0
     norms_history: list[dict] = []
 
     def record(epoch: int, train_loss: float, train_acc: float, seconds: float,
                step_events: list[BalanceEvent]) -> None:
         test_loss, test_acc = evaluate(model, x_test, y_test)
-        row: dict = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+        row: dict = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                     "train_accuracy": train_acc,
                      "test_loss": test_loss, "test_accuracy": test_acc, "seconds": seconds,
                      "regulariser": regulariser_value(model, config.regulariser)}
         row["n_balance"] = len(step_events)
@@ -152,7 +154,11 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         except InvalidInputError:
             pass
         if watch_laws:
-            row["bp_law_drift"] = drift(bp_quantity(model), bp0, scale0)
+            bp_now = bp_quantity(model)
+            row["bp_law_drift"] = drift(bp_now, bp0, scale0)
+            # root mean square of ||in||^2 - ||out||^2: decays like exp(-4 lr lambda t)
+            # under an L2 regulariser lambda (the decay_fit claim)
+            row["bp_law_rms"] = float(np.sqrt(np.mean(bp_now ** 2))) if bp_now.size else 0.0
             if fa0 is not None:
                 row["fa_law_drift"] = drift(fa_quantity(model, rule), fa0, scale0)
         if mon.alignment and isinstance(rule, FeedbackRule):
@@ -166,12 +172,12 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         rows.append(row)
 
     record(0, float("nan"), float("nan"), 0.0, [e for _, e in events])
+    n_events = len(events)  # events up to here are in the last recorded row
+    epoch_seconds = 0.0
     n = x_train.shape[0]
     batch = config.data.batch_size
-    step = 0
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
-        n_events = len(events)
         order = torch.randperm(n, generator=generator).to(dev)
         loss_sum, correct, seen = 0.0, 0, 0
         model.train()
@@ -193,9 +199,12 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         if bal.mode != "none" and bal.unit == "epoch" and epoch % bal.every == 0:
             balance(bal.mode, epoch)
         scheduler.step()
-        seconds = time.perf_counter() - t0
-        record(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), seconds,
+        epoch_seconds += time.perf_counter() - t0
+        if epoch % mon.eval_every and epoch != config.epochs:
+            continue
+        record(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), epoch_seconds,
                [e for _, e in events[n_events:]])
+        n_events, epoch_seconds = len(events), 0.0
         if progress is not None:
             progress(f"epoch {epoch}/{config.epochs} loss {rows[-1]['train_loss']:.4f} "
                      f"test acc {100 * rows[-1]['test_accuracy']:.2f}%")
