@@ -1,21 +1,47 @@
-"""The ``asyncbalance`` command line: one subcommand per module in ``asyncbalance.commands``."""
+"""The ``asyncbalance`` command line: one subcommand per module in ``asyncbalance.commands``.
+
+Exit status: 0 success; 1 the command ran but did not converge (or reach its tolerance);
+2 bad input (options, files, scenarios, records: one line naming the file, key or option);
+3 internal error (one line here, the traceback in a file named on that line);
+130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import commands
-from .errors import BalanceError
+from .errors import BalanceError, NonConvergenceError
+
+EXIT_OK = 0
+EXIT_NOT_CONVERGED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asyncbalance",
-        description="Synaptic neural balance: exact, local and asynchronous balancing.")
+        description="Synaptic neural balance: exact, local and asynchronous balancing.",
+        epilog="exit status: 0 ok, 1 ran but did not converge, 2 bad input, 3 internal error "
+               "(traceback saved to a file), 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers = {}
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -30,14 +56,43 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"asyncbalance {args.command}"
     try:
         return int(handlers[args.command](args) or 0)
+    except NonConvergenceError as exc:
+        print(f"{prefix}: did not converge: {exc}", file=sys.stderr)
+        return EXIT_NOT_CONVERGED
     except BalanceError as exc:
-        print(f"asyncbalance {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"asyncbalance {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.filename is None:
+            return _internal_error(prefix, exc)
+        # A file the command was given or told to write cannot be used: an input problem.
+        print(f"{prefix}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line and a saved traceback
+        return _internal_error(prefix, exc)
+
+
+def _internal_error(prefix: str, exc: BaseException) -> int:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"asyncbalance-error-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                    suffix=".txt")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"command line: {sys.argv}\n\n{text}")
+        where = f"traceback written to {path}"
+    except OSError as write_error:
+        where = f"the traceback could not be saved ({write_error.strerror or write_error})"
+    message = str(exc).strip().splitlines()
+    print(f"{prefix}: internal error: {type(exc).__name__}: "
+          f"{message[0] if message else 'no details'} ({where}; please report it)",
+          file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 def load_toml(path: str | Path, field: str = "SCENARIO") -> dict[str, Any]:
     file = Path(path)
+    if file.is_dir():
+        raise InvalidInputError(field, f"{file} is a directory, not a scenario file")
     if not file.is_file():
         raise InvalidInputError(field, f"no such file: {file}")
     try:
@@ -35,6 +37,46 @@ def load_toml(path: str | Path, field: str = "SCENARIO") -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInputError(field, f"{file} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        hint = (" (a network .npz is balanced with 'asyncbalance balance')"
+                if file.suffix == ".npz" else "")
+        raise InvalidInputError(field, f"{file} is not a text (TOML) scenario file: it is not "
+                                f"valid UTF-8{hint}") from None
+    except PermissionError:
+        raise InvalidInputError(field, f"{file} is not readable (permission denied)") from None
+    except OSError as exc:
+        raise InvalidInputError(field, f"{file} cannot be read ({exc.strerror or exc})") from None
+
+
+# Top-level tables and keys that only one kind of scenario has.
+_MARKERS = {
+    "train": ("trainer", "model", "optimizer", "data", "epochs", "seeds", "balancing",
+              "variants", "settings", "monitor", "batch_size"),
+    "run": ("network", "links", "partition", "stop", "wake", "balance", "faults", "ray",
+            "backend"),
+}
+
+
+def scenario_kind(data: Mapping[str, Any]) -> str | None:
+    """``"train"`` or ``"run"``: the command a scenario's top-level keys belong to (or None)."""
+    scores = {kind: sum(key in data for key in keys) for kind, keys in _MARKERS.items()}
+    best = max(scores, key=lambda kind: scores[kind])
+    if scores[best] == 0 or list(scores.values()).count(scores[best]) > 1:
+        return None
+    return best
+
+
+def check_scenario_command(path: str | Path, command: str, field: str = "SCENARIO.toml"
+                           ) -> dict[str, Any]:
+    """Load a scenario and refuse one written for the other command, naming the right one."""
+    data = load_toml(path, field)
+    kind = scenario_kind(data)
+    if kind is not None and kind != command:
+        what = "a training" if kind == "train" else "an asynchronous balancing"
+        keys = ", ".join(f"[{k}]" for k in _MARKERS[kind] if k in data)
+        raise InvalidInputError(field, f"{path} is {what} scenario (it has {keys}); run it "
+                                f"with 'asyncbalance {kind} {path}'")
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:

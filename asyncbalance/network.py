@@ -135,6 +135,26 @@ def _layout_ok(conn: Connection, weight: np.ndarray) -> bool:
     return True
 
 
+#: dtype kinds accepted as weights: floating point, signed and unsigned integers.
+NUMERIC_KINDS = "fiu"
+_KIND_NAMES = {"b": "boolean", "c": "complex", "O": "object (pickled Python objects)",
+               "U": "text", "S": "bytes", "V": "structured/void", "M": "datetime",
+               "m": "timedelta"}
+
+
+def check_weight_array(name: str, array: np.ndarray, where: str = "") -> None:
+    """Refuse arrays that cannot be weights: non-numeric, complex, boolean or empty."""
+    kind = array.dtype.kind
+    if kind not in NUMERIC_KINDS:
+        what = _KIND_NAMES.get(kind, f"dtype {array.dtype}")
+        raise InvalidInputError(name, f"{where}has {what} values (dtype {array.dtype}); weights "
+                                "must be real numbers (float or integer)")
+    if array.size == 0:
+        raise InvalidInputError(name, f"{where}is empty (shape {array.shape}); every weight "
+                                "array needs at least one entry")
+
+
+
 def check_finite(name: str, array: np.ndarray) -> None:
     """Refuse NaN or infinite weights, naming the array and the first bad index."""
     if not np.issubdtype(np.asarray(array).dtype, np.number):
@@ -148,9 +168,12 @@ def check_finite(name: str, array: np.ndarray) -> None:
 
 def _as_float_array(name: str, value: object) -> np.ndarray:
     try:
-        array = np.array(value, dtype=np.float64)
+        raw = np.asarray(value)
     except (TypeError, ValueError):
         raise InvalidInputError(name, "is not a numeric array") from None
+    # Checked before the cast: float64(complex) would silently drop the imaginary part.
+    check_weight_array(name, raw)
+    array = np.array(raw, dtype=np.float64)
     check_finite(name, array)
     return array
 
