@@ -1,0 +1,143 @@
+"""Run a study's jobs for one budget: finished runs are skipped, each record is written
+atomically when its run ends, tuned settings take the values chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import from_mapping, set_dotted
+from ..errors import InvalidInputError
+from ..provenance import finish, provenance
+from ..training.config import DataConfig, TrainConfig
+from .records import make_record, read_record, write_record
+from .spec import Job, Study, config_hash, plan, points, tuned_label
+
+
+@dataclass
+class RunStats:
+    planned: int = 0
+    skipped: int = 0
+    ran: int = 0
+    seconds: float = 0.0
+
+
+def record_root(root: str | Path, study: Study, budget: str) -> Path:
+    return Path(root) / study.name / budget
+
+
+def job_fields(study: Study, budget: str, job: Job) -> dict[str, Any]:
+    return {"study": study.name, "budget": budget, "claim": job.claim, "setting": job.setting,
+            "point": job.point, "arm": job.arm, "seed": job.seed, "phase": job.phase,
+            "tuned": dict(job.tuned)}
+
+
+def select_tuned(study: Study, budget: str, job: Job, root: Path) -> dict[str, Any]:
+    """The candidate with the best mean final validation accuracy over the tune seeds
+    (the first in the listed order on a tie); every tune record must exist."""
+    claim = study.claim(job.claim)
+    setting = next(s for s in claim.settings if s.label == job.setting)
+    best: tuple[float, dict[str, Any]] | None = None
+    for candidate in points(setting.tune):
+        accs = []
+        for seed in range(study.budgets[budget].tune_seeds):
+            tune_job = Job(job.claim, job.setting, job.point, job.arm, seed, "tune", {},
+                           candidate)
+            record = read_record(root / tune_job.relpath())
+            if record is None:
+                raise InvalidInputError("--budget", f"tuning record {tune_job.relpath()} is "
+                                        "missing; run the study's tuning jobs first")
+            final = record["summary"].get("test_accuracy")
+            accs.append(float("-inf") if final is None else float(final))
+        mean = sum(accs) / len(accs)
+        if best is None or mean > best[0]:
+            best = (mean, candidate)
+    assert best is not None
+    return dict(best[1])
+
+
+class DataCache:
+    """Loaded data sets by configuration (a few at most: Fashion-MNIST is large)."""
+
+    def __init__(self, data_dir: str | None, size: int = 3) -> None:
+        self.data_dir, self.size = data_dir, size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, config: TrainConfig, seed: int) -> Any:
+        from ..training.data import load_dataset
+        key = json.dumps([repr(config.data), seed if config.data.fraction < 1 else None])
+        if key not in self.items:
+            self.items[key] = load_dataset(config.data, seed, self.data_dir)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        self.items.move_to_end(key)
+        return self.items[key]
+
+
+def preflight(jobs: list[Job], data_dir: str | None) -> None:
+    """Fail at once when a needed data set is missing (before any long run starts)."""
+    from ..training.data import check_available
+    seen: set[str] = set()
+    for job in jobs:
+        data = from_mapping(DataConfig, dict(job.mapping.get("data", {})))
+        if repr(data) not in seen:
+            seen.add(repr(data))
+            check_available(data, data_dir)
+
+
+def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ...] = (),
+              device: str = "cpu", data_dir: str | None = None, threads: int = 1,
+              max_runs: int | None = None, log: Callable[[str], None] = print) -> RunStats:
+    """Run every job of ``budget`` not yet recorded under ``root``; ``max_runs`` stops after
+    that many new runs (the rest is picked up by the next call)."""
+    import torch
+
+    from ..training.loop import train_run
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    jobs = plan(study, budget, claims)
+    preflight(jobs, data_dir)
+    base = record_root(root, study, budget)
+    stats = RunStats(planned=len(jobs))
+    cache = DataCache(data_dir)
+    started = time.perf_counter()
+    for index, job in enumerate(jobs, 1):
+        path = base / job.relpath()
+        mapping: Mapping[str, Any] = job.mapping
+        tuned: dict[str, Any] = dict(job.tuned)
+        if job.needs_tune:
+            tuned = select_tuned(study, budget, job, base)
+            mapping = json.loads(json.dumps(mapping))
+            for key, value in tuned.items():
+                set_dotted(mapping, key, value)  # type: ignore[arg-type]
+        digest = config_hash(mapping)
+        existing = read_record(path)
+        if existing is not None and existing.get("config_hash") == digest:
+            stats.skipped += 1
+            continue
+        if max_runs is not None and stats.ran >= max_runs:
+            break
+        config = from_mapping(TrainConfig, dict(mapping))
+        prov = provenance()
+        t0 = time.perf_counter()
+        result = train_run(config, job.seed, device, data=cache.get(config, job.seed),
+                           data_dir=data_dir)
+        fields = job_fields(study, budget, job)
+        fields["tuned"] = tuned
+        write_record(path, make_record(fields, digest, mapping, result.summary, result.rows,
+                                       finish(prov)))
+        stats.ran += 1
+        acc = result.summary["test_accuracy"]
+        log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
+            f"{job.arm}{' ' + tuned_label(tuned) if tuned else ''} seed {job.seed}: "
+            f"{result.summary.get('evaluated_on', 'test')} accuracy {100 * acc:.2f}% "
+            f"({time.perf_counter() - t0:.1f}s)")
+    stats.seconds = time.perf_counter() - started
+    return stats
