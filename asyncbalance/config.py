@@ -73,7 +73,8 @@ def check_scenario_command(path: str | Path, command: str, field: str = "SCENARI
     kind = scenario_kind(data)
     if kind is not None and kind != command:
         what = "a training" if kind == "train" else "an asynchronous balancing"
-        keys = ", ".join(f"[{k}]" for k in _MARKERS[kind] if k in data)
+        keys = ", ".join(f"[{k}]" if isinstance(data[k], dict) else k
+                         for k in _MARKERS[kind] if k in data)
         raise InvalidInputError(field, f"{path} is {what} scenario (it has {keys}); run it "
                                 f"with 'asyncbalance {kind} {path}'")
     return data

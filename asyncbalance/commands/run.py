@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import check_scenario_command
 from ..errors import InvalidInputError
+from ..io import check_writable_dir, json_text
 from ..progress import Progress
 from ..runtime.coordinator import run_points
 from ..runtime.record import Sample
@@ -30,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                         help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a scenario key, e.g. links.mean=2")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary (a sweep's: sweep.json) as JSON on stdout "
+                             "instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return "run"
 
@@ -64,12 +69,14 @@ class _ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_scenario_command(args.scenario, "run")
     points = load_scenarios(args.scenario, args.overrides)
     backends = {args.backend or p.scenario.backend for p in points}
     if args.address and "ray" not in backends:
         raise InvalidInputError("--address", "names a Ray cluster, but this run uses the "
                                 "simulator (add --backend ray)", BACKENDS)
     out = Path(args.out) if args.out else _default_out(points[0].scenario.name)
+    _check_out(out)
     bar = _ProgressBar(args.quiet, len(points))
     try:
         result = run_points(points, out, backend=args.backend, address=args.address,
@@ -77,16 +84,32 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if "points" in result:
-        print(sweep_table(result))
         converged = all(row["converged"] for row in result["points"])
+        table = sweep_table(result)
     else:
-        print(summary_table(result))
         converged = bool(result["converged"])
-    print(f"record: {out}")
+        table = summary_table(result)
+    if args.json:
+        sys.stdout.write(json_text(result))
+    else:
+        print(table)
+        print(f"record: {out}")
     if not converged:
         print("asyncbalance run: did not reach the tolerance within the budget",
               file=sys.stderr)
     return 0 if converged else 1
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an existing --out and a parent that cannot take a new directory, before work."""
+    if out.exists():
+        raise InvalidInputError("--out", f"{out} already exists; choose a new directory")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInputError("--out", f"{existing} is not a directory")
+    check_writable_dir(existing, "--out")
 
 
 def _default_out(name: str) -> Path:

@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import check_scenario_command
+from ..errors import InvalidInputError
+from ..io import check_writable_dir, json_text
 from ..progress import Progress
+from ..provenance import finish, provenance
 
 if TYPE_CHECKING:
     from ..training.data import Dataset
@@ -17,9 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     parser = sub.add_parser(
         "train", help="train models with balancing interleaved (scenario file)",
         description="Run every configuration and seed of a training scenario; each run writes "
-                    "DIR/<scenario>/<label>/seed-<s>/summary.json and epochs.csv.")
+                    "DIR/<scenario>/<label>/seed-<s>/summary.json and epochs.csv. An existing "
+                    "run directory is an error unless --overwrite.")
     parser.add_argument("scenario", metavar="SCENARIO.toml")
     parser.add_argument("--out", default="runs", metavar="DIR", help="output root (default runs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing run records of the same scenario, label and seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="override the scenario's device (auto: CUDA when present)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -28,40 +35,66 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                         help="run only labels containing TEXT (repeatable)")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="directory of IDX files (train-images-idx3-ubyte[.gz], ...)")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"runs": [summary, ...]} as JSON on stdout at the end')
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return "train"
+
+
+def _check_out_root(out: Path) -> None:
+    """The output root must be (or be creatable as) a writable directory."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInputError("--out", f"{existing} is not a directory")
+    check_writable_dir(existing, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at start-up, so the other subcommands start quickly.
     from ..training.data import load_dataset
     from ..training.loop import resolve_device, train_run
-    from ..training.records import write_run
+    from ..training.records import existing_run_error, write_run
     from ..training.scenario import load_scenario, run_dir_name
 
+    check_scenario_command(args.scenario, "train")
     configs = load_scenario(args.scenario, args.overrides, args.only)
-    total = sum(c.seeds for c in configs)
+    out = Path(args.out)
+    _check_out_root(out)
+    jobs = [(config, seed) for config in configs
+            for seed in range(config.first_seed, config.first_seed + config.seeds)]
+    targets = [out / run_dir_name(config, seed) for config, seed in jobs]
+    # Refused before any training: a rerun must not silently replace earlier results.
+    for target in targets:
+        if target.exists() and not args.overwrite:
+            raise existing_run_error(target)
     cache: dict[tuple, Dataset] = {}
-    done = 0
-    for config in configs:
+    summaries = []
+    for done, ((config, seed), target) in enumerate(zip(jobs, targets, strict=True), start=1):
+        record = provenance()
         device = str(resolve_device(args.device or config.device))
-        for seed in range(config.first_seed, config.first_seed + config.seeds):
-            done += 1
-            key = (config.data, seed if config.data.fraction < 1 else None, args.data_dir)
-            if key not in cache:
-                cache[key] = load_dataset(config.data, seed, args.data_dir)
-            progress = Progress(f"[{done}/{total}] {config.label} seed {seed}", args.quiet)
+        key = (config.data, seed if config.data.fraction < 1 else None, args.data_dir)
+        if key not in cache:
+            cache[key] = load_dataset(config.data, seed, args.data_dir)
+        progress = Progress(f"[{done}/{len(jobs)}] {config.label} seed {seed}", args.quiet)
+        try:
             result = train_run(config, seed, device, data=cache[key],
                                data_dir=args.data_dir, progress=progress.update)
+        finally:
             progress.close()
-            target = write_run(Path(args.out) / run_dir_name(config, seed), result.summary,
-                               result.rows)
-            if not args.quiet:
-                s = result.summary
-                err = s["max_function_rel_error_at_balance"]
-                print(f"{config.label or config.name} seed {seed}: test accuracy "
-                      f"{100 * s['test_accuracy']:.2f}% (best {100 * s['best_test_accuracy']:.2f}"
-                      f"%), {s['seconds']:.1f}s on {s['device']}, balance events "
-                      f"{s['n_balance_events']}, max float64 function change "
-                      f"{'n/a' if err is None else f'{err:.1e}'} -> {target}", file=sys.stderr)
+        summary = {**result.summary, "provenance": finish(record)}
+        write_run(target, summary, result.rows, overwrite=args.overwrite)
+        summaries.append(summary)
+        if not args.quiet and not args.json:
+            err = summary["max_function_rel_error_at_balance"]
+            print(f"{config.label or config.name} seed {seed}: test accuracy "
+                  f"{100 * summary['test_accuracy']:.2f}% (best "
+                  f"{100 * summary['best_test_accuracy']:.2f}%), {summary['seconds']:.1f}s on "
+                  f"{summary['device']}, balance events {summary['n_balance_events']}, max "
+                  f"float64 function change {'n/a' if err is None else f'{err:.1e}'} -> "
+                  f"{target}")
+            sys.stdout.flush()
+    if args.json:
+        sys.stdout.write(json_text({"runs": summaries}))
     return 0

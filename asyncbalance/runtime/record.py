@@ -36,11 +36,22 @@ class Sample:
     function_rel_error: float | None
 
 
-def write_trace_csv(path: Path, samples: Sequence[Sample]) -> None:
+#: Header of each time column, with its unit (the time axis unit is the scenario's).
+WALL_HEADER = "wall_seconds (s)"
+
+
+def time_header(time_unit: str) -> str:
+    return f"time ({time_unit})"
+
+
+def write_trace_csv(path: Path, samples: Sequence[Sample],
+                    time_unit: str = "scenario time units") -> None:
+    """One row per sample; the time columns name their unit in the header."""
     names = list(Sample.__dataclass_fields__)
+    headers = {"time": time_header(time_unit), "wall_seconds": WALL_HEADER}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(names)
+    writer.writerow([headers.get(n, n) for n in names])
     for sample in samples:
         row = asdict(sample)
         writer.writerow(["" if row[n] is None else repr(row[n]) for n in names])
@@ -112,12 +123,38 @@ def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
     """The summary of a run directory (or of a sweep directory: its ``sweep.json``)."""
     directory = Path(run_dir)
+    if not directory.is_dir():
+        raise InvalidInputError("RUN_DIR", f"{directory} is not a directory"
+                                if directory.exists() else f"no such directory: {directory}")
     for name in ("summary.json", "sweep.json"):
         file = directory / name
         if file.is_file():
-            try:
-                return json.loads(file.read_text())
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError("RUN_DIR", f"{file} is not valid JSON ({exc})") from None
+            return _checked_summary(file, name)
     raise InvalidInputError("RUN_DIR", f"{directory} holds no summary.json or sweep.json "
                             "(is it a run directory?)")
+
+
+def _checked_summary(file: Path, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError("RUN_DIR", f"{file} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InvalidInputError("RUN_DIR", f"{file} cannot be read ({exc.strerror or exc})") \
+            from None
+    if not isinstance(data, dict):
+        raise InvalidInputError("RUN_DIR", f"{file} holds a JSON {type(data).__name__}, not a "
+                                "run summary (an object)")
+    if name == "sweep.json":
+        points = data.get("points")
+        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+            raise InvalidInputError("RUN_DIR", f"{file} has no list of sweep points ('points')")
+        return data
+    if "trainer" in data and "test_accuracy" in data:
+        raise InvalidInputError("RUN_DIR", f"{file} is a training run record; summarise it "
+                                "with 'asyncbalance report'")
+    missing = [k for k in SUMMARY_KEYS if k not in data]
+    if missing:
+        raise InvalidInputError("RUN_DIR", f"{file} is not a run summary of 'asyncbalance run': "
+                                f"it lacks {', '.join(missing)}")
+    return data

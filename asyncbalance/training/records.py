@@ -12,11 +12,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import atomic_write, write_json
+from ..errors import InvalidInputError
+from ..io import atomic_write, make_temp_dir, write_json
 
 SUMMARY = "summary.json"
 EPOCHS = "epochs.csv"
@@ -42,16 +42,22 @@ def epochs_csv(rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_run(directory: str | os.PathLike, summary: dict, rows: Sequence[dict]) -> Path:
-    """Write the run record to ``directory`` (replacing an older record there)."""
+def write_run(directory: str | os.PathLike, summary: dict, rows: Sequence[dict],
+              overwrite: bool = False) -> Path:
+    """Write the run record to ``directory``; an existing record there is an error unless
+    ``overwrite`` (then it is replaced as a whole, never mixed with the new files)."""
     target = Path(directory)
+    if target.exists() and not overwrite:
+        raise existing_run_error(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.")
     try:
         write_json(tmp / SUMMARY, summary)
         with atomic_write(tmp / EPOCHS, "w") as handle:
             handle.write(epochs_csv(rows))
         if target.exists():
+            if not overwrite:  # another run claimed the directory while this one trained
+                raise existing_run_error(target)
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
@@ -64,6 +70,11 @@ def write_run(directory: str | os.PathLike, summary: dict, rows: Sequence[dict])
             shutil.rmtree(tmp)
         raise
     return target
+
+
+def existing_run_error(target: Path) -> InvalidInputError:
+    return InvalidInputError("--out", f"{target} already holds a run record; pass --overwrite "
+                             "to replace it, or choose another --out")
 
 
 def read_epochs(path: str | os.PathLike) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..io import atomic_write
+from ..io import StagedFiles, atomic_write
 from .records import EPOCHS, SUMMARY, find_runs, read_epochs
 
 
@@ -28,9 +28,12 @@ def load_runs(paths: list[str]) -> list[Run]:
     for path in find_runs(paths):
         try:
             summary = json.loads((path / SUMMARY).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInputError("RUN_DIR", f"{path / SUMMARY} is not readable ({exc})") \
                 from None
+        if not isinstance(summary, dict):
+            raise InvalidInputError("RUN_DIR", f"{path / SUMMARY} holds a JSON "
+                                    f"{type(summary).__name__}, not a run summary (an object)")
         if "test_accuracy" not in summary or "trainer" not in summary:
             continue  # another command's run record (e.g. a balancing run)
         rows = read_epochs(path / EPOCHS) if (path / EPOCHS).is_file() else []
@@ -66,10 +69,55 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "scenario"
 
 
+# Seeds differ between the runs of one configuration by design; nothing else may.
+_SEED_KEYS = ("seeds", "first_seed")
+# Records written before summaries carried their full configuration: compare what they show.
+_FALLBACK_KEYS = ("epochs", "trainer", "model", "architecture", "dataset", "n_train",
+                  "balancing", "regulariser", "optimizer")
+
+
+def configuration(summary: dict) -> dict:
+    """What a run was asked to do, without its seed: runs with equal ones may be averaged."""
+    config = summary.get("config")
+    if isinstance(config, dict):
+        return {k: v for k, v in config.items() if k not in _SEED_KEYS}
+    return {k: summary[k] for k in _FALLBACK_KEYS if k in summary}
+
+
+def _first_difference(a: object, b: object, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} vs {b!r}"
+
+
 def group_runs(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    """Runs by scenario name and label; refuses a group whose runs are not seeds of one
+    configuration (a different epoch count, say) or that holds one seed twice."""
     grouped: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         grouped[run.summary.get("name", "?")][run.summary.get("label") or "default"].append(run)
+    for name, groups in grouped.items():
+        for label, group in groups.items():
+            first = group[0]
+            reference = configuration(first.summary)
+            seeds: dict[object, Path] = {}
+            for run in group:
+                difference = _first_difference(reference, configuration(run.summary))
+                if difference:
+                    raise InvalidInputError(
+                        "RUN_DIR", f"runs {first.path} and {run.path} (scenario {name!r}, label "
+                        f"{label!r}) differ in more than the seed ({difference}); they cannot "
+                        "be averaged: report them separately or give them different labels")
+                seed = run.summary.get("seed")
+                if seed in seeds:
+                    raise InvalidInputError(
+                        "RUN_DIR", f"{seeds[seed]} and {run.path} are both seed {seed} of "
+                        f"scenario {name!r}, label {label!r}; pass only one of them")
+                seeds[seed] = run.path
     return grouped
 
 
@@ -89,13 +137,14 @@ def _series(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return epochs, mean, np.nan_to_num(std)
 
 
-def _save(fig: object, path: Path) -> None:
-    with atomic_write(path, "wb") as handle:
+def _save(fig: object, path: Path, staged: StagedFiles | None = None) -> None:
+    with (atomic_write(path, "wb") if staged is None else staged.open(path, "wb")) as handle:
         fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
 
 
 def plot_metric(groups: dict[str, list[Run]], key: str, title: str, path: Path,
-                log: bool = False, scale: float = 1.0) -> bool:
+                log: bool = False, scale: float = 1.0, staged: StagedFiles | None = None
+                ) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,12 +166,13 @@ def plot_metric(groups: dict[str, list[Run]], key: str, title: str, path: Path,
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        _save(fig, path)
+        _save(fig, path, staged)
     plt.close(fig)
     return drawn
 
 
-def plot_imbalance(groups: dict[str, list[Run]], path: Path) -> bool:
+def plot_imbalance(groups: dict[str, list[Run]], path: Path,
+                   staged: StagedFiles | None = None) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,12 +189,12 @@ def plot_imbalance(groups: dict[str, list[Run]], path: Path) -> bool:
         ax.set_xlabel("final per-unit log-imbalance log(A_k / B_k) (clipped to ±3)")
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
-        _save(fig, path)
+        _save(fig, path, staged)
     plt.close(fig)
     return drawn
 
 
-def plot_unit_norms(runs: list[Run], path: Path) -> bool:
+def plot_unit_norms(runs: list[Run], path: Path, staged: StagedFiles | None = None) -> bool:
     history = runs[0].summary.get("unit_norms")
     if not history:
         return False
@@ -160,7 +210,7 @@ def plot_unit_norms(runs: list[Run], path: Path) -> bool:
     ax.set_xlabel("epoch")
     ax.set_ylabel("L2 norm (in: with bias)")
     ax.legend(fontsize=6, ncol=2)
-    _save(fig, path)
+    _save(fig, path, staged)
     plt.close(fig)
     return True
 
@@ -173,9 +223,17 @@ def _last(run: Run, key: str) -> float | None:
 
 
 def build_report(paths: list[str], output: str | Path) -> str:
-    """Write ``output`` (markdown) and its PNGs beside it; returns the markdown."""
+    """Write ``output`` (markdown) and its PNGs beside it, all or nothing; returns the markdown.
+    """
     out = Path(output)
     runs = load_runs(paths)
+    with StagedFiles() as staged:
+        text = _write_report(runs, out, staged)
+        staged.commit()
+    return text
+
+
+def _write_report(runs: list[Run], out: Path, staged: StagedFiles) -> str:
     lines = ["# Training report", "",
              f"{len(runs)} runs. Accuracies are percentages, mean ± sample std (n − 1) over "
              "seeds; 'final' is the last epoch, 'best' the best epoch on the test set.", ""]
@@ -208,28 +266,29 @@ def build_report(paths: list[str], output: str | Path) -> str:
         stem = f"{out.stem}-{_slug(name)}"
         figures = [
             (plot_metric(groups, "test_accuracy", "test accuracy (%)",
-                         out.with_name(f"{stem}-accuracy.png"), scale=100.0),
+                         out.with_name(f"{stem}-accuracy.png"), scale=100.0, staged=staged),
              f"{stem}-accuracy.png", "test accuracy vs epoch (band: ± std over seeds)"),
-            (plot_imbalance(groups, out.with_name(f"{stem}-imbalance.png")),
+            (plot_imbalance(groups, out.with_name(f"{stem}-imbalance.png"), staged),
              f"{stem}-imbalance.png", "final per-unit imbalance"),
             (plot_metric(groups, "imbalance_max", "max |log imbalance|",
-                         out.with_name(f"{stem}-imbalance-epochs.png"), log=True),
+                         out.with_name(f"{stem}-imbalance-epochs.png"), log=True,
+                         staged=staged),
              f"{stem}-imbalance-epochs.png", "max per-unit |log-imbalance| vs epoch"),
             (plot_metric(groups, "fa_law_drift", "FA law drift (relative)",
-                         out.with_name(f"{stem}-fa-law.png"), log=True),
+                         out.with_name(f"{stem}-fa-law.png"), log=True, staged=staged),
              f"{stem}-fa-law.png", "FA conservation law drift vs epoch"),
             (plot_metric(groups, "bp_law_drift", "BP law drift (relative)",
-                         out.with_name(f"{stem}-bp-law.png"), log=True),
+                         out.with_name(f"{stem}-bp-law.png"), log=True, staged=staged),
              f"{stem}-bp-law.png", "BP conservation law drift vs epoch"),
         ]
         for label, group in sorted(groups.items()):
             target = out.with_name(f"{stem}-{_slug(label)}-norms.png")
-            figures.append((plot_unit_norms(group, target), target.name,
+            figures.append((plot_unit_norms(group, target, staged), target.name,
                             f"{label}: per-unit in/out norms (seed {group[0].summary['seed']})"))
         for drawn, file, caption in figures:
             if drawn:
                 lines += [f"![{caption}]({file})", ""]
     text = "\n".join(lines) + "\n"
-    with atomic_write(out, "w") as handle:
+    with staged.open(out, "w") as handle:
         handle.write(text)
     return text
