@@ -85,10 +85,12 @@ class StagedFiles:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
+        self._made_dirs: list[Path] = []
 
     @contextlib.contextmanager
     def open(self, target: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         final = Path(target)
+        self._make_parents(final.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         self._staged.append((Path(tmp), final))
         with os.fdopen(fd, mode) as handle:
@@ -96,18 +98,33 @@ class StagedFiles:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def _make_parents(self, directory: Path) -> None:
+        """Create missing directories (remembered, so that a failure removes them again)."""
+        missing = []
+        while not directory.exists() and directory != directory.parent:
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            path.mkdir()
+            self._made_dirs.append(path)
+
     def commit(self) -> None:
         for tmp, final in self._staged:
             os.chmod(tmp, _final_mode(final))
         for tmp, final in self._staged:
             os.replace(tmp, final)
         self._staged = []
+        self._made_dirs = []
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        for path in reversed(self._made_dirs):
+            with contextlib.suppress(OSError):
+                path.rmdir()
         self._staged = []
+        self._made_dirs = []
 
     def __enter__(self) -> StagedFiles:
         return self
@@ -119,25 +136,32 @@ class StagedFiles:
 def check_output_file(path: str | os.PathLike, option: str) -> Path:
     """Refuse an output file path that cannot be written, before any work is done.
 
-    The path must not be a directory and its directory must exist and accept new files
-    (tried by creating and removing a temporary, which also covers read-only mounts).
+    The path must not be a directory; its nearest existing ancestor must be a directory that
+    accepts new files (tried by creating and removing a temporary, which also covers
+    read-only mounts). Missing directories are created when the output is written.
     """
     target = Path(path)
     if str(path) == "" or target.name in ("", ".", ".."):
         raise InvalidInputError(option, f"{str(path)!r} is not a file name")
     if target.is_dir():
         raise InvalidInputError(option, f"{target} is a directory; give a file name")
-    parent = target.parent
-    if not parent.is_dir():
-        raise InvalidInputError(option, f"directory {parent} does not exist"
-                                if not parent.exists() else f"{parent} is not a directory")
     if target.exists() and not os.access(target, os.W_OK):
         raise InvalidInputError(option, f"{target} is not writable")
-    check_writable_dir(parent, option)
+    check_writable_dir(nearest_existing(target.parent), option)
     return target
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_dir(directory: Path, option: str) -> None:
+    """Refuse a directory that cannot take new files (or that is not a directory)."""
+    if not directory.is_dir():
+        raise InvalidInputError(option, f"{directory} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(prefix=".asyncbalance-probe-", dir=directory)
     except OSError as exc:

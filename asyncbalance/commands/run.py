@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import check_scenario_command
 from ..errors import InvalidInputError
-from ..io import check_writable_dir, json_text
+from ..io import check_writable_dir, json_text, nearest_existing
 from ..progress import Progress
 from ..runtime.coordinator import run_points
 from ..runtime.record import Sample
@@ -104,12 +104,7 @@ def _check_out(out: Path) -> None:
     """Refuse an existing --out and a parent that cannot take a new directory, before work."""
     if out.exists():
         raise InvalidInputError("--out", f"{out} already exists; choose a new directory")
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InvalidInputError("--out", f"{existing} is not a directory")
-    check_writable_dir(existing, "--out")
+    check_writable_dir(nearest_existing(out.parent), "--out")
 
 
 def _default_out(name: str) -> Path:

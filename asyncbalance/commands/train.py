@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import check_scenario_command
-from ..errors import InvalidInputError
-from ..io import check_writable_dir, json_text
+from ..io import check_writable_dir, json_text, nearest_existing
 from ..progress import Progress
 from ..provenance import finish, provenance
 
@@ -43,12 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 def _check_out_root(out: Path) -> None:
     """The output root must be (or be creatable as) a writable directory."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InvalidInputError("--out", f"{existing} is not a directory")
-    check_writable_dir(existing, "--out")
+    check_writable_dir(nearest_existing(out), "--out")
 
 
 def run(args: argparse.Namespace) -> int:
