@@ -1,23 +1,43 @@
 """Balancing torch models in place, in the style of ``torch.nn.utils``.
 
-``nn.Sequential`` of ``Linear`` layers and homogeneous activations (ReLU, LeakyReLU, Identity,
-and ``PowerReLU`` for BiPU units) maps onto a layered network. Anything else between two
-Linear layers is refused with the module's index and type.
+``balance_(model, p=2.0, example=...)`` finds the model's rescaling symmetry with
+``torch.fx`` (``torch_symmetry``), turns it into an engine ``Network`` (one hidden unit per
+class of tied units, costs aggregated on the parameters' device), solves the exact optimum in
+float64 with the engine, and writes ``w * exp(u_dst - c u_src)`` back into every parameter in
+its own dtype and device. The report lists what was balanced and what was not (and why), the
+log-scales, the function change in float64 and in the model's dtype, and can undo the change.
 """
 
 from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import kernels
 from .activations import Activation, parse_activation
-from .balance import BalanceReport, balance_network
 from .errors import InvalidInputError, NotHomogeneousError
-from .network import Network, layered_network
-from .regularisers import Regulariser
+from .graph import build_cost_graph
+from .network import Connection, Network, UnitGroup, layered_network
+from .optim_state import check_mode, transform_optimizer_state_
+from .regularisers import Regulariser, as_regulariser
+from .schedules import run_schedule
+from .torch_symmetry import (
+    FIXED,
+    SUPPORTED,
+    Boundary,
+    Symmetry,
+    SymmetryGroup,
+    discover,
+)
 
 HOMOGENEOUS_MODULES = ("Linear", "ReLU", "LeakyReLU", "Identity", "PowerReLU", "Flatten")
+PROBE_SEED = 0
 
 
 class PowerReLU(nn.Module):
@@ -27,9 +47,15 @@ class PowerReLU(nn.Module):
         super().__init__()
         self.degree = float(degree)
 
+    @property
+    def homogeneity_degree(self) -> float:
+        return self.degree
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x) ** self.degree
 
+
+# -- the Sequential view, kept for callers that want the plain layered Network ---------------
 
 def module_activation(module: nn.Module, index: int) -> Activation:
     if isinstance(module, nn.ReLU):
@@ -81,15 +107,408 @@ def network_from_sequential(model: nn.Sequential) -> Network:
     return layered_network(weights, biases, activations)
 
 
+# -- symmetry -> engine network ---------------------------------------------------------------
+
+def _degree_activation(degree: float) -> Activation:
+    # Only the degree matters to the engine; "linear" is the degree-1 BiLU.
+    return parse_activation("linear" if degree == 1.0 else f"power:{degree!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class _Sides:
+    """Per weight column (out, in_per_group): class and degree of the source, per output
+    row: class of the destination."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    src_degree: torch.Tensor
+
+
+def _layer_sides(symmetry: Symmetry, layer_index: int, device: torch.device) -> _Sides:
+    layer = symmetry.layers[layer_index]
+    weight = layer.module.weight
+    out, in_per_group = weight.shape[0], weight.shape[1]
+    groups = getattr(layer.module, "groups", 1)
+    out_per_group = out // groups
+    rows = np.arange(out)[:, None] // out_per_group * in_per_group + np.arange(in_per_group)
+    atoms = layer.in_atoms[rows]
+    as_tensor = lambda a, dtype=torch.int64: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
+    return _Sides(as_tensor(symmetry.unit_class[layer.units]), as_tensor(symmetry.atom_class(atoms)),
+                  as_tensor(symmetry.atom_degree[atoms], torch.float64))
+
+
+def symmetry_network(symmetry: Symmetry, p: float) -> Network:
+    """The engine network of the symmetry under L_p: one hidden unit per class, the visible
+    group ``fixed`` standing for every pinned unit, the input and the bias.
+
+    Costs ``sum |w|**p`` are aggregated per (class, class) pair on the parameters' device in
+    float64; the engine gets their p-th roots, so that its own ``|w|**p`` gives them back.
+    """
+    n_groups = len(symmetry.groups)
+    sizes = [g.size for g in symmetry.groups]
+    class_group = torch.as_tensor(symmetry.class_group)
+    class_index = torch.as_tensor(symmetry.class_index)
+    totals: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(dst: torch.Tensor, src: torch.Tensor, cost: torch.Tensor) -> None:
+        """Accumulate ``cost`` (any shape) by (dst class, src class), both FIXED allowed."""
+        device = cost.device
+        dst, src, cost = dst.reshape(-1), src.reshape(-1), cost.reshape(-1)
+        cg, ci = class_group.to(device), class_index.to(device)
+        dg = torch.where(dst >= 0, cg[dst.clamp(min=0)], FIXED)
+        sg = torch.where(src >= 0, cg[src.clamp(min=0)], FIXED)
+        di = torch.where(dst >= 0, ci[dst.clamp(min=0)], 0)
+        si = torch.where(src >= 0, ci[src.clamp(min=0)], 0)
+        key = (dg + 1) * (n_groups + 1) + (sg + 1)
+        for k in torch.unique(key).tolist():
+            d, s = divmod(int(k), n_groups + 1)
+            d, s = d - 1, s - 1
+            n_dst, n_src = (sizes[d] if d >= 0 else 1), (sizes[s] if s >= 0 else 1)
+            mask = key == k
+            pair = di[mask] * n_src + si[mask]
+            acc = torch.zeros(n_dst * n_src, dtype=torch.float64, device=device)
+            acc.index_add_(0, pair, cost[mask])
+            acc = acc.reshape(n_dst, n_src).cpu()
+            totals[(d, s)] = totals[(d, s)] + acc if (d, s) in totals else acc
+
+    with torch.no_grad():
+        for index, layer in enumerate(symmetry.layers):
+            weight = layer.module.weight.detach()
+            sides = _layer_sides(symmetry, index, weight.device)
+            cost = weight.to(torch.float64).abs().pow(p).reshape(*sides.src.shape, -1).sum(-1)
+            add(sides.dst[:, None].expand_as(sides.src), sides.src, cost)
+            bias = layer.module.bias
+            if bias is not None:
+                add(sides.dst, torch.full_like(sides.dst, FIXED),
+                    bias.detach().to(torch.float64).abs().pow(p))
+        for shift in symmetry.shifts:
+            beta = shift.module.bias
+            if beta is not None:
+                dst = torch.as_tensor(symmetry.atom_class(shift.atoms), device=beta.device)
+                add(dst, torch.full_like(dst, FIXED), beta.detach().to(torch.float64).abs().pow(p))
+    names = [g.name for g in symmetry.groups]
+    groups = [UnitGroup("fixed", 1)] + [
+        UnitGroup(g.name, g.size, _degree_activation(g.degree)) for g in symmetry.groups]
+    connections, weights = [], {}
+    for (d, s), cost in sorted(totals.items()):
+        dst, src = (names[d] if d >= 0 else "fixed"), (names[s] if s >= 0 else "fixed")
+        key = f"{dst}<-{src}"
+        connections.append(Connection(key, dst, src, "dense"))
+        weights[key] = cost.numpy() ** (1.0 / p)
+    return Network(tuple(groups), tuple(connections), weights, kind="torch")
+
+
+def class_log_scales(symmetry: Symmetry, network: Network, unit_log_scales: np.ndarray
+                     ) -> np.ndarray:
+    """The engine's per-unit log-scales as one log-scale per class."""
+    offsets = network.hidden_offsets()
+    starts = np.array([offsets[g.name][0] for g in symmetry.groups], dtype=np.int64)
+    if symmetry.n_classes == 0:
+        return np.zeros(0)
+    return unit_log_scales[starts[symmetry.class_group] + symmetry.class_index]
+
+
+def scale_factors(model: nn.Module, symmetry: Symmetry, class_u: np.ndarray
+                  ) -> dict[str, torch.Tensor]:
+    """``{name: s}`` (float64, on the tensor's device) with ``balanced = s * old`` for every
+    parameter and buffer the symmetry rescales (BatchNorm shifts included)."""
+    names = {id(t): name for name, t in model.named_parameters(remove_duplicate=False)}
+    names.update({id(t): name for name, t in model.named_buffers(remove_duplicate=False)})
+    factors: dict[str, torch.Tensor] = {}
+
+    def log_of(classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.where(classes >= 0, u[classes.clamp(min=0)], 0.0)
+
+    for index, layer in enumerate(symmetry.layers):
+        weight = layer.module.weight
+        device = weight.device
+        u = torch.as_tensor(class_u, dtype=torch.float64, device=device)
+        sides = _layer_sides(symmetry, index, device)
+        dst = log_of(sides.dst, u)
+        log_factor = dst[:, None] - sides.src_degree * log_of(sides.src, u)
+        shape = (*log_factor.shape, *([1] * (weight.ndim - 2)))
+        factors[names[id(weight)]] = torch.exp(log_factor).reshape(shape).expand(weight.shape)
+        if layer.module.bias is not None:
+            factors[names[id(layer.module.bias)]] = torch.exp(dst)
+    for shift in symmetry.shifts:
+        mean = shift.module.running_mean
+        u = torch.as_tensor(class_u, dtype=torch.float64, device=mean.device)
+        classes = torch.as_tensor(symmetry.atom_class(shift.atoms), device=mean.device)
+        factor = torch.exp(log_of(classes, u))
+        factors[names[id(mean)]] = factor
+        if shift.module.bias is not None:
+            factors[names[id(shift.module.bias)]] = factor
+    return factors
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
 @torch.no_grad()
-def balance_(model: nn.Sequential, p: float | Regulariser = 2.0, method: str = "exact",
-             tol: float = 1e-10, seed: int = 0) -> BalanceReport:
-    """Balance ``model`` in place (computed in float64, written back in the model's dtype)."""
-    linears, _ = sequential_linears(model)
-    network = network_from_sequential(model)
-    balanced, _, report = balance_network(network, p, method=method, tol=tol, seed=seed)
-    for i, module in enumerate(linears, start=1):
-        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(balanced.weights[f"W{i}"])))
-        if module.bias is not None:
-            module.bias.copy_(torch.from_numpy(np.ascontiguousarray(balanced.weights[f"b{i}"])))
-    return report
+def apply_factors_(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> None:
+    """``t <- s * t`` for every named tensor, computed in float64, stored in t's dtype."""
+    for name, factor in factors.items():
+        tensor = _tensor(model, name)
+        scaled = tensor.to(torch.float64) * factor.to(tensor.device)
+        tensor.copy_(scaled.to(tensor.dtype))
+
+
+# -- probes -----------------------------------------------------------------------------------
+
+def _leaves(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _leaves(v)]
+    return []
+
+
+@torch.no_grad()
+def probe(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Outputs on ``example`` with a fixed random state (dropout masks) and the buffers
+    (BatchNorm running statistics in training mode) restored afterwards."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    devices = [t.device for t in example if t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(PROBE_SEED)
+        outputs = [t.detach().to(torch.float64).clone() for t in _leaves(model(*example))]
+    for name, value in buffers.items():
+        model.get_buffer(name).copy_(value)
+    return outputs
+
+
+def relative_change(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
+    """``max |after - before| / max |before|`` over every output tensor."""
+    diff = max((float((a - b).abs().max()) for a, b in zip(after, before, strict=True)
+                if a.numel()), default=0.0)
+    scale = max((float(b.abs().max()) for b in before if b.numel()), default=0.0)
+    return diff / scale if scale > 0 else diff
+
+
+def default_example(model: nn.Module, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, ...]:
+    """A seeded probe batch for a Sequential whose first weighted layer is a Linear."""
+    if isinstance(model, nn.Sequential):
+        for module in model:
+            if isinstance(module, nn.Linear):
+                generator = torch.Generator().manual_seed(PROBE_SEED)
+                x = torch.randn(8, module.in_features, generator=generator, dtype=torch.float64)
+                return (x.to(device=device, dtype=dtype),)
+            if any(True for _ in module.parameters()):
+                break  # a weighted layer other than Linear: its input shape is unknown
+    elif isinstance(model, nn.Linear):
+        return (torch.zeros(1, model.in_features, device=device, dtype=dtype),)
+    raise InvalidInputError("example", f"balance_ needs a probe batch to trace "
+                            f"{type(model).__name__}: pass example=torch.randn(8, ...) shaped "
+                            "like the model's input")
+
+
+# -- the report -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class TorchBalanceReport:
+    """What ``balance_`` did to a torch model, and how to take it back.
+
+    Costs are ``sum |w|**p`` over every parameter the symmetry touches (weights and biases of
+    the Linear/Conv layers, BatchNorm shifts), in float64 from the engine (``cost_*``) and
+    over all the model's parameters as stored (``model_cost_*``). ``function_change`` is
+    ``max |y_after - y_before| / max |y_before|`` on the probe batch in the model's dtype,
+    ``function_change_float64`` the same on a float64 copy balanced with the same factors.
+    """
+
+    p: float
+    method: str
+    groups: tuple[SymmetryGroup, ...]
+    boundaries: tuple[Boundary, ...]
+    log_scales: dict[str, np.ndarray]
+    n_units: int
+    n_scales: int
+    n_units_found: int
+    cost_before: float
+    cost_after: float
+    model_cost_before: float
+    model_cost_after: float
+    max_log_imbalance: float
+    iterations: int
+    seconds: float
+    function_change: float | None
+    function_change_float64: float | None
+    factors: dict[str, torch.Tensor] = field(repr=False)
+    originals: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def balanced_modules(self) -> tuple[str, ...]:
+        """Every module with at least one rescaled output unit, in discovery order."""
+        seen: list[str] = []
+        for group in self.groups:
+            seen += [m for m in group.modules if m not in seen]
+        return tuple(seen)
+
+    @torch.no_grad()
+    def undo(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             optimizer_state: str = "transform") -> None:
+        """Restore the parameters and buffers exactly as they were before ``balance_`` (and
+        the optimiser state by the inverse factors)."""
+        for name, value in self.originals.items():
+            _tensor(model, name).copy_(value)
+        if optimizer is not None:
+            _transform_state(model, optimizer, {n: 1.0 / f for n, f in self.factors.items()},
+                             optimizer_state)
+
+    def summary(self) -> str:
+        """A plain-text account: groups balanced, boundaries met, costs, function change."""
+        lines = [f"balanced {self.n_units} of {self.n_units_found} units ({self.n_scales} "
+                 f"log-scales, {len(self.groups)} groups; L{self.p:g}, {self.method})"]
+        for group in self.groups:
+            u = self.log_scales[group.name]
+            tied = f" tied with {', '.join(group.modules[1:])}" if len(group.modules) > 1 \
+                else ""
+            lines.append(f"  {group.name}: {group.size} units, degree {group.degree:g}, "
+                         f"log-scales in [{u.min():+.3f}, {u.max():+.3f}]{tied}")
+        for boundary in self.boundaries:
+            lines.append(f"  not balanced: {boundary}")
+        lines.append(f"cost {self.cost_before:.6g} -> {self.cost_after:.6g} (all parameters "
+                     f"{self.model_cost_before:.6g} -> {self.model_cost_after:.6g})")
+        if self.function_change is not None:
+            f64 = "n/a" if self.function_change_float64 is None \
+                else f"{self.function_change_float64:.1e}"
+            lines.append(f"function change: {self.function_change:.1e} in the model's dtype, "
+                         f"{f64} in float64")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "p": self.p, "method": self.method,
+            "groups": [{"name": g.name, "size": g.size, "degree": g.degree,
+                        "modules": list(g.modules)} for g in self.groups],
+            "boundaries": [{"path": b.path, "op": b.op, "reason": b.reason,
+                            "n_units": b.n_units} for b in self.boundaries],
+            "log_scales": {k: v.tolist() for k, v in self.log_scales.items()},
+            "n_units": self.n_units, "n_scales": self.n_scales, "n_units_found": self.n_units_found,
+            "cost_before": self.cost_before, "cost_after": self.cost_after,
+            "model_cost_before": self.model_cost_before,
+            "model_cost_after": self.model_cost_after,
+            "max_log_imbalance": self.max_log_imbalance, "iterations": self.iterations,
+            "seconds": self.seconds, "function_change": self.function_change,
+            "function_change_float64": self.function_change_float64,
+        }
+
+
+def unbalance_(model: nn.Module, report: TorchBalanceReport,
+               optimizer: torch.optim.Optimizer | None = None,
+               optimizer_state: str = "transform") -> None:
+    """Undo ``balance_`` (see ``TorchBalanceReport.undo``)."""
+    report.undo(model, optimizer, optimizer_state)
+
+
+def _transform_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     factors: Mapping[str, torch.Tensor], mode: str) -> None:
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    scales = {}
+    for name, factor in factors.items():
+        tensor = _tensor(model, name)
+        if isinstance(tensor, nn.Parameter) and id(tensor) in owned:
+            scales[tensor] = factor.to(device=tensor.device, dtype=tensor.dtype)
+    transform_optimizer_state_(optimizer, scales, mode)
+
+
+def _model_cost(model: nn.Module, p: float) -> float:
+    with torch.no_grad():
+        return float(sum(float(t.detach().to(torch.float64).abs().pow(p).sum())
+                         for t in model.parameters()))
+
+
+def _single_power(p: float | Regulariser) -> float:
+    reg = as_regulariser(p)
+    if not reg.is_single_power or reg.coefs[0] != 1.0:
+        raise InvalidInputError("p", "balance_ takes one power p (the L_p cost sum |w|^p); "
+                                f"got the regulariser {reg.name}")
+    return float(reg.powers[0])
+
+
+def _as_example(example: object, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, ...]:
+    items = example if isinstance(example, (tuple, list)) else (example,)
+    if not all(isinstance(t, torch.Tensor) for t in items):
+        raise InvalidInputError("example", "must be a tensor or a tuple of tensors (the "
+                                "model's positional inputs)")
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                 for t in items)
+
+
+@torch.no_grad()
+def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
+             example: torch.Tensor | Sequence[torch.Tensor] | None = None,
+             strict: bool = False, optimizer: torch.optim.Optimizer | None = None,
+             optimizer_state: str = "transform", method: str = "exact", tol: float = 1e-10,
+             seed: int = 0, check_function: bool = True) -> TorchBalanceReport:
+    """Balance every rescalable unit of ``model`` in place under ``sum |w|**p``.
+
+    ``example`` is a probe batch (a tensor or a tuple of the forward's positional inputs);
+    it may be omitted for a Sequential that starts with a Linear. Units whose paths meet a
+    non-homogeneous operation are left alone and listed in ``report.boundaries``;
+    ``strict=True`` refuses such a model instead (nothing is changed). ``optimizer``'s
+    per-parameter state follows the rescaling (``optimizer_state``: transform, keep, reset).
+    """
+    start = time.perf_counter()
+    power = _single_power(p)
+    check_mode(optimizer_state, "optimizer_state")
+    params = list(model.parameters())
+    if not params:
+        raise InvalidInputError("model", f"{type(model).__name__} has no parameters")
+    device, dtype = params[0].device, params[0].dtype
+    example = default_example(model, device, dtype) if example is None \
+        else _as_example(example, device, dtype)
+    symmetry = discover(model, example)
+    if strict and symmetry.boundaries:
+        raise NotHomogeneousError("model", "strict=True and the rescaling stops at: " + "; ".join(
+            str(b) for b in symmetry.boundaries), SUPPORTED)
+    if symmetry.n_classes == 0:
+        met = "; ".join(str(b) for b in symmetry.boundaries) or "no hidden units"
+        raise NotHomogeneousError("model", f"{type(model).__name__} has no rescalable units "
+                                  f"({met})", SUPPORTED)
+    network = symmetry_network(symmetry, power)
+    graph = build_cost_graph(network, power)
+    cost_before = kernels.total_cost(graph, np.zeros(graph.n_units))
+    result = run_schedule(graph, method=method, tol=tol, seed=seed)
+    class_u = class_log_scales(symmetry, network, result.log_scales)
+    factors = scale_factors(model, symmetry, class_u)
+    originals = {name: _tensor(model, name).detach().clone() for name in factors}
+    model_cost_before = _model_cost(model, power)
+    change = change64 = None
+    if check_function:
+        before = probe(model, example)
+        change64 = _float64_change(model, example, factors)
+    apply_factors_(model, factors)
+    if check_function:
+        change = relative_change(before, probe(model, example))
+    if optimizer is not None:
+        _transform_state(model, optimizer, factors, optimizer_state)
+    offsets = network.hidden_offsets()
+    log_scales = {g.name: result.log_scales[slice(*offsets[g.name])].copy()
+                  for g in symmetry.groups}
+    return TorchBalanceReport(
+        p=power, method=method, groups=symmetry.groups, boundaries=symmetry.boundaries,
+        log_scales=log_scales, n_units=symmetry.n_free_units,
+        n_scales=symmetry.n_classes, n_units_found=symmetry.n_units,
+        cost_before=float(cost_before), cost_after=float(result.cost),
+        model_cost_before=model_cost_before, model_cost_after=_model_cost(model, power),
+        max_log_imbalance=float(result.max_log_imbalance), iterations=result.iterations,
+        seconds=time.perf_counter() - start, function_change=change,
+        function_change_float64=change64, factors=factors, originals=originals)
+
+
+def _float64_change(model: nn.Module, example: tuple[torch.Tensor, ...],
+                    factors: Mapping[str, torch.Tensor]) -> float:
+    """The function change of the same rescaling on a float64 copy of the model."""
+    copy64 = copy.deepcopy(model).to(torch.float64)
+    example64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in example)
+    before = probe(copy64, example64)
+    apply_factors_(copy64, factors)
+    return relative_change(before, probe(copy64, example64))
