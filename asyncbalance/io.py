@@ -211,9 +211,11 @@ def load_npz(path: str | os.PathLike, field: str = "NET") -> dict[str, np.ndarra
     if not file.is_file():
         raise InvalidInputError(field, f"no such file: {file}")
     try:
-        with np.load(file, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise InvalidInputError(field, f"{file} is not an .npz archive")
+        data = np.load(file, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InvalidInputError(field, f"{file} is not an .npz archive (it holds a single "
+                                    ".npy array; save the weights with numpy.savez)")
+        with data:
             arrays = {key: np.asarray(data[key]) for key in data.files}
     except InvalidInputError:
         raise

@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+import numpy as np
+
 from ..activations import ACTIVATION_CHOICES, parse_activation
 from ..balance import balance_network
 from ..errors import InvalidInputError, ResultOverflowError
@@ -60,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
             "balance, since balancing rescales hidden units between two layers")
     progress = Progress(f"balance ({args.method})", quiet=args.quiet)
     try:
-        balanced, _, report = balance_network(
-            network, regulariser, method=args.method, tol=args.tol, seed=args.seed,
-            progress=lambda it, imb: progress.update(
-                f"iteration {it}, max log-imbalance {imb:.2e}"))
+        # Overflow is detected and reported in words; numpy's warnings would only add noise.
+        with np.errstate(all="ignore"):
+            balanced, _, report = balance_network(
+                network, regulariser, method=args.method, tol=args.tol, seed=args.seed,
+                progress=lambda it, imb: progress.update(
+                    f"iteration {it}, max log-imbalance {imb:.2e}"))
     except ResultOverflowError as exc:
         raise ResultOverflowError(exc.field, f"{str(exc).split(': ', 1)[1]} (at --p {args.p:g})"
                                   ) from None
