@@ -1,19 +1,21 @@
-"""The Ray backend: one ``ShardActor`` per shard, driven by the runtime's coordinator.
+"""The Ray backend: a few ``HostActor`` processes, each running many logical shards.
 
-``RayBackend`` has the same interface as the simulator: ``advance(until)`` lets the actors
-run until ``until`` wall seconds after start, injects the scenario's crashes on the way, and
-collects each actor's state, counters, events and checkpoint. Ray is started locally unless
-an address is given (``--address``, ``ray.address`` or ``RAY_ADDRESS``); actors are spread
-over the cluster's nodes.
+``RayBackend`` has the simulator's interface in scenario time units (wall seconds since the
+start divided by ``ray.time_unit``): ``advance(until)`` lets the hosts run until then and
+collects their state. Hosts default to the CPUs the cluster offers (spread over its nodes;
+``ray.placement`` pins them to named nodes); shards are assigned to hosts in contiguous runs.
+Scripted crashes of logical shards are played by the hosts themselves; a host whose process
+or node dies is resumed from the checkpoints the driver last collected, on whichever node Ray
+(or the driver) puts it. Ray is started locally unless an address is given (``--address``,
+``ray.address`` or ``RAY_ADDRESS``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,14 +24,15 @@ import ray
 from asyncbalance.errors import InvalidInputError
 from asyncbalance.runtime.delays import link_mean_factors
 from asyncbalance.runtime.events import EventWriter
+from asyncbalance.runtime.host import COUNTER_NAMES, HostCrash, HostSettings, assign_hosts
 from asyncbalance.runtime.scenario import Scenario
 from asyncbalance.runtime.shard import Shard, ShardSpec
 from asyncbalance.runtime.simulator import MessageCounters, rule_of
 
 from .cluster import ClusterError, check_address
-from .shard_actor import ActorSettings, ShardActor
+from .host_actor import HostActor, log_scales_of
 
-_COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated")
+_EXTRA_COUNTERS = ("calls", "lost_calls")
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -58,6 +61,22 @@ def connect_ray(address: str | None, field: str = "--address") -> bool:
     return True
 
 
+def plan_host_count(scenario: Scenario, n_shards: int, cluster_cpus: float) -> int:
+    """``ray.hosts`` when set, else one host per CPU the cluster offers (at least one), never
+    more hosts than shards. Asking for more CPUs than the cluster has is an error now, not a
+    silent wait for resources that never come."""
+    cfg = scenario.ray
+    wanted = cfg.hosts if cfg.hosts > 0 else max(1, int(cluster_cpus))
+    hosts = max(1, min(wanted, n_shards))
+    needed = hosts * cfg.actor_cpus
+    if needed > cluster_cpus + 1e-9:
+        raise InvalidInputError(
+            "ray.actor_cpus", f"{hosts} shard hosts x {cfg.actor_cpus:g} CPUs = {needed:g} "
+            f"CPUs, but the Ray cluster offers {cluster_cpus:g}; lower ray.actor_cpus "
+            "(0 shares the CPUs) or ray.hosts")
+    return hosts
+
+
 class RayBackend:
     name = "ray"
 
@@ -66,223 +85,280 @@ class RayBackend:
         self.specs = list(specs)
         self.scenario = scenario
         self.events = events
-        self.time_unit = scenario.ray.time_unit
-        self.owns_ray = connect_ray(address or scenario.ray.address or None,
+        cfg = scenario.ray
+        self.time_unit = cfg.time_unit
+        self.owns_ray = connect_ray(address or cfg.address or None,
                                     "--address" if address else "ray.address")
-        if len(self.specs) > scenario.ray.max_actors_warning:
-            print(f"warning: {len(self.specs)} shard actors (each a process); use "
-                  "partition.granularity = 'shard' with shards_per_layer or units_per_shard "
-                  "for networks this large", file=sys.stderr)
-        missing = sorted({name for name in scenario.ray.placement
-                          if name not in ray.cluster_resources()})
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Any) -> None:
+        scenario = self.scenario
+        resources = ray.cluster_resources()
+        missing = sorted({name for name in cfg.placement if name not in resources})
         if missing:
-            offered = sorted(k for k in ray.cluster_resources()
+            offered = sorted(k for k in resources
                              if k not in ("CPU", "GPU", "memory", "object_store_memory")
                              and not k.startswith("node:"))
             raise InvalidInputError("ray.placement", f"no node offers the resource(s) {missing}",
                                     offered or ["(this cluster offers no custom resources)"])
+        n_hosts = plan_host_count(scenario, len(self.specs), float(resources.get("CPU", 0.0)))
+        self.shard_host = assign_hosts(self.specs, n_hosts)
+        self.n_hosts = max(self.shard_host) + 1
+        self.members = [[s.shard_id for s in self.specs if self.shard_host[s.shard_id] == h]
+                        for h in range(self.n_hosts)]
         self.rule = rule_of(scenario)
         rng = np.random.default_rng(scenario.seed)
         pairs = [(s.shard_id, n) for s in self.specs for n in s.neighbours]
         factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
+        self.settings = [self._settings(h, factors) for h in range(self.n_hosts)]
+        self.generation = 0
+        self.actors: list[Any] = [None] * self.n_hosts
+        self.spec_refs = [ray.put([self.specs[sid] for sid in members])
+                          for members in self.members]
+        self.actors = [self._create(h) for h in range(self.n_hosts)]
+        self.peers = {h: a for h, a in enumerate(self.actors)}
+        ray.get([a.setup.remote([ref], self.peers) for a, ref in
+                 zip(self.actors, self.spec_refs, strict=True)])
+        self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
+        # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
+        self.saved = {s.shard_id: Shard(s, self.rule, scenario.links.resend_interval)
+                      .checkpoint() for s in self.specs}
+        self.restarts = {s.shard_id: 0 for s in self.specs}
+        self.crashes_per_shard = {s.shard_id: 0 for s in self.specs}
+        for crash in scenario.faults.crashes:
+            self.crashes_per_shard[crash.shard] += 1
+        names = COUNTER_NAMES + _EXTRA_COUNTERS
+        self.current = [dict.fromkeys(names, 0) for _ in range(self.n_hosts)]
+        self.retired = dict.fromkeys(names, 0)
+        self.updates = [0] * self.n_hosts
+        self.retired_updates = 0
+        self.crash_logs: list[list[dict]] = [[] for _ in range(self.n_hosts)]
+        self.retired_crash_logs: list[dict] = []
+        self.host_losses: list[dict] = []
+        self.queue_max = [0] * self.n_hosts
+        self.resident: list[int | None] = [None] * self.n_hosts
+        self.nodes: list[str | None] = [None] * self.n_hosts
         self.origin = time.time()
         self.started = time.perf_counter()
-        # Ray restarts a dead actor (an injected crash, or a node that went away) up to
-        # max_restarts times, on any node; the driver then resumes it from its checkpoint.
-        self.remote = ray.remote(ShardActor).options(
-            num_cpus=scenario.ray.actor_cpus, max_restarts=scenario.ray.max_restarts,
-            max_task_retries=0, scheduling_strategy="SPREAD")
-        self.spec_refs = [ray.put(spec) for spec in self.specs]
-        self.settings = [self._settings(spec, factors) for spec in self.specs]
-        self.actors = [self._create(sid) for sid in range(len(self.specs))]
-        self.peers = [{n: self.actors[n] for n in spec.neighbours} for spec in self.specs]
-        ray.get([a.setup.remote([ref], p) for a, ref, p in
-                 zip(self.actors, self.spec_refs, self.peers, strict=True)])
-        n = len(self.specs)
-        self.latest = [np.zeros(s.n_own) for s in self.specs]
-        self.checkpoints: list[bytes | None] = [
-            Shard(s, self.rule, scenario.links.resend_interval).checkpoint() for s in self.specs]
-        self.current = [dict.fromkeys(_COUNTER_NAMES, 0) for _ in range(n)]
-        self.retired = [dict.fromkeys(_COUNTER_NAMES, 0) for _ in range(n)]
-        self.updates = [0] * n
-        self.retired_updates = [0] * n
-        self.epochs = [0] * n
-        self.down: dict[int, tuple[float, Any]] = {}
-        self.pending_crashes = sorted(enumerate(scenario.faults.crashes),
-                                      key=lambda item: item[1].at)
-        self.crashes = 0
-        self.restarts = 0
-        self.resident: list[int | None] = [None] * n
-        self.nodes: list[str | None] = [None] * n
+        self.last_checkpoint_poll = -np.inf
+        self.checkpoint_sink: Callable[[dict[int, bytes]], None] | None = None
 
-    def _create(self, sid: int) -> Any:
-        placement = self.scenario.ray.placement
-        if not placement:
-            return self.remote.remote(sid, self.settings[sid], self.origin)
-        # Explicit placement: a sliver of the node's custom resource pins the actor to it.
-        pinned = ray.remote(ShardActor).options(
-            num_cpus=self.scenario.ray.actor_cpus, max_restarts=self.scenario.ray.max_restarts,
-            max_task_retries=0, resources={placement[sid % len(placement)]: 0.001})
-        return pinned.remote(sid, self.settings[sid], self.origin)
-
-    def _settings(self, spec: ShardSpec, factors: dict[tuple[int, int], float]) -> ActorSettings:
+    def _settings(self, host: int, factors: dict[tuple[int, int], float]) -> HostSettings:
         s = self.scenario
-        return ActorSettings(
+        mine = set(self.members[host])
+        return HostSettings(
             seed=s.seed, rule=self.rule, resend_interval=s.links.resend_interval,
-            time_unit=s.ray.time_unit, wake_kind=s.wake.kind, wake_period=s.wake.period,
-            wake_jitter=s.wake.jitter, delay=s.links.delay, delay_spread=s.links.spread,
+            wake_kind=s.wake.kind, wake_period=s.wake.period, wake_jitter=s.wake.jitter,
+            delay=s.links.delay, delay_spread=s.links.spread,
             pareto_shape=s.links.pareto_shape, loss=s.links.loss,
             duplication=s.links.duplication,
-            link_mean={n: s.links.mean * factors[(spec.shard_id, n)] for n in spec.neighbours},
             partitions=tuple((w.start, w.stop, frozenset(w.shards))
                              for w in s.faults.partitions),
-            checkpoint_interval=s.faults.checkpoint_interval)
+            checkpoint_interval=s.faults.checkpoint_interval,
+            paced=s.ray.clock == "paced", record_events=s.record_events,
+            link_mean={link: s.links.mean * f for link, f in factors.items()
+                       if link[0] in mine},
+            crashes=tuple(HostCrash(c.shard, c.at, c.down_for, c.restore)
+                          for c in s.faults.crashes if c.shard in mine))
+
+    def _create(self, host: int) -> Any:
+        cfg = self.scenario.ray
+        options: dict[str, Any] = {"num_cpus": cfg.actor_cpus, "max_restarts": cfg.max_restarts,
+                                   "max_task_retries": 0, "max_concurrency": 1000}
+        if cfg.placement:
+            # Explicit placement: a sliver of the node's custom resource pins the host to it.
+            options["resources"] = {cfg.placement[host % len(cfg.placement)]: 0.001}
+        else:
+            options["scheduling_strategy"] = "SPREAD"
+        return ray.remote(HostActor).options(**options).remote(
+            host, self.shard_host, self.settings[host], cfg.time_unit, cfg.max_in_flight)
+
+    # -- the coordinator's interface ------------------------------------------------------
 
     def start(self) -> None:
-        # The coordinator's clock starts when the shards start balancing, after start-up.
-        self.started = time.perf_counter()
+        # The run's clock starts when the shards start balancing, after start-up.
         self.origin = time.time()
+        self.started = time.perf_counter()
         ray.get([a.start.remote(self.origin) for a in self.actors])
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Scenario time units since the start."""
+        return (time.perf_counter() - self.started) / self.time_unit
 
     def advance(self, until: float) -> float:
-        """Let the actors run until ``until`` seconds after start, then collect their state."""
-        while True:
-            self._faults()
-            remaining = until - self.elapsed()
-            if remaining <= 0:
-                break
+        """Let the hosts run until ``until`` time units after the start, then collect."""
+        remaining = (until - self.elapsed()) * self.time_unit
+        if remaining > 0:
             # The driver only watches: the shards balance in their own processes meanwhile.
-            time.sleep(min(remaining, self.time_unit * 10, 0.05))
+            time.sleep(remaining)
         self._poll()
         return self.elapsed()
 
-    def _faults(self) -> None:
-        now_units = self.elapsed() / self.time_unit
-        while self.pending_crashes and self.pending_crashes[0][1].at <= now_units:
-            _, crash = self.pending_crashes.pop(0)
-            sid = crash.shard
-            if sid in self.down:
-                continue
+    def _poll(self) -> None:
+        every = max(self.scenario.ray.checkpoint_seconds, 0.0)
+        with_checkpoints = time.perf_counter() - self.last_checkpoint_poll >= every
+        if with_checkpoints:
+            self.last_checkpoint_poll = time.perf_counter()
+        refs = [a.poll.remote(with_checkpoints) for a in self.actors]
+        fresh: dict[int, bytes] = {}
+        for host, ref in enumerate(refs):
             try:
-                self._absorb(sid, ray.get(self.actors[sid].poll.remote()))
+                reply = ray.get(ref)
             except ray.exceptions.RayActorError:
-                pass  # already gone: it crashes from where the last poll left it
-            restore = self.checkpoints[sid] if crash.restore == "checkpoint" else None
-            ray.kill(self.actors[sid], no_restart=False)
-            self._mark_down(sid, crash.at + crash.down_for, restore)
-        for sid, (back_at, restore) in list(self.down.items()):
-            if back_at <= now_units:
-                self.epochs[sid] += 1
-                self._resume(sid, restore)
-                del self.down[sid]
-                self.restarts += 1
+                reply = {"log_scales": None}
+            if reply["log_scales"] is None:
+                # Its process or node died (or Ray already restarted it, empty): resume it.
+                self._recover(host)
+                continue
+            fresh.update(self._absorb(host, reply))
+        if fresh and self.checkpoint_sink is not None:
+            self.checkpoint_sink(fresh)
 
-    def _mark_down(self, sid: int, back_at: float, restore: bytes | None) -> None:
-        """Count a crash; until ``back_at`` the shard counts with what it will restart from."""
-        for name in _COUNTER_NAMES:
-            self.retired[sid][name] += self.current[sid][name]
-        self.current[sid] = dict.fromkeys(_COUNTER_NAMES, 0)
-        self.retired_updates[sid] += self.updates[sid]
-        self.updates[sid] = 0
-        self.crashes += 1
-        self.events.write("crash", self.elapsed(), sid)
-        self.down[sid] = (back_at, restore)
-        self.latest[sid] = Shard.restore(self.specs[sid], self.rule,
-                                         self.scenario.links.resend_interval, 0,
-                                         restore).log_scales
+    def _absorb(self, host: int, reply: dict[str, Any]) -> dict[int, bytes]:
+        values = log_scales_of(reply)
+        if values is not None:
+            self.latest[host] = values
+        self.current[host] = reply["counters"]
+        self.updates[host] = reply["unit_updates"]
+        self.crash_logs[host] = reply["crash_log"]
+        self.queue_max[host] = max(self.queue_max[host], reply["queue_max"])
+        self.resident[host] = reply["resident_bytes"]
+        self.nodes[host] = reply.get("node_id")
+        for sid, count in reply["restarts"].items():
+            self.restarts[int(sid)] = int(count)
+        checkpoints = {int(k): v for k, v in reply["checkpoints"].items()}
+        self.saved.update(checkpoints)
+        unit = self.time_unit
+        for record in reply["events"]:
+            # Hosts stamp events in time units on the run's clock; the log is in seconds.
+            record[1] = record[1] * unit
+            self.events.write(*record)
+        return checkpoints
 
-    def _resume(self, sid: int, restore: bytes | None) -> None:
-        """Hand the restarted actor its checkpoint, replacing it if Ray could not restart it."""
+    def _recover(self, host: int) -> None:
+        """A host process is gone: count it, then resume its shards from saved checkpoints."""
+        lost_at = self.elapsed()
+        for name, value in self.current[host].items():
+            self.retired[name] += value
+        self.current[host] = dict.fromkeys(self.current[host], 0)
+        self.retired_updates += self.updates[host]
+        self.updates[host] = 0
+        self.retired_crash_logs += self.crash_logs[host]
+        self.crash_logs[host] = []
+        members = self.members[host]
+        # Epochs above any the lost process can have used, so peers take the new state.
+        for sid in members:
+            self.restarts[sid] += self.crashes_per_shard[sid] + 1
+        for sid in members:
+            self.events.write("crash", lost_at * self.time_unit, sid)
+        state = {sid: self.saved[sid] for sid in members}
         deadline = time.perf_counter() + 120.0
         while True:
             try:
-                ray.get(self.actors[sid].resume.remote([self.spec_refs[sid]], self.peers[sid],
-                                                       restore, self.epochs[sid]))
-                return
+                ray.get(self.actors[host].setup.remote(
+                    [self.spec_refs[host]], self.peers, self.origin, self.generation, state,
+                    {sid: self.restarts[sid] for sid in members}))
+                break
             except ray.exceptions.ActorUnavailableError:
-                # Restarting a process takes a moment; resume is idempotent, so ask again.
+                # Restarting a process takes a moment; setup is idempotent, so ask again.
                 if time.perf_counter() > deadline:
                     raise
                 time.sleep(0.05)
             except ray.exceptions.RayActorError:
-                # Restarts used up: a fresh actor takes the shard over.
+                # Restarts used up: a fresh actor takes the host over.
                 if time.perf_counter() > deadline:
                     raise
-                self._replace(sid)
+                self._replace(host)
+        back_at = self.elapsed()
+        for sid in members:
+            self.events.write("restart", back_at * self.time_unit, sid, "checkpoint",
+                              self.restarts[sid])
+        self.host_losses.append({"host": host, "shards": len(members), "lost_at": lost_at,
+                                 "resumed_at": back_at, "real_down_for": back_at - lost_at})
+        # Latest state of a lost host: what it resumed from.
+        self.latest[host] = np.concatenate(
+            [Shard.restore(self.specs[sid], self.rule, self.scenario.links.resend_interval, 0,
+                           self.saved[sid]).log_scales for sid in members])
 
-    def _replace(self, sid: int) -> None:
+    def _replace(self, host: int) -> None:
         with contextlib.suppress(ray.exceptions.RayError):
-            ray.kill(self.actors[sid], no_restart=True)
-        self.actors[sid] = self._create(sid)
-        for peers in self.peers:
-            if sid in peers:
-                peers[sid] = self.actors[sid]
-        ray.get([self.actors[n].connect.remote(self.peers[n])
-                 for n in self.specs[sid].neighbours if n not in self.down])
+            ray.kill(self.actors[host], no_restart=True)
+        self.actors[host] = self._create(host)
+        self.peers[host] = self.actors[host]
+        ray.get([a.connect.remote(self.peers) for h, a in enumerate(self.actors) if h != host])
 
-    def _poll(self) -> None:
-        live = [sid for sid in range(len(self.actors)) if sid not in self.down]
-        pending = [(sid, self.actors[sid].poll.remote()) for sid in live]
-        for sid, ref in pending:
-            try:
-                reply = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                # Not an injected crash: its process or node died. It comes back from its
-                # last checkpoint at once, on whichever node Ray (or the driver) puts it.
-                self._mark_down(sid, 0.0, self.checkpoints[sid])
-                continue
-            if reply["log_scales"] is None:
-                # Ray already restarted this actor (its node died between two polls): the
-                # new process holds no shard until it is resumed from the checkpoint.
-                self._mark_down(sid, 0.0, self.checkpoints[sid])
-                continue
-            self._absorb(sid, reply)
-
-    def _absorb(self, sid: int, reply: dict[str, Any]) -> None:
-        if reply["log_scales"] is not None:
-            self.latest[sid] = np.frombuffer(reply["log_scales"], dtype=np.float64).copy()
-        self.current[sid] = reply["counters"]
-        self.updates[sid] = reply["unit_updates"]
-        if reply["checkpoint"] is not None:
-            self.checkpoints[sid] = reply["checkpoint"]
-        self.resident[sid] = reply["resident_bytes"]
-        self.nodes[sid] = reply.get("node_id")
-        for record in reply["events"]:
-            self.events.write(*record)
+    def reload(self, specs: Sequence[ShardSpec]) -> None:
+        """New costs for the same shards (training): every shard restarts at u = 0."""
+        if [s.shard_id for s in specs] != [s.shard_id for s in self.specs]:
+            raise ValueError("a reload must keep the shards")
+        self.specs = list(specs)
+        self.generation += 1
+        self.spec_refs = [ray.put([self.specs[sid] for sid in members])
+                          for members in self.members]
+        ray.get([a.reload.remote([ref], self.generation)
+                 for a, ref in zip(self.actors, self.spec_refs, strict=True)])
+        self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
+        self.saved = {s.shard_id: Shard(s, self.rule, self.scenario.links.resend_interval)
+                      .checkpoint() for s in self.specs}
 
     def owned_log_scales(self) -> list[np.ndarray]:
-        return [values.copy() for values in self.latest]
+        """Each shard's own log-scales, in shard order."""
+        out: list[np.ndarray] = [np.zeros(0)] * len(self.specs)
+        for host, members in enumerate(self.members):
+            start = 0
+            for sid in members:
+                n = self.specs[sid].n_own
+                out[sid] = self.latest[host][start:start + n].copy()
+                start += n
+        return out
 
     def message_counters(self) -> MessageCounters:
-        total = {name: sum(r[name] + c[name] for r, c in
-                           zip(self.retired, self.current, strict=True))
-                 for name in _COUNTER_NAMES}
+        total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)
+                 for name in self.retired}
+        crashes = self.crash_records()
         return MessageCounters(
             sent=total["sent"], delivered=total["delivered"], applied=total["applied"],
-            dropped=total["dropped"], duplicated=total["duplicated"],
-            unit_updates=sum(self.retired_updates) + sum(self.updates),
-            crashes=self.crashes, restarts=self.restarts)
+            dropped=total["dropped"] + total["stale"], duplicated=total["duplicated"],
+            unit_updates=self.retired_updates + sum(self.updates),
+            crashes=len(crashes) + sum(loss["shards"] for loss in self.host_losses),
+            restarts=sum(r["restarted_at"] is not None for r in crashes)
+            + sum(loss["shards"] for loss in self.host_losses))
+
+    def crash_records(self) -> list[dict]:
+        return self.retired_crash_logs + [r for log in self.crash_logs for r in log]
+
+    def transport(self) -> dict[str, Any]:
+        """What crossed process boundaries, and how long the host queues ever grew."""
+        total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)
+                 for name in ("calls", "lost_calls", "coalesced")}
+        return {**total, "hosts": self.n_hosts, "host_of_shard": list(self.shard_host),
+                "max_host_queue": max(self.queue_max) if self.queue_max else 0,
+                "host_losses": list(self.host_losses)}
+
+    def checkpoints(self) -> dict[int, bytes]:
+        return dict(self.saved)
 
     def shard_nodes(self) -> list[str | None]:
-        """The Ray node id each shard's actor reported at its last poll."""
-        return list(self.nodes)
+        """The Ray node id of each shard's host at its last poll."""
+        return [self.nodes[h] for h in self.shard_host]
 
     def resident_bytes(self) -> list[int | None]:
-        """Resident memory of each actor process at its last poll (None without psutil)."""
+        """Resident memory of each host process at its last poll (None without psutil)."""
         return list(self.resident)
 
     def close(self) -> None:
+        actors = [a for a in getattr(self, "actors", []) if a is not None]
         try:
-            for actor in self.actors:
-                try:
-                    ray.get(actor.stop.remote(), timeout=10)
-                except ray.exceptions.RayError:
-                    pass  # crashed or restarting: killing it below is all that is left
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get([a.stop.remote() for a in actors], timeout=10)
         finally:
-            for actor in self.actors:
-                ray.kill(actor, no_restart=True)
-            if self.owns_ray:
+            for actor in actors:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.kill(actor, no_restart=True)
+            if getattr(self, "owns_ray", False):
                 ray.shutdown()
+

@@ -11,7 +11,7 @@ Use it from a process of its own (a Ray driver is connected to one cluster at a 
 
     with LocalCluster(nodes=3) as cluster:
         run_scenario(scenario, out, backend="ray", address=cluster.address)
-        placement = actor_placement("ShardActor")
+        placement = actor_placement("HostActor")
 
 ``actor_placement`` reads from the cluster's control store (GCS) on which node each actor
 was placed, dead actors included, so it also answers after a run has ended; it needs no
@@ -276,7 +276,7 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
              remove_after: int | None) -> dict[str, Any]:
     from asyncbalance.runtime.coordinator import run_scenario
 
-    before = {p.actor_id for p in actor_placement("ShardActor")}
+    before = {p.actor_id for p in actor_placement("HostActor")}
     removal = NodeRemoval(remove_after) if remove_after is not None else None
     began = time.perf_counter()
     seen = {"samples": 0}
@@ -304,7 +304,7 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
         run["error"] = f"{type(exc).__name__}: {exc}"
     run["seconds"] = time.perf_counter() - began
     index = {node_id: i for i, node_id in cluster.node_ids().items()}
-    placements = [p for p in actor_placement("ShardActor") if p.actor_id not in before]
+    placements = [p for p in actor_placement("HostActor") if p.actor_id not in before]
     run["actors"] = [{"actor_id": p.actor_id, "node": index.get(p.node_id), "state": p.state,
                       "num_restarts": p.num_restarts} for p in placements]
     run["distinct_nodes"] = len({p.node_id for p in placements})
@@ -313,7 +313,7 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
 
 
 def _remove_busiest_worker(cluster: LocalCluster, removal: NodeRemoval) -> None:
-    live = [p for p in actor_placement("ShardActor") if p.state == "ALIVE"]
+    live = [p for p in actor_placement("HostActor") if p.state == "ALIVE"]
     counts: dict[int, int] = {}
     for placement in live:
         try:

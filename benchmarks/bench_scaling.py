@@ -220,7 +220,7 @@ def ray_points(work: Path, node_counts: tuple[int, ...]) -> list[dict[str, Any]]
             node_index = {v: k for k, v in cluster.node_ids().items()}
             for width, depth, k in RAY_CONFIGS:
                 layout = layout_of(width, depth, k)
-                before = {p.actor_id for p in actor_placement("ShardActor")}
+                before = {p.actor_id for p in actor_placement("HostActor")}
                 s = scenario(f"ray-n{nodes}-w{width}-k{k}", width, depth, k, "ray",
                              ray={"time_unit": RAY_TIME_UNIT, "sample_seconds": 0.05},
                              stop={"max_time": 1e6, "max_wall_seconds": 90.0})
@@ -235,7 +235,7 @@ def ray_points(work: Path, node_counts: tuple[int, ...]) -> list[dict[str, Any]]
                 rounds = messages / layout.messages_per_round()
                 seconds = summary["run_seconds"]
                 per_node: dict[int, int] = {}
-                for p in actor_placement("ShardActor"):
+                for p in actor_placement("HostActor"):
                     if p.actor_id not in before:
                         i = node_index.get(p.node_id, -1)
                         per_node[i] = per_node.get(i, 0) + 1

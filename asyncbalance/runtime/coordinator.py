@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
 import os
 import shutil
@@ -17,38 +16,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import msgpack
 import numpy as np
 
 from .. import kernels
 from ..errors import InvalidInputError
 from ..forward import function_rel_error, probe_inputs
 from ..graph import CostGraph, build_cost_graph
-from ..io import write_json
+from ..io import atomic_write, write_json
 from ..network import Network, scale_network
-from ..optimum import Certificate, solve_optimum
+from ..optimum import Certificate, gauge_components, project_gauge, solve_optimum
+from ..provenance import provenance, utc_now
 from ..regularisers import lp
+from .backends import Backend, backend_factory
 from .events import EventWriter
 from .partition import partition_units
 from .record import Sample, plot_convergence, plot_sweep, write_summary, write_trace_csv
 from .scenario import Scenario, ScenarioPoint, build_network
 from .shard import ShardSpec, build_shard_specs, gather_log_scales
-from .simulator import MessageCounters, Simulator
+from .simulator import MessageCounters
 
 # Function preservation is exact in exact arithmetic; in float64 the scaled forward pass
 # differs by rounding only (a few ulps per layer), far below this bound.
 FUNCTION_TOL = 1e-12
-
-
-class Backend(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-    def advance(self, until: float) -> float: ...
-    def owned_log_scales(self) -> list[np.ndarray]: ...
-    def message_counters(self) -> MessageCounters: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +87,8 @@ def _check_fault_targets(scenario: Scenario, n_shards: int) -> None:
 
 def make_backend(problem: Problem, events: EventWriter, backend: str,
                  address: str | None) -> Backend:
-    if backend == "sim":
-        return Simulator(problem.specs, problem.scenario, events)
-    if backend == "ray":
-        # Imported only here: the runtime package itself never imports Ray.
-        module = importlib.import_module("actors.backend")
-        return module.RayBackend(problem.specs, problem.scenario, events, address)
-    raise InvalidInputError("backend", f"unknown backend {backend!r}", ("sim", "ray"))
+    """The named backend (the simulator, or one registered by entry point such as Ray)."""
+    return backend_factory(backend)(problem.specs, problem.scenario, events, address=address)
 
 
 def _fresh_dir(out_dir: Path) -> Path:
@@ -123,167 +110,281 @@ def _building(out_dir: Path):
         raise
 
 
+def _claim_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` itself, exclusively: a second run into the same place is refused."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(out_dir)
+    except FileExistsError:
+        raise InvalidInputError("--out", f"{out_dir} already exists; choose a new "
+                                "directory") from None
+    return out_dir
+
+
 ProgressCallback = Callable[[Sample, Scenario], None]
+
+# Summary ``status``: ``running`` while the run goes, ``complete`` when it ended by one of its
+# stop conditions, ``incomplete`` when it was interrupted or failed part-way.
+STATUSES = ("running", "complete", "incomplete")
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path, *, backend: str | None = None,
                  address: str | None = None, base_dir: Path | None = None,
                  progress: ProgressCallback | None = None,
                  sweep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one scenario and write its record to ``out_dir`` (which must not exist yet)."""
+    """Run one scenario and write its record to ``out_dir`` (which must not exist yet).
+
+    Everything is validated (and the backend started) before the record counts as begun: bad
+    input leaves nothing behind. From the start of balancing on, the record is written as the
+    run goes (events, checkpoints, a ``running`` summary), so an interrupted run leaves a
+    record marked ``incomplete`` rather than nothing.
+    """
     out = Path(out_dir)
-    with _building(out) as tmp:
-        return _run_into(tmp, scenario, backend or scenario.backend, address, base_dir,
-                         progress, sweep or {})
-
-
-def _run_into(directory: Path, scenario: Scenario, backend_name: str, address: str | None,
-              base_dir: Path | None, progress: ProgressCallback | None,
-              sweep: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
+    backend_name = backend or scenario.backend
     problem = prepare(scenario, base_dir)
-    stop = scenario.stop
-    u_star = problem.optimum.log_scales
-    cost_star = problem.optimum.cost
-    samples: list[Sample] = []
-    function_errors: list[float] = []
-    with open(directory / "events.msgpack", "wb") as handle:
-        events = EventWriter(handle if scenario.record_events else None)
-        events.header(backend_name, problem.graph.n_units, len(problem.specs), scenario.seed)
+    directory = _claim_dir(out)
+    began = time.perf_counter()
+    try:
+        events_handle = open(directory / "events.msgpack", "wb")  # noqa: SIM115
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    events = EventWriter(events_handle if scenario.record_events else None)
+    events.header(backend_name, problem.graph.n_units, len(problem.specs), scenario.seed)
+    try:
         runtime = make_backend(problem, events, backend_name, address)
-        try:
-            runtime.start()
-            run_began = time.perf_counter()
-            if backend_name == "sim":
-                interval, horizon = stop.sample_interval, stop.max_time
-            else:
-                interval = scenario.ray.sample_seconds
-                horizon = stop.max_time * scenario.ray.time_unit
-            # Faults are part of the experiment: tolerance ends a run only after they played out.
-            faults_end = max([c.at + c.down_for for c in scenario.faults.crashes]
-                             + [w.stop for w in scenario.faults.partitions] + [0.0])
-            if backend_name != "sim":
-                faults_end *= scenario.ray.time_unit
-            clock = 0.0
-            stop_reason = "max_time"
-            index = 0
-            while True:
-                wall = time.perf_counter() - run_began
-                counters = runtime.message_counters()
-                u = gather_log_scales(problem.graph.n_units, problem.specs,
-                                      runtime.owned_log_scales())
-                error = float(np.max(np.abs(u - u_star))) if u.size else 0.0
-                if not np.isfinite(error):
-                    # A step too large for the gradient-flow rule (or too little damping).
-                    stop_reason = "diverged"
-                elif error <= stop.tol and clock >= faults_end:
-                    stop_reason = "tolerance"
-                elif clock >= horizon:
-                    stop_reason = "max_time"
-                elif wall >= stop.max_wall_seconds:
-                    stop_reason = "max_wall_seconds"
-                elif counters.sent >= stop.max_messages:
-                    stop_reason = "max_messages"
-                else:
-                    stop_reason = ""
-                final_check = bool(stop_reason)
-                sample = _sample(problem, u, clock, wall, counters, cost_star,
-                                 check_function=(stop.function_check == "every_sample"
-                                                 or final_check))
-                if sample.function_rel_error is not None:
-                    function_errors.append(sample.function_rel_error)
-                samples.append(sample)
-                events.write("sample", clock, sample.max_abs_error, sample.relative_cost_gap,
-                             sample.messages_sent, sample.messages_delivered,
-                             sample.messages_dropped, sample.function_rel_error)
-                if progress is not None:
-                    progress(sample, scenario)
-                if stop_reason:
-                    break
-                index += 1
-                clock = runtime.advance(min(index * interval, horizon))
-            counters = runtime.message_counters()
-            run_seconds = time.perf_counter() - run_began
-        finally:
-            runtime.close()
-    final = samples[-1]
-    converged = stop_reason == "tolerance"
-    time_to_tol = final.time if converged else None
-    summary: dict[str, Any] = {
-        "name": scenario.name,
-        "converged": converged,
-        "stop_reason": stop_reason,
-        "tol": stop.tol,
-        "max_abs_log_scale_error": final.max_abs_error,
-        "relative_cost_gap": final.relative_cost_gap,
-        "max_log_imbalance": final.max_log_imbalance,
-        "function_max_rel_error": max(function_errors) if function_errors else None,
-        "function_checks": len(function_errors),
-        "function_tol": FUNCTION_TOL,
-        "function_exact": (all(e <= FUNCTION_TOL for e in function_errors)
-                           if function_errors else None),
-        "messages_sent": counters.sent,
-        "messages_delivered": counters.delivered,
-        "messages_dropped": counters.dropped,
-        "messages_duplicated": counters.duplicated,
-        "messages_per_unit": counters.sent / max(problem.graph.n_units, 1),
-        "unit_updates": counters.unit_updates,
-        "crashes": counters.crashes,
-        "restarts": counters.restarts,
-        "wall_seconds": time.perf_counter() - started,
-        "run_seconds": run_seconds,
-        "sim_time": final.time if backend_name == "sim" else None,
-        "time_to_tol": time_to_tol,
-        "time_unit": "simulated" if backend_name == "sim" else "seconds",
-        "backend": backend_name,
-        "rule": scenario.balance.rule,
-        "p": scenario.balance.p,
-        "n_units": problem.graph.n_units,
-        "n_shards": len(problem.specs),
-        "seed": scenario.seed,
-        "samples": len(samples),
-        "events": events.count,
-        "optimum_cost": cost_star,
-        "optimum_seconds": problem.optimum.seconds,
-        "sweep": sweep,
-        "scenario": dataclasses.asdict(scenario),
-    }
-    if backend_name == "sim":
-        busy = getattr(runtime, "busy_seconds", 0.0)
-        summary["unit_updates_per_second"] = counters.unit_updates / busy if busy else None
-    summary["shard_cost_bytes"] = [spec.cost_bytes for spec in problem.specs]
-    resident = getattr(runtime, "resident_bytes", None)
-    summary["actor_resident_bytes"] = resident() if resident is not None else None
-    # Where each shard last ran (Ray node ids; a restart elsewhere shows), None in simulation.
-    nodes = getattr(runtime, "shard_nodes", None)
-    summary["shard_nodes"] = nodes() if nodes is not None else None
-    if not scenario.record_events:
-        (directory / "events.msgpack").unlink()
-    write_summary(directory / "summary.json", summary)
-    write_trace_csv(directory / "trace.csv", samples)
-    label = "simulated time" if backend_name == "sim" else "wall seconds"
-    plot_convergence(directory / "convergence.png", samples, stop.tol, label,
-                     f"{scenario.name} ({backend_name}, {scenario.balance.rule})")
+    except BaseException:
+        events_handle.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    run = _Run(problem, directory, backend_name, runtime, events, sweep or {}, began)
+    try:
+        with events_handle:
+            summary = run.execute(progress)
+    except BaseException as exc:
+        run.abandon(exc)
+        raise
     return summary
 
 
-def _sample(problem: Problem, u: np.ndarray, clock: float, wall: float,
-            counters: MessageCounters, cost_star: float, check_function: bool) -> Sample:
-    graph = problem.graph
-    flows = kernels.unit_flows(graph, u)
-    cost = kernels.total_cost(graph, u, flows)
-    function_error = None
-    if check_function and problem.probe is not None:
-        function_error = function_rel_error(problem.network, scale_network(problem.network, u),
-                                            problem.probe)
-    return Sample(
-        time=float(clock), wall_seconds=float(wall),
-        max_abs_error=float(np.max(np.abs(u - problem.optimum.log_scales))) if u.size else 0.0,
-        relative_cost_gap=(cost - cost_star) / cost_star if cost_star else 0.0,
-        max_log_imbalance=kernels.max_log_imbalance(graph, u, flows),
-        messages_sent=counters.sent, messages_delivered=counters.delivered,
-        messages_dropped=counters.dropped, unit_updates=counters.unit_updates,
-        function_rel_error=function_error)
+class _Run:
+    """One run in progress: samples convergence, keeps the record on disk up to date."""
+
+    def __init__(self, problem: Problem, directory: Path, backend_name: str, runtime: Backend,
+                 events: EventWriter, sweep: dict[str, Any], began: float):
+        self.problem = problem
+        self.directory = directory
+        self.backend_name = backend_name
+        self.runtime = runtime
+        self.events = events
+        self.sweep = sweep
+        self.began = began
+        self.samples: list[Sample] = []
+        self.function_errors: list[float] = []
+        self.gauge = gauge_components(problem.graph)
+        self.run_seconds = 0.0
+        self.provenance = provenance()
+        self.closed = False
+        if hasattr(runtime, "checkpoint_sink"):
+            runtime.checkpoint_sink = self._save_checkpoints  # type: ignore[attr-defined]
+
+    # -- the record on disk -------------------------------------------------------------
+
+    def _save_checkpoints(self, fresh: dict[int, bytes]) -> None:
+        """Merge ``fresh`` shard checkpoints into ``checkpoints.msgpack`` (atomic replace)."""
+        path = self.directory / "checkpoints.msgpack"
+        saved: dict[int, bytes] = {}
+        if path.is_file():
+            saved = {int(k): v for k, v in msgpack.unpackb(path.read_bytes(),
+                                                           strict_map_key=False).items()}
+        saved.update(fresh)
+        with atomic_write(path, "wb") as handle:
+            handle.write(msgpack.packb(saved, use_bin_type=True))
+
+    def _write_progress(self, status: str, stop_reason: str) -> None:
+        summary = self._summary(status, stop_reason)
+        write_summary(self.directory / "summary.json", summary)
+        if self.samples:
+            write_trace_csv(self.directory / "trace.csv", self.samples)
+
+    def abandon(self, exc: BaseException) -> None:
+        """Mark the record incomplete (a Ctrl-C or a failure after the start)."""
+        with contextlib.suppress(Exception):
+            self._close_runtime()
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            f"failed: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            self._write_progress("incomplete", reason)
+
+    def _close_runtime(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.runtime.close()
+
+    # -- the run ------------------------------------------------------------------------
+
+    def error_of(self, u: np.ndarray) -> float:
+        """max |u - u*| with each gauge component's mean removed (u* has mean 0 there)."""
+        if not u.size:
+            return 0.0
+        projected = project_gauge(u.copy(), self.gauge) if self.gauge else u
+        return float(np.max(np.abs(projected - self.problem.optimum.log_scales)))
+
+    def execute(self, progress: ProgressCallback | None) -> dict[str, Any]:
+        problem, runtime = self.problem, self.runtime
+        scenario = problem.scenario
+        stop = scenario.stop
+        cost_star = problem.optimum.cost
+        self.runtime.start()
+        run_began = time.perf_counter()
+        # One clock in scenario time units on every backend (Ray: wall / ray.time_unit).
+        interval = stop.sample_interval if self.backend_name == "sim" else \
+            scenario.ray.sample_seconds / scenario.ray.time_unit
+        horizon = stop.max_time
+        # Faults are part of the experiment: tolerance ends a run only after they played out.
+        faults_end = max([c.at + c.down_for for c in scenario.faults.crashes]
+                         + [w.stop for w in scenario.faults.partitions] + [0.0])
+        clock = 0.0
+        index = 0
+        last_flush = time.perf_counter()
+        self._write_progress("running", "")
+        while True:
+            wall = time.perf_counter() - run_began
+            counters = runtime.message_counters()
+            u = gather_log_scales(problem.graph.n_units, problem.specs,
+                                  runtime.owned_log_scales())
+            error = self.error_of(u)
+            if not np.isfinite(error):
+                # A step too large for the gradient-flow rule (or too little damping).
+                stop_reason = "diverged"
+            elif error <= stop.tol and clock >= faults_end:
+                stop_reason = "tolerance"
+            elif clock >= horizon:
+                stop_reason = "max_time"
+            elif wall >= stop.max_wall_seconds:
+                stop_reason = "max_wall_seconds"
+            elif counters.sent >= stop.max_messages:
+                stop_reason = "max_messages"
+            else:
+                stop_reason = ""
+            sample = self._sample(u, error, clock, wall, counters, cost_star,
+                                  check_function=(stop.function_check == "every_sample"
+                                                  or bool(stop_reason)))
+            if sample.function_rel_error is not None:
+                self.function_errors.append(sample.function_rel_error)
+            self.samples.append(sample)
+            self.events.write("sample", clock, sample.max_abs_error, sample.relative_cost_gap,
+                              sample.messages_sent, sample.messages_delivered,
+                              sample.messages_dropped, sample.function_rel_error)
+            if progress is not None:
+                progress(sample, scenario)
+            if stop_reason:
+                break
+            if time.perf_counter() - last_flush >= 2.0:
+                # The record on disk follows the run: a crash of this process loses little.
+                last_flush = time.perf_counter()
+                if self.events.handle is not None:
+                    self.events.handle.flush()
+                self._write_progress("running", "")
+            index += 1
+            clock = runtime.advance(min(index * interval, horizon))
+        self.run_seconds = time.perf_counter() - run_began
+        self._close_runtime()
+        summary = self._summary("complete", stop_reason)
+        directory = self.directory
+        if not scenario.record_events:
+            (directory / "events.msgpack").unlink()
+        write_trace_csv(directory / "trace.csv", self.samples)
+        label = "simulated time units" if self.backend_name == "sim" else \
+            f"time units (wall seconds / {scenario.ray.time_unit:g})"
+        plot_convergence(directory / "convergence.png", self.samples, stop.tol, label,
+                         f"{scenario.name} ({self.backend_name}, {scenario.balance.rule})")
+        write_summary(directory / "summary.json", summary)
+        return summary
+
+    def _summary(self, status: str, stop_reason: str) -> dict[str, Any]:
+        problem, runtime, scenario = self.problem, self.runtime, self.problem.scenario
+        stop = scenario.stop
+        counters = runtime.message_counters()
+        final = self.samples[-1] if self.samples else None
+        converged = stop_reason == "tolerance"
+        errors = self.function_errors
+        ray_clock = self.backend_name != "sim"
+        summary: dict[str, Any] = {
+            "name": scenario.name,
+            "status": status,
+            "converged": converged,
+            "stop_reason": stop_reason,
+            "tol": stop.tol,
+            "max_abs_log_scale_error": final.max_abs_error if final else None,
+            "distance_measure": ("max |u - u*| after removing each gauge component's mean"
+                                 if self.gauge else "max |u - u*|"),
+            "gauge_components": [[int(i) for i in c] for c in self.gauge],
+            "relative_cost_gap": final.relative_cost_gap if final else None,
+            "max_log_imbalance": final.max_log_imbalance if final else None,
+            "function_max_rel_error": max(errors) if errors else None,
+            "function_checks": len(errors),
+            "function_tol": FUNCTION_TOL,
+            "function_exact": all(e <= FUNCTION_TOL for e in errors) if errors else None,
+            "messages_sent": counters.sent,
+            "messages_delivered": counters.delivered,
+            "messages_dropped": counters.dropped,
+            "messages_duplicated": counters.duplicated,
+            "messages_per_unit": counters.sent / max(problem.graph.n_units, 1),
+            "unit_updates": counters.unit_updates,
+            "crashes": counters.crashes,
+            "restarts": counters.restarts,
+            "wall_seconds": time.perf_counter() - self.began,
+            "run_seconds": self.run_seconds,
+            "sim_time": final.time if final and not ray_clock else None,
+            "time_to_tol": final.time if converged and final else None,
+            "wall_seconds_to_tol": final.wall_seconds if converged and final else None,
+            "time_unit": ("simulated time units" if not ray_clock else
+                          f"time units of {scenario.ray.time_unit:g} wall seconds"),
+            "backend": self.backend_name,
+            "clock": "simulated" if not ray_clock else scenario.ray.clock,
+            "rule": scenario.balance.rule,
+            "p": scenario.balance.p,
+            "n_units": problem.graph.n_units,
+            "n_shards": len(problem.specs),
+            "seed": scenario.seed,
+            "samples": len(self.samples),
+            "events": self.events.count,
+            "optimum_cost": problem.optimum.cost,
+            "optimum_seconds": problem.optimum.seconds,
+            "sweep": self.sweep,
+            "scenario": dataclasses.asdict(scenario),
+            "provenance": {**self.provenance, "finished_utc": utc_now()},
+        }
+        if not ray_clock:
+            busy = getattr(runtime, "busy_seconds", 0.0)
+            summary["unit_updates_per_second"] = counters.unit_updates / busy if busy else None
+        summary["shard_cost_bytes"] = [spec.cost_bytes for spec in problem.specs]
+        for key, method in (("actor_resident_bytes", "resident_bytes"),
+                            ("shard_nodes", "shard_nodes"), ("transport", "transport"),
+                            ("crash_records", "crash_records")):
+            getter = getattr(runtime, method, None)
+            summary[key] = getter() if getter is not None else None
+        return summary
+
+    def _sample(self, u: np.ndarray, error: float, clock: float, wall: float,
+                counters: MessageCounters, cost_star: float, check_function: bool) -> Sample:
+        problem = self.problem
+        graph = problem.graph
+        flows = kernels.unit_flows(graph, u)
+        cost = kernels.total_cost(graph, u, flows)
+        function_error = None
+        if check_function and problem.probe is not None:
+            function_error = function_rel_error(problem.network,
+                                                scale_network(problem.network, u),
+                                                problem.probe)
+        return Sample(
+            time=float(clock), wall_seconds=float(wall), max_abs_error=error,
+            relative_cost_gap=(cost - cost_star) / cost_star if cost_star else 0.0,
+            max_log_imbalance=kernels.max_log_imbalance(graph, u, flows),
+            messages_sent=counters.sent, messages_delivered=counters.delivered,
+            messages_dropped=counters.dropped, unit_updates=counters.unit_updates,
+            function_rel_error=function_error)
 
 
 def run_points(points: Sequence[ScenarioPoint], out_dir: str | Path, *,

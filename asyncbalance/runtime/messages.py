@@ -68,3 +68,19 @@ def decode_message(payload: bytes) -> StateMessage:
         raise InvalidInputError("message", f"{units.shape[0]} unit ids for "
                                 f"{values.shape[0]} log-scales")
     return StateMessage(int(sender), int(receiver), int(epoch), int(seq), units, values)
+
+
+def encode_batch(messages: list[StateMessage]) -> bytes:
+    """Several state messages for one destination host, as one msgpack array of envelopes."""
+    return msgpack.packb([encode_message(m) for m in messages], use_bin_type=True)
+
+
+def decode_batch(payload: bytes) -> list[StateMessage]:
+    """Inverse of ``encode_batch``; malformed payloads raise ``InvalidInputError``."""
+    try:
+        envelopes = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidInputError("message", f"not a msgpack batch ({exc})") from None
+    if not isinstance(envelopes, list) or not all(isinstance(e, bytes) for e in envelopes):
+        raise InvalidInputError("message", "expected a batch: a list of state envelopes")
+    return [decode_message(e) for e in envelopes]

@@ -208,25 +208,40 @@ class StopConfig:
 @dataclass(frozen=True)
 class RayConfig:
     """``address``: empty starts a local Ray (or uses RAY_ADDRESS); ``time_unit``: seconds per
-    scenario time unit; ``sample_seconds``: how often the coordinator polls the shards;
-    ``placement``: custom node resource names, shard i goes to a node offering
-    ``placement[i % len(placement)]`` (empty: shards are spread over the nodes)."""
+    scenario time unit; ``clock``: ``paced`` plays the scenario's delays and wake draws in
+    real time, ``free`` runs unpaced (shards act on news at once, no modelled delays);
+    ``sample_seconds``: how often the coordinator polls the hosts; ``hosts``: shard host
+    processes (0: one per CPU the cluster offers); ``actor_cpus``: CPUs reserved per host;
+    ``max_in_flight``: calls outstanding per pair of hosts; ``checkpoint_seconds``: how often
+    the driver collects checkpoints into the run directory; ``placement``: custom node
+    resource names, host i goes to a node offering ``placement[i % len(placement)]`` (empty:
+    hosts are spread over the nodes)."""
 
     address: str = ""
     time_unit: float = 0.001
+    clock: Literal["paced", "free"] = "paced"
     sample_seconds: float = 0.05
+    hosts: int = 0
     actor_cpus: float = 0.0
+    max_in_flight: int = 2
     max_restarts: int = 1
-    max_actors_warning: int = 256
+    checkpoint_seconds: float = 1.0
     placement: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("time_unit", self.time_unit)
         _positive("sample_seconds", self.sample_seconds)
+        if self.hosts < 0:
+            raise InvalidInputError("hosts", f"must be >= 0 (0 = one per CPU), got {self.hosts}")
         if self.actor_cpus < 0:
             raise InvalidInputError("actor_cpus", f"must be >= 0, got {self.actor_cpus}")
+        if self.max_in_flight < 1:
+            raise InvalidInputError("max_in_flight", f"must be >= 1, got {self.max_in_flight}")
         if self.max_restarts < 0:
             raise InvalidInputError("max_restarts", f"must be >= 0, got {self.max_restarts}")
+        if not (self.checkpoint_seconds >= 0):
+            raise InvalidInputError("checkpoint_seconds",
+                                    f"must be >= 0, got {self.checkpoint_seconds}")
         if any(not name.strip() for name in self.placement):
             raise InvalidInputError("placement", "resource names must be non-empty strings")
 

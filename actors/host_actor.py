@@ -1,0 +1,193 @@
+"""The Ray shard host: a thin asyncio shell around ``asyncbalance.runtime.host.ShardHost``.
+
+One actor process hosts many logical shards. Its loop runs the host's events that are due
+on the scenario clock (wall seconds since the run's origin divided by ``time_unit``), sends
+each destination host its coalesced outbox as one call, and then sleeps until the next
+pending event or until news arrives, whichever is first. At most ``max_in_flight`` calls
+to each destination host are outstanding; a completed call frees the slot (backpressure),
+and what accumulates meanwhile stays coalesced in the outbox, so no queue grows with the
+length of the run.
+
+A host whose process dies is restarted by Ray (``max_restarts``) and re-runs ``__init__``;
+it then drops what it receives until the driver calls ``resume`` with its specs, the last
+checkpoints the driver saved and epochs above any the lost process used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from asyncbalance.runtime.host import HostSettings, ShardHost
+from asyncbalance.runtime.messages import decode_batch, encode_batch
+from asyncbalance.runtime.shard import ShardSpec
+
+
+class HostActor:
+    """Constructed with small arguments only; specs arrive by reference in ``setup``."""
+
+    def __init__(self, host_id: int, shard_host: list[int], settings: HostSettings,
+                 time_unit: float, max_in_flight: int):
+        self.host_id = host_id
+        self.shard_host = shard_host
+        self.settings = settings
+        self.time_unit = time_unit
+        self.max_in_flight = max_in_flight
+        self.origin = time.time()
+        self.host: ShardHost | None = None
+        self.peers: dict[int, Any] = {}
+        self.in_flight: dict[int, int] = {}
+        self.calls = 0
+        self.lost_calls = 0
+        self.dropped_down = 0
+        self.news: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.max_queue = 0
+        self.started = False
+        self.slice_events = 64
+
+    def _now(self) -> float:
+        return (time.time() - self.origin) / self.time_unit
+
+    async def setup(self, specs_box: list, peers: dict[int, Any], origin: float | None = None,
+                    generation: int = 0, checkpoints: dict[int, bytes] | None = None,
+                    restarts: dict[int, int] | None = None) -> int:
+        """Install the shards (``specs_box = [ObjectRef of list[ShardSpec]]``) and the peers.
+
+        With ``origin`` (a resume after the loss of this host) the shards run at once on the
+        run's clock; without, they wait for ``start``.
+        """
+        specs: list[ShardSpec] = await specs_box[0]
+        self.peers = peers
+        self.started = origin is not None
+        if origin is not None:
+            self.origin = origin
+        now = max(self._now(), 0.0) if self.started else 0.0
+        self.host = ShardHost(self.host_id, specs, self.shard_host, self.settings, generation,
+                              checkpoints, restarts, now=now)
+        self._ensure_loop()
+        return self.host_id
+
+    async def start(self, origin: float) -> int:
+        """Start balancing on the run's clock (``origin``: wall time of time unit 0)."""
+        self.origin = origin
+        self.started = True
+        self._wake_up()
+        return self.host_id
+
+    async def connect(self, peers: dict[int, Any]) -> int:
+        self.peers = peers
+        return self.host_id
+
+    async def reload(self, specs_box: list, generation: int) -> int:
+        """New costs for the same shards (training): u = 0 in a new generation."""
+        specs: list[ShardSpec] = await specs_box[0]
+        if self.host is None:
+            raise RuntimeError(f"host {self.host_id} has no shards to reload")
+        self.host.reload(specs, generation, self._now())
+        self._wake_up()
+        return self.host_id
+
+    def _ensure_loop(self) -> None:
+        if self.news is None:
+            self.news = asyncio.Event()
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        if self.news is not None:
+            self.news.set()
+
+    async def _loop(self) -> None:
+        assert self.news is not None
+        while self.host is not None:
+            host = self.host
+            if self.started:
+                # Small slices of work, so that deliveries and completions get in between.
+                host.advance(self._now(), max_events=self.slice_events)
+            self._flush()
+            self.max_queue = max(self.max_queue, host.queue_length())
+            wait = (host.next_due() - self._now()) * self.time_unit if self.started else 1.0
+            if wait <= 0:
+                # Still work due: let deliveries and completions in before going on.
+                await asyncio.sleep(0)
+                continue
+            self.news.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.news.wait(), timeout=min(wait, 1.0))
+
+    def _flush(self) -> None:
+        host = self.host
+        if host is None:
+            return
+        for dst in host.pending_hosts():
+            if self.in_flight.get(dst, 0) >= self.max_in_flight or dst not in self.peers:
+                continue
+            batch = host.take_outbox(dst)
+            self.in_flight[dst] = self.in_flight.get(dst, 0) + 1
+            self.calls += 1
+            ref = self.peers[dst].receive.remote(encode_batch(batch))
+            asyncio.get_running_loop().create_task(self._complete(dst, ref))
+
+    async def _complete(self, dst: int, ref: Any) -> None:
+        try:
+            await ref
+        except ray.exceptions.RayError:
+            # The peer is down or restarting: the batch is lost like a dropped message, and
+            # anti-entropy re-sends the state once the peer is back.
+            self.lost_calls += 1
+        finally:
+            self.in_flight[dst] -= 1
+            self._wake_up()
+
+    async def receive(self, payload: bytes) -> None:
+        if self.host is None:
+            self.dropped_down += 1
+            return
+        self.host.receive(decode_batch(payload), self._now())
+        self._wake_up()
+
+    async def poll(self, with_checkpoints: bool) -> dict[str, Any]:
+        """Own log-scales (host order), counters, events, and fresh checkpoints if asked."""
+        host = self.host
+        if host is None:
+            return {"log_scales": None}
+        return {
+            "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
+            "generation": host.generation,
+            "restarts": host.epochs(),
+            "unit_updates": host.unit_updates(),
+            "counters": {**host.counters, "calls": self.calls, "lost_calls": self.lost_calls},
+            "events": host.take_events(),
+            "crash_log": [record.as_dict() for record in host.crash_log],
+            "checkpoints": host.take_checkpoints() if with_checkpoints else {},
+            "queue_max": self.max_queue,
+            "resident_bytes": _resident_bytes(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def stop(self) -> bool:
+        task, self.task = self.task, None
+        self.host = None
+        if task is not None:
+            task.cancel()
+        return True
+
+
+def _resident_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def log_scales_of(reply: dict[str, Any]) -> np.ndarray | None:
+    raw = reply.get("log_scales")
+    return None if raw is None else np.frombuffer(raw, dtype="<f8").copy()
