@@ -371,7 +371,7 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
             continue
         seeds = int(cb.get("seeds", budget.seeds))
         for setting in claim.settings_for(budget_name):
-            for point in points(claim.sweep_for(budget_name)):
+            for point_index, point in enumerate(points(claim.sweep_for(budget_name))):
                 label = point_label(point)
                 for arm_index, arm in enumerate(claim.arms):
                     if setting.tune:
@@ -379,14 +379,14 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
                             mapping = cell_mapping(study, claim, setting, point, arm, budget,
                                                    candidate, validation=True)
                             for seed in range(budget.tune_seeds):
-                                key = (claim.priority, 1, seed, order, setting.label, label,
-                                       arm_index, tuned_label(candidate))
+                                key = (claim.priority, 1, seed, order, setting.label,
+                                       point_index, arm_index, tuned_label(candidate))
                                 jobs.append((key, Job(claim.id, setting.label, label, arm.label,
                                                       seed, "tune", mapping, candidate)))
                     mapping = cell_mapping(study, claim, setting, point, arm, budget)
                     for seed in range(seeds):
                         key = (claim.priority, 2 if setting.tune else 0, seed, order,
-                               setting.label, label, arm_index, "")
+                               setting.label, point_index, arm_index, "")
                         jobs.append((key, Job(claim.id, setting.label, label, arm.label, seed,
                                               "run", mapping, {}, bool(setting.tune))))
     jobs.sort(key=lambda item: item[0])

@@ -1,0 +1,60 @@
+"""Convergence speed from accuracy curves: epochs to a threshold, area under the curve, and
+whether a curve has flattened (so that its last value may be called "final")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: A curve has flattened when it gained less than this (accuracy, 0.5 points) over the last
+#: FLAT_WINDOW share of its epochs.
+FLAT_TOLERANCE = 0.005
+FLAT_WINDOW = 0.2
+
+
+def _arrays(epochs: Sequence[float], values: Sequence[float | None]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(float(e), float(v)) for e, v in zip(epochs, values, strict=True)
+             if v is not None and np.isfinite(v)]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    e, v = np.array(pairs).T
+    return e, v
+
+
+def epochs_to_threshold(epochs: Sequence[float], values: Sequence[float | None],
+                        threshold: float) -> float | None:
+    """The first recorded epoch (>= 1) whose value reaches ``threshold``; None if never."""
+    e, v = _arrays(epochs, values)
+    hit = np.flatnonzero((v >= threshold) & (e >= 1))
+    return float(e[hit[0]]) if hit.size else None
+
+
+def area_under_curve(epochs: Sequence[float], values: Sequence[float | None]) -> float:
+    """Trapezoid area under the curve from its first to its last recorded epoch, divided
+    by that span: the mean value over training (1.0 = perfect from the start)."""
+    e, v = _arrays(epochs, values)
+    if e.size < 2 or e[-1] == e[0]:
+        return float(v[-1]) if v.size else float("nan")
+    return float(np.sum((v[1:] + v[:-1]) / 2 * np.diff(e)) / (e[-1] - e[0]))
+
+
+def recent_gain(epochs: Sequence[float], values: Sequence[float | None],
+                window: float = FLAT_WINDOW) -> tuple[float, float]:
+    """(gain, span): the value's change over the last ``window`` share of the epochs, and
+    that span in epochs (the row nearest to E - window*E is the reference)."""
+    e, v = _arrays(epochs, values)
+    if e.size < 2:
+        return float("nan"), 0.0
+    start = e[-1] - window * (e[-1] - e[0])
+    ref = int(np.argmin(np.abs(e - start)))
+    if ref == e.size - 1:
+        ref -= 1
+    return float(v[-1] - v[ref]), float(e[-1] - e[ref])
+
+
+def has_flattened(epochs: Sequence[float], values: Sequence[float | None],
+                  tolerance: float = FLAT_TOLERANCE, window: float = FLAT_WINDOW) -> bool:
+    gain, _ = recent_gain(epochs, values, window)
+    return bool(np.isfinite(gain) and gain < tolerance)

@@ -1,0 +1,110 @@
+"""The smoke study end to end on scikit-learn's digits (no Fashion-MNIST): records, resume
+after an interruption skips finished runs, report generation, README block."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import asyncbalance.training.loop as loop_module
+from asyncbalance.cli import main
+from asyncbalance.study.report import SUMMARY_BEGIN, SUMMARY_END
+from asyncbalance.study.spec import load_study, plan
+
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "paper_claims.toml"
+
+
+def _records(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns
+            for p in root.rglob("seed-*.json")}
+
+
+def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:
+    records = tmp_path / "records"
+    root = records / "paper_claims" / "smoke"
+    planned = plan(load_study(STUDY), "smoke")
+    assert len(planned) > 50
+    claims_in_plan = {job.claim for job in planned}
+    assert claims_in_plan == {c.id for c in load_study(STUDY).claims}
+
+    # an interruption in the fourth run: three records, nothing half-written
+    real_train_run = loop_module.train_run
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_train_run(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_run", interrupted)
+    args = ["study", "run", str(STUDY), "--budget", "smoke", "--records", str(records),
+            "--quiet"]
+    assert main(args) == 130
+    first = _records(root)
+    assert len(first) == 3
+    assert not [p for p in root.rglob("*") if p.name.startswith(".")]
+    monkeypatch.setattr(loop_module, "train_run", real_train_run)
+
+    # a stray temporary file from a killed write is ignored, never read as a record
+    stray = root / next(iter(first))
+    (stray.parent / f".{stray.name}.x.tmp").write_text("{not json")
+
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"{len(planned) - 3} runs done, 3 already recorded" in err
+    after = _records(root)
+    assert len(after) == len(planned)
+    assert all(after[k] == v for k, v in first.items())  # finished runs were not re-run
+
+    # a record whose configuration no longer matches is stale and re-run; others skipped
+    victim = root / sorted(after)[0]
+    data = json.loads(victim.read_text())
+    data["config_hash"] = "stale"
+    victim.write_text(json.dumps(data))
+    assert main(args) == 0
+    assert "1 runs done" in capsys.readouterr().err
+
+    record = json.loads(victim.read_text())
+    for key in ("claim", "setting", "arm", "seed", "config_hash", "config", "summary",
+                "curves", "provenance"):
+        assert key in record
+    assert record["summary"]["dataset"].startswith("digits")
+    tune = [json.loads(p.read_text()) for p in root.rglob("seed-*.json")
+            if "/tune/" in p.as_posix()]
+    assert tune and all(t["summary"]["evaluated_on"] == "validation" for t in tune)
+
+    # the report: every claim, no verdicts from the smoke budget, figures, README block
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nintro\n")
+    out = tmp_path / "docs" / "claims.md"
+    report_args = ["study", "report", str(STUDY), "--budget", "smoke", "--records",
+                   str(records), "-o", str(out), "--readme", str(readme)]
+    assert main(report_args) == 0
+    text = out.read_text()
+    for claim in load_study(STUDY).claims:
+        assert claim.title in text
+    assert "None: the `smoke` budget proves the machinery only." in text
+    assert "**Verdicts** (from" not in text          # no verdict section from smoke records
+    assert not [line for line in text.splitlines() if line.startswith("- [")]
+    assert list((tmp_path / "docs" / "claims").glob("*.png"))
+    assert main(report_args) == 0   # regenerating replaces the block, never duplicates it
+    body = readme.read_text()
+    assert body.startswith("# Project\n\nintro\n")
+    assert body.count(SUMMARY_BEGIN) == 1 and body.count(SUMMARY_END) == 1
+    shutil.rmtree(records)
+
+
+def test_missing_fashion_mnist_fails_at_once(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    records = tmp_path / "records"
+    code = main(["study", "run", str(STUDY), "--budget", "cpu", "--records", str(records),
+                 "--data-dir", str(tmp_path / "nowhere"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.dir" in err and "apt-get install dataset-fashion-mnist" in err
+    assert not records.exists()

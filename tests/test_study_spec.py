@@ -1,0 +1,88 @@
+"""Study files: validation of keys and values, override order, job order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asyncbalance.cli import main
+from asyncbalance.errors import InvalidInputError
+from asyncbalance.study.spec import load_study, parse_study, plan
+
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "paper_claims.toml"
+
+
+def _study(**claim_extra) -> dict:
+    claim = {"id": "c", "epochs": {"smoke": 2, "cpu": 5}, "baseline": "plain",
+             "arms": {"plain": {}, "nb": {"set": {"balancing.mode": "partial"}}},
+             "settings": {"paper": {"set": {"optimizer.lr": 0.1}},
+                          "tuned": {"tune": {"optimizer.lr": [0.01, 0.1]}}}}
+    claim.update(claim_extra)
+    return {"name": "s", "base": {"data": {"name": "digits"}},
+            "budgets": {"smoke": {"seeds": 2, "tune_seeds": 1,
+                                  "set": {"data.batch_size": 16}},
+                        "cpu": {"seeds": 3}},
+            "claim": [claim]}
+
+
+def test_override_order_and_job_order() -> None:
+    study = parse_study(_study(set={"optimizer.lr": 0.5, "data.batch_size": 8}))
+    jobs = plan(study, "smoke")
+    paper = [j for j in jobs if j.setting == "paper" and j.phase == "run"]
+    assert paper[0].mapping["optimizer"]["lr"] == 0.1          # setting over claim
+    assert paper[0].mapping["data"]["batch_size"] == 16         # budget over claim
+    assert paper[0].mapping["epochs"] == 2
+    phases = [(j.setting, j.phase) for j in jobs]
+    # paper runs first, then the tuning runs, then the tuned runs
+    assert phases.index(("tuned", "tune")) > max(i for i, p in enumerate(phases)
+                                                 if p == ("paper", "run"))
+    assert phases.index(("tuned", "run")) > max(i for i, p in enumerate(phases)
+                                                if p == ("tuned", "tune"))
+    tune = [j for j in jobs if j.phase == "tune"]
+    assert len(tune) == 2 * 2 * 1                               # arms x candidates x seeds
+    assert all(j.mapping["data"]["validation_fraction"] > 0 for j in tune)
+    # seed-major within a phase: every arm gets seed 0 before any gets seed 1
+    seeds = [j.seed for j in paper]
+    assert seeds == sorted(seeds)
+    assert len(plan(study, "cpu")) == 2 * 3 + 4 * 2 + 2 * 3
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"baseline": "nope"}, "baseline"),
+    ({"kind": "magic"}, "kind"),
+    ({"colour": 1}, "colour"),
+    ({"epochs": {"weekly": 3}}, "epochs.weekly"),
+    ({"compare": [["nb", "ghost"]]}, "compare"),
+    ({"set": {"optimizer.name": "lion"}}, "optimizer.name"),
+])
+def test_bad_study_names_the_key(change: dict, field: str) -> None:
+    with pytest.raises(InvalidInputError, match=field.replace(".", r"\.")):
+        plan(parse_study(_study(**change)), "smoke")
+
+
+def test_bad_budget_and_cli_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(InvalidInputError, match="full"):
+        plan(parse_study(_study()), "full")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nwhat = 1\n')
+    assert main(["study", "plan", str(bad), "--budget", "smoke"]) == 2
+    assert "study.what" in capsys.readouterr().err
+
+
+def test_shipped_study_is_valid_for_every_budget() -> None:
+    study = load_study(STUDY)
+    for budget in ("smoke", "cpu", "full"):
+        jobs = plan(study, budget)
+        assert jobs
+        # at least 5 seeds per cell on the cpu budget
+        if budget == "cpu":
+            cells: dict = {}
+            for job in jobs:
+                if job.phase == "run":
+                    cells.setdefault(job.cell, set()).add(job.seed)
+            assert min(len(s) for s in cells.values()) >= 5
+    for claim in study.claims:
+        assert claim.paper, claim.id
+        for setting in claim.settings:
+            assert setting.source, (claim.id, setting.label)

@@ -1,0 +1,129 @@
+"""Paired intervals and verdicts: a hand-computed case, simulated known differences, and
+verdict sentences that cannot claim a difference when the interval covers 0."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from asyncbalance.errors import InvalidInputError
+from asyncbalance.study.speed import (
+    area_under_curve,
+    epochs_to_threshold,
+    has_flattened,
+    recent_gain,
+)
+from asyncbalance.study.stats import (
+    Interval,
+    bootstrap_interval,
+    paired_interval,
+    t_interval,
+    verdict,
+)
+
+# Student-t quantiles t_{0.975, df} from a printed table (7 significant digits).
+T975 = {2: 4.302653, 4: 2.776445}
+TABLE_RTOL = 1e-6  # the table's 7 digits
+
+
+def test_t_interval_by_hand() -> None:
+    # d = 1..5: mean 3, sd sqrt(2.5), se sqrt(2.5 / 5) = sqrt(0.5)
+    half = T975[4] * math.sqrt(0.5)
+    iv = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert iv.mean == 3.0 and iv.n == 5 and iv.method == "t"
+    assert iv.low == pytest.approx(3.0 - half, rel=TABLE_RTOL)
+    assert iv.high == pytest.approx(3.0 + half, rel=TABLE_RTOL)
+
+
+def test_paired_interval_by_hand_covers_zero() -> None:
+    a, b = [0.90, 0.80, 0.70], [0.85, 0.80, 0.60]   # d = 0.05, 0, 0.1
+    iv = paired_interval(a, b)
+    half = T975[2] * 0.05 / math.sqrt(3)            # sd(d) = 0.05
+    assert iv.mean == pytest.approx(0.05, abs=1e-15)
+    assert iv.low == pytest.approx(0.05 - half, rel=TABLE_RTOL)
+    assert iv.high == pytest.approx(0.05 + half, rel=TABLE_RTOL)
+    assert iv.covers_zero and iv.sign == 0
+    assert "no detectable difference" in verdict("x", "y", "final accuracy", iv)
+
+
+def test_pairing_matters() -> None:
+    # a constant per-seed gain hidden in a large between-seed spread: paired -> detected
+    base = np.array([0.60, 0.70, 0.80, 0.90, 0.75])
+    iv = paired_interval(base + 0.01 + np.array([0.001, -0.001, 0.0, 0.002, -0.002]), base)
+    assert iv.sign == 1
+    with pytest.raises(InvalidInputError):
+        paired_interval([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_by_hand() -> None:
+    assert bootstrap_interval([0.1] * 5).low == pytest.approx(0.1)
+    assert bootstrap_interval([0.1] * 5).high == pytest.approx(0.1)
+    # two values: resampled means are 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4,
+    # so the 2.5 % and 97.5 % percentiles are 0 and 1
+    iv = bootstrap_interval([0.0, 1.0], resamples=20000)
+    assert (iv.low, iv.high) == (0.0, 1.0)
+    assert bootstrap_interval([0.3, 0.1, 0.2]) == bootstrap_interval([0.3, 0.1, 0.2])  # seeded
+
+
+def test_one_seed_gives_an_unbounded_interval() -> None:
+    iv = t_interval([0.5])
+    assert iv.low == -math.inf and iv.high == math.inf and iv.sign == 0
+
+
+@pytest.mark.parametrize("method", ["t", "bootstrap"])
+def test_simulated_known_difference(method: str) -> None:
+    """Coverage of the true difference near 95 %, and the sign found when the effect is
+    large against the noise."""
+    rng = np.random.default_rng(1)
+    true, n, sims = 0.02, 8 if method == "t" else 20, 1000 if method == "t" else 300
+    covered = 0
+    for _ in range(sims):
+        noise_seed = rng.normal(0, 0.05, n)        # shared by both arms (the seed's luck)
+        a = 0.8 + noise_seed + true + rng.normal(0, 0.01, n)
+        b = 0.8 + noise_seed + rng.normal(0, 0.01, n)
+        iv = paired_interval(a, b, method) if method == "t" else \
+            bootstrap_interval(a - b, resamples=2000, seed=int(rng.integers(1 << 30)))
+        covered += iv.low <= true <= iv.high
+        assert iv.sign == 1 or iv.covers_zero  # never the wrong direction here
+    rate = covered / sims
+    # t is exact for normal data: 95 % within 3 binomial sd; the percentile bootstrap is
+    # known to under-cover somewhat at n = 20, so its lower bound is looser
+    sd = math.sqrt(0.95 * 0.05 / sims)
+    low = 0.95 - 3 * sd if method == "t" else 0.88
+    assert low <= rate <= 0.95 + 3 * sd
+    big = paired_interval(np.full(8, 0.9) + rng.normal(0, 0.001, 8),
+                          np.full(8, 0.8) + rng.normal(0, 0.001, 8), method)
+    assert big.sign == 1 and "higher" in verdict("a", "b", "final accuracy", big)
+
+
+def test_verdict_never_claims_a_difference_when_the_interval_covers_zero() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        low, high = -rng.exponential(0.05), rng.exponential(0.05)
+        mean = rng.uniform(low, high)                # the mean may be far from 0
+        text = verdict("l1_nb", "plain", "final accuracy",
+                       Interval(mean, low, high, 5, 0.95, "t"))
+        assert "no detectable difference" in text
+        assert " higher " not in text and " lower " not in text
+    above = verdict("a", "b", "q", Interval(0.03, 0.01, 0.05, 5, 0.95, "t"))
+    below = verdict("a", "b", "q", Interval(-0.03, -0.05, -0.01, 5, 0.95, "t"))
+    assert ": higher (" in above and ": lower (" in below
+    edge = verdict("a", "b", "q", Interval(0.02, 0.0, 0.04, 5, 0.95, "t"))
+    assert "no detectable difference" in edge   # an endpoint at 0 still covers 0
+
+
+def test_speed_metrics_by_hand() -> None:
+    epochs = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    linear = [e / 10 for e in epochs]
+    assert area_under_curve(epochs, linear) == pytest.approx(0.5)
+    assert epochs_to_threshold(epochs, linear, 0.35) == 4.0
+    assert epochs_to_threshold(epochs, linear, 1.5) is None
+    assert epochs_to_threshold([0, 1], [0.9, 0.1], 0.5) is None  # epoch 0 does not count
+    assert not has_flattened(epochs, linear)               # +0.2 over the last 2 epochs
+    flat = [0.5] * 8 + [0.501, 0.502, 0.503]
+    assert has_flattened(epochs, flat)
+    gain, span = recent_gain(epochs, flat)
+    assert gain == pytest.approx(0.002) and span == 2.0   # 0.503 - 0.501 (epoch 8)
+    assert epochs_to_threshold(epochs, [None] * 11, 0.1) is None
