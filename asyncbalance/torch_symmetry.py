@@ -12,7 +12,8 @@ cat, slicing, chunk) are applied to the labels themselves, so channels stay iden
 through them without special cases. Rules for the other operations:
 
 * ReLU, LeakyReLU, Identity, Dropout, negation, a product with a constant: labels unchanged.
-* max/avg/adaptive pools, mean/sum over non-batch dims: need one unit per pooled channel.
+* max/avg/adaptive pools, upsampling (every interpolation mode is linear), mean/sum over
+  non-batch dims: need one unit per pooled channel.
 * eval-mode BatchNorm: a per-channel affine map ``a x + b``; scaling x by s scales the output
   by s once ``b`` is scaled too (``beta`` and ``running_mean`` times s; gamma and the variance
   stay). Such "shifts" are recorded and rescaled with the unit.
@@ -45,7 +46,7 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropou
                        nn.Dropout2d, nn.Dropout3d)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                 nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 ELEMENTWISE_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.dropout,
                          F.dropout1d, F.dropout2d, F.dropout3d, torch.neg, operator.neg,
@@ -60,7 +61,7 @@ SCALE_METHODS = ("mul", "mul_", "div", "div_")
 POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
                   F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                   F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                  F.adaptive_max_pool3d)
+                  F.adaptive_max_pool3d, F.interpolate)
 SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose,
                    torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.stack,
                    torch.chunk, torch.split, operator.getitem, torch.narrow, torch.movedim,
@@ -72,7 +73,8 @@ REDUCE_FUNCTIONS = (torch.mean, torch.sum)
 REDUCE_METHODS = ("mean", "sum")
 
 SUPPORTED = ("Linear", "Conv1d/2d/3d", "ReLU", "LeakyReLU", "Identity", "Dropout",
-             "MaxPool", "AvgPool", "AdaptiveAvgPool/MaxPool", "eval-mode BatchNorm", "Flatten",
+             "MaxPool", "AvgPool", "AdaptiveAvgPool/MaxPool", "Upsample",
+             "eval-mode BatchNorm", "Flatten",
              "reshape/permute/cat/slicing", "addition", "product with a constant",
              "modules with a homogeneity_degree")
 
@@ -344,8 +346,8 @@ class _Discovery(fx.Interpreter):
     def where(self, n: fx.Node) -> str:
         stack = n.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
-        return f"{owner}:{name}" if owner else str(name)
+        # The node's own name tells two additions in one module apart (add, add_1).
+        return f"{owner}:{n.name}" if owner else n.name
 
     def label(self, n: fx.Node, value: object) -> object:
         if n.op == "placeholder":
@@ -375,6 +377,8 @@ class _Discovery(fx.Interpreter):
         x = self.arg_label(n.args[0]) if n.args else None
         if isinstance(module, WEIGHTED_MODULES):
             return self.weighted(n, module, path, x, value)
+        if kind in BOUNDARY_REASONS:
+            return self.stop(n, value, path, kind, BOUNDARY_REASONS[kind])
         if not isinstance(x, torch.Tensor) or not isinstance(value, torch.Tensor):
             return self.stop(n, value, path, kind, "takes or returns several tensors")
         if isinstance(module, ELEMENTWISE_MODULES):
@@ -599,8 +603,12 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
     """Trace ``model`` and run it on ``example`` to find its rescaling symmetry."""
     graph_module = trace(model)
     found = _Discovery(graph_module)
+    # A training-mode BatchNorm updates its running statistics on every pass: put them back.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with torch.no_grad():
         found.run(*example)
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
     _pin_shared_parameters(found)
     degrees = _pin_mixed_degrees(found)
     n_units = len(found.unit_paths)
