@@ -132,9 +132,9 @@ def _layer_sides(symmetry: Symmetry, layer_index: int, device: torch.device) -> 
     out_per_group = out // groups
     rows = np.arange(out)[:, None] // out_per_group * in_per_group + np.arange(in_per_group)
     atoms = layer.in_atoms[rows]
-    as_tensor = lambda a, dtype=torch.int64: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
-    return _Sides(as_tensor(symmetry.unit_class[layer.units]), as_tensor(symmetry.atom_class(atoms)),
-                  as_tensor(symmetry.atom_degree[atoms], torch.float64))
+    return _Sides(torch.as_tensor(symmetry.unit_class[layer.units], device=device),
+                  torch.as_tensor(symmetry.atom_class(atoms), device=device),
+                  torch.as_tensor(symmetry.atom_degree[atoms], device=device))
 
 
 def symmetry_network(symmetry: Symmetry, p: float) -> Network:
