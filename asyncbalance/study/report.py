@@ -172,7 +172,7 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
     for arm in arms:
         runs = cell.runs.get(arm, {})
         if not runs:
-            rows.append(f"| {arm} | 0 | pending | | | |")
+            rows.append(f"| {arm} | 0 | pending | | | | | |")
             continue
         fm, fs = _mean_sd([final_acc(r) for r in runs.values()])
         bm, _ = _mean_sd([r["summary"].get("best_test_accuracy") for r in runs.values()])
@@ -186,8 +186,12 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
             reached = [h for h in hits if h is not None]
             speed.append(f"{np.median(reached):.0f} ({len(reached)}/{len(hits)})"
                          if reached else f"never (0/{len(hits)})")
-        rows.append(f"| {arm} | {len(runs)} | {_pct(fm, fs)} | {_pct(bm)} | {_pct(am, asd)} | "
-                    + " | ".join(speed) + " |")
+        changes = [r["summary"].get("max_function_rel_error_at_balance") for r in runs.values()]
+        changes = [c for c in changes if c is not None]
+        change = f"{max(changes):.1e}" if changes else "–"
+        rows.append(f"| {arm} | {len(runs)} | {_pct(fm, fs if len(runs) > 1 else None)} | "
+                    f"{_pct(bm)} | {_pct(am, asd if len(runs) > 1 else None)} | "
+                    + " | ".join(speed) + f" | {change} |")
     notes = []
     if base_runs:
         e, m, _ = _mean_curve(base_runs)
@@ -211,8 +215,12 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
 def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool, budget: str
                 ) -> tuple[list[str], list[str]]:
     flat_e, flat_m, _ = _mean_curve(cell.runs.get(claim.baseline, {}))
-    final_word = "final accuracy" if flat_e.size and has_flattened(flat_e, flat_m) else \
-        f"accuracy at epoch {int(flat_e[-1]) if flat_e.size else 0}"
+    if not flat_e.size:
+        final_word = "accuracy at the last epoch"
+    elif has_flattened(flat_e, flat_m):
+        final_word = "final accuracy"
+    else:
+        final_word = f"accuracy at epoch {int(flat_e[-1])}"
     lines = ["| comparison | seeds | Δ " + final_word + " (points) | Δ area under curve "
              "(points) | verdict |", "|---|---|---|---|---|"]
     verdicts = []
@@ -389,7 +397,8 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
             lines += [head, "", *notes, "",
                       "| arm | seeds | accuracy at the last epoch (%, mean ± sd) | best (%) | "
                       "area under curve (%) | epochs to 95 % of baseline | epochs to 100 % of "
-                      "baseline |", "|---|---|---|---|---|---|---|", *rows, ""]
+                      "baseline | max function change at a balancing step (float64) |",
+                      "|---|---|---|---|---|---|---|---|", *rows, ""]
             comp, cell_verdicts = _comparison(cell, claim, allow, budget)
             lines += comp + [""]
             verdicts += [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
