@@ -50,8 +50,6 @@ def test_dfa_update_equals_formula(activation: str, slope: float) -> None:
     model, x, y = tiny(1, activation)
     rule = make_rule(model, TrainerConfig(rule="dfa"), seed=3)
     assert [tuple(b.shape) for b in rule.feedback] == [(5, 2), (3, 2)]
-    bound = 1 / np.sqrt(2)  # documented scale: uniform in [-1/sqrt(n_out), 1/sqrt(n_out)]
-    assert all(float(b.abs().max()) <= bound for b in rule.feedback)
     rule.compute(x, y)
     ws, bs, hs, pre, logits = numpy_forward(model, x.numpy(), slope)
     e = output_error(logits, y.numpy())
@@ -76,6 +74,23 @@ def test_fa_update_equals_formula() -> None:
     for layer, d, h in zip(model.layers, [d1, d2, e], hs, strict=True):
         np.testing.assert_allclose(layer.weight.grad.numpy(), d.T @ h, rtol=0, atol=TOL)
         np.testing.assert_allclose(layer.bias.grad.numpy(), d.sum(axis=0), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("rule_name,fans", [("dfa", [40, 40]), ("fa", [300, 200])])
+def test_feedback_scale_uses_the_documented_fan(rule_name: str, fans: list[int]) -> None:
+    """Entries uniform in [-s, s], s = feedback_scale / sqrt(fan): fan = n_out for DFA, the
+    layer's input width for FA. With thousands of seeded entries the largest |b| lies within
+    1 % of s (P(max < 0.99 s) = 0.99^6000 ~ 1e-26), so a wrong fan (another width) fails."""
+    torch.manual_seed(0)
+    model = MLP([4, 300, 200, 40], "relu").double()
+    rule = make_rule(model, TrainerConfig(rule=rule_name, feedback_scale=0.5), seed=1)
+    for b, fan in zip(rule.feedback, fans, strict=True):
+        bound = 0.5 / np.sqrt(fan)
+        largest = float(b.abs().max())
+        assert 0.99 * bound <= largest <= bound
+        # Uniform on [-s, s] has standard deviation s / sqrt(3); 3 % covers the sampling error
+        # of >= 8000 entries (relative standard error ~ 1 %).
+        assert abs(float(b.std()) / (bound / np.sqrt(3)) - 1) < 0.03
 
 
 def test_feedback_is_seeded_and_fixed() -> None:
