@@ -20,7 +20,7 @@ from ..errors import InvalidInputError
 from ..io import atomic_write
 from .records import iter_records
 from .runner import record_root
-from .spec import Claim, Study, plan
+from .spec import Claim, Study, plan, validate_mapping
 from .speed import (
     FLAT_TOLERANCE,
     FLAT_WINDOW,
@@ -438,14 +438,15 @@ def _our_setting(study: Study, claim: Claim, budget: str, cells: list[Cell]) -> 
     some = next((r for c in cells for runs in c.runs.values() for r in runs.values()), None)
     lines = ["**Ours.** "]
     if some is not None:
-        s, cfg = some["summary"], some["config"]
+        s = some["summary"]
+        cfg = validate_mapping(some["config"], "record.config")  # defaults filled in
+        model = cfg.model
+        shape = list(model.widths) if model.kind == "mlp" else f"hidden {model.hidden}"
         lines[0] += (f"{s.get('dataset')}, {s.get('n_train')} training samples, "
-                     f"{s.get('n_test')} test samples, {cfg.get('epochs')} epochs, "
-                     f"batch {cfg['data'].get('batch_size')}, inputs "
-                     f"{'[-1, 1]' if cfg['data'].get('scaling') == 'symmetric' else '[0, 1]'}, "
-                     f"model {cfg['model'].get('kind')} "
-                     f"{cfg['model'].get('widths') if cfg['model'].get('kind') == 'mlp' else ''},"
-                     f" rule {cfg['trainer'].get('rule')}; budget `{budget}` "
+                     f"{s.get('n_test')} test samples, {cfg.epochs} epochs, batch "
+                     f"{cfg.data.batch_size}, inputs "
+                     f"{'[-1, 1]' if cfg.data.scaling == 'symmetric' else '[0, 1]'}, model "
+                     f"{model.kind} {shape}, rule {cfg.trainer.rule}; budget `{budget}` "
                      f"({study.budgets[budget].note}).")
     else:
         lines[0] += f"no `{budget}` records yet."

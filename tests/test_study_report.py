@@ -1,0 +1,77 @@
+"""The claims report on hand-made records: verdicts follow the paired intervals, "final"
+only for a flattened baseline, missing seeds keep a cell pending."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from asyncbalance.study.records import write_record
+from asyncbalance.study.report import write_report
+from asyncbalance.study.runner import record_root
+from asyncbalance.study.spec import Job, parse_study, plan
+
+SEEDS = 5
+
+
+def _study():
+    claim = {"id": "c", "title": "Claim C", "paper": "paper says", "baseline": "plain",
+             "epochs": {"cpu": 10},
+             "compare": [["better", "plain"], ["same", "plain"], ["partial", "plain"]],
+             "arms": {"plain": {}, "better": {"set": {"balancing.mode": "partial"}},
+                      "same": {"set": {"balancing.p": 1.0}},
+                      "partial": {"set": {"balancing.mode": "full"}}},
+             "settings": {"paper": {"source": "defaults"}}}
+    return parse_study({"name": "s", "base": {"data": {"name": "digits"}},
+                        "budgets": {"cpu": {"seeds": SEEDS}}, "claim": [claim]})
+
+
+def _record(job: Job, curve: list[float]) -> dict:
+    return {"study": "s", "budget": "cpu", "claim": job.claim, "setting": job.setting,
+            "point": job.point, "arm": job.arm, "seed": job.seed, "phase": "run",
+            "tuned": {}, "config_hash": "h", "config": dict(job.mapping),
+            "summary": {"test_accuracy": curve[-1], "best_test_accuracy": max(curve),
+                        "dataset": "digits", "n_train": 100, "n_test": 50,
+                        "max_function_rel_error_at_balance": None},
+            "curves": {"epoch": list(range(len(curve))), "test_accuracy": curve},
+            "provenance": {"git_commit": "abc"}}
+
+
+def _write(tmp_path: Path, flat: bool) -> str:
+    study = _study()
+    root = record_root(tmp_path / "rec", study, "cpu")
+    rng = np.random.default_rng(3)
+    seed_luck = rng.normal(0, 0.02, SEEDS)
+    for job in plan(study, "cpu"):
+        if job.arm == "partial" and job.seed >= 3:
+            continue                                    # two seeds missing: pending
+        level = 0.8 + seed_luck[job.seed]
+        if job.arm == "better":
+            level += 0.03 + rng.normal(0, 0.002)
+        if job.arm == "same":
+            level += rng.normal(0, 0.02)
+        rise = np.linspace(0.1, level, 11) if not flat else \
+            np.concatenate([np.linspace(0.1, level, 6), np.full(5, level)])
+        write_record(root / job.relpath(), _record(job, [float(v) for v in rise]))
+    out = tmp_path / "claims.md"
+    write_report(study, "cpu", tmp_path / "rec", out)
+    return out.read_text()
+
+
+def test_verdicts_follow_the_intervals(tmp_path: Path) -> None:
+    text = _write(tmp_path, flat=True)
+    assert "- [paper] better vs plain, final accuracy: higher (+3." in text
+    assert "- [paper] same vs plain, final accuracy: no detectable difference" in text
+    assert "partial vs plain" not in text.split("**Verdicts**")[1]
+    assert "pending (seeds missing)" in text
+    assert "**partial** (18/20 runs" in text
+    assert "curve has flattened" in text
+
+
+def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
+    text = _write(tmp_path, flat=False)
+    verdicts = text.split("**Verdicts**")[1]
+    assert "final accuracy" not in verdicts
+    assert "better vs plain, accuracy at epoch 10: higher" in verdicts
+    assert "still improving at epoch 10" in text
