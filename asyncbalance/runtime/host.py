@@ -75,6 +75,9 @@ class HostSettings:
     checkpoint_interval: float
     paced: bool = True
     record_events: bool = True
+    # Log-scale moves this small wait for the anti-entropy timer (see Shard): far below any
+    # tolerance a run can ask for (1e-8 by default), far above float64 rounding of O(1) values.
+    send_threshold: float = 1e-13
     link_mean: Mapping[tuple[int, int], float] = field(default_factory=dict)
     crashes: tuple[HostCrash, ...] = ()
 
@@ -134,7 +137,7 @@ class ShardHost:
         for sid in self.order:
             epoch = generation * EPOCH_STRIDE + self.restarts[sid]
             self.shards[sid] = Shard.restore(self.specs[sid], s.rule, s.resend_interval, epoch,
-                                             checkpoints.get(sid))
+                                             checkpoints.get(sid), s.send_threshold)
         self.checkpoints = {sid: self.shards[sid].checkpoint() for sid in self.order}
         self.checkpoint_time = dict.fromkeys(self.order, now)
         self.fresh_checkpoints: set[int] = set(self.order)
@@ -316,7 +319,7 @@ class ShardHost:
         self.restarts[sid] += 1
         epoch = self.generation * EPOCH_STRIDE + self.restarts[sid]
         shard = Shard.restore(self.specs[sid], s.rule, s.resend_interval, epoch,
-                              self.restore_from.pop(sid, None))
+                              self.restore_from.pop(sid, None), s.send_threshold)
         self.shards[sid] = shard
         self.checkpoints[sid] = shard.checkpoint()
         self.checkpoint_time[sid] = now

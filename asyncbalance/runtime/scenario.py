@@ -43,6 +43,8 @@ class NetworkConfig:
 
     Random weights are Gaussian with std ``gain / sqrt(fan_in)``, each unit's incoming row
     multiplied by ``exp(unit_spread * N(0, 1))`` so that the start is far from balance.
+    ``density`` < 1 keeps each weight of a layered net with that probability (a sparse net:
+    each neuron then has few neighbours, as in a large net at neuron granularity).
     """
 
     kind: Literal["mlp", "recurrent", "file"] = "mlp"
@@ -54,6 +56,7 @@ class NetworkConfig:
     bias: bool = True
     gain: float = 1.0
     unit_spread: float = 0.5
+    density: float = 1.0
     path: str = ""
     seed: int = 0
 
@@ -66,6 +69,8 @@ class NetworkConfig:
             if getattr(self, name) < 1:
                 raise InvalidInputError(name, f"must be >= 1, got {getattr(self, name)}")
         _positive("gain", self.gain)
+        if not (0.0 < self.density <= 1.0):
+            raise InvalidInputError("density", f"must lie in (0, 1], got {self.density}")
         if not (self.unit_spread >= 0):
             raise InvalidInputError("unit_spread", f"must be >= 0, got {self.unit_spread}")
         if self.kind == "file" and not self.path:
@@ -314,6 +319,9 @@ def build_network(config: NetworkConfig, base_dir: Path | None = None) -> Networ
     if config.kind == "mlp":
         sizes = config.sizes
         weights = [matrix(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        if config.density < 1.0:
+            # Drawn after the dense weights, so density = 1 reproduces earlier networks.
+            weights = [w * (rng.random(w.shape) < config.density) for w in weights]
         biases = [0.1 * rng.standard_normal(o) if config.bias else None for o in sizes[1:]]
         return layered_network(weights, biases, config.activation)
     n = config.hidden

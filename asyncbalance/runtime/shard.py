@@ -186,12 +186,17 @@ class Shard:
 
     ``resend_interval``: anti-entropy period; an unchanged state is still re-sent to every
     neighbour after this much time, which repairs lost messages.
+    ``send_threshold``: a state that moved by no more than this (max abs, in log-scale) since
+    the last send waits for the anti-entropy timer; at a converged state, rounding would
+    otherwise keep neighbours re-balancing each other's last bits for ever.
     """
 
-    def __init__(self, spec: ShardSpec, rule: Rule, resend_interval: float, epoch: int = 0):
+    def __init__(self, spec: ShardSpec, rule: Rule, resend_interval: float, epoch: int = 0,
+                 send_threshold: float = 0.0):
         self.spec = spec
         self.rule = rule
         self.resend_interval = resend_interval
+        self.send_threshold = send_threshold
         self.epoch = epoch
         self.seq = 0
         n_local = spec.n_own + spec.halo.shape[0]
@@ -248,7 +253,8 @@ class Shard:
         if self.dirty:
             self._move()
         own = self.state[:self.spec.n_own]
-        changed = bool((own != self.last_sent).any())  # NaN before the first send
+        # NaN before the first send compares as changed.
+        changed = not bool((np.abs(own - self.last_sent) <= self.send_threshold).all())
         if not changed and now - self.last_send_time < self.resend_interval:
             return []
         self.seq += 1
@@ -285,9 +291,9 @@ class Shard:
 
     @classmethod
     def restore(cls, spec: ShardSpec, rule: Rule, resend_interval: float, epoch: int,
-                checkpoint: bytes | None) -> Shard:
+                checkpoint: bytes | None, send_threshold: float = 0.0) -> Shard:
         """A restarted shard in ``epoch`` (> every earlier epoch): from a checkpoint or u = 0."""
-        shard = cls(spec, rule, resend_interval, epoch)
+        shard = cls(spec, rule, resend_interval, epoch, send_threshold)
         if checkpoint is None:
             return shard
         version, sid, _, _, state, versions = msgpack.unpackb(checkpoint, raw=False)

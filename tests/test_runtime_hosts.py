@@ -1,0 +1,284 @@
+"""Shard hosts: many logical shards per process, coalesced links, event-driven wakes.
+
+The pure ``ShardHost`` is driven here by hand (a manual clock, outboxes handed over between
+hosts), so every property is checked deterministically and without Ray; the Ray tests at the
+end run the same hosts as actors with far more shards than cores.
+
+Tolerances: convergence is judged as in the behaviour suite, max |u - u*| <= 1e-8 against the
+exact optimum (certified to 1e-12), and the float64 function of the gathered network to 1e-12.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncbalance import build_cost_graph, lp, solve_optimum
+from asyncbalance.runtime import build_shard_specs, gather_log_scales, partition_units
+from asyncbalance.runtime.coordinator import FUNCTION_TOL, run_scenario
+from asyncbalance.runtime.host import (
+    EPOCH_STRIDE,
+    HostCrash,
+    HostSettings,
+    ShardHost,
+    assign_hosts,
+)
+from asyncbalance.runtime.messages import StateMessage, decode_batch, encode_batch
+from asyncbalance.runtime.scenario import NetworkConfig, build_network, scenario_from_mapping
+from asyncbalance.runtime.shard import Rule
+
+TOL = 1e-8
+
+
+def problem(sizes=(6, 10, 10, 10, 3), granularity="neuron", p=1.0, activation="relu",
+            density=1.0, seed=3):
+    net = build_network(NetworkConfig(kind="mlp", sizes=tuple(sizes), unit_spread=1.0,
+                                      activation=activation, density=density, seed=seed))
+    graph = build_cost_graph(net, lp(p))
+    specs = build_shard_specs(graph, partition_units(graph, granularity))
+    return graph, specs
+
+
+def settings(**overrides) -> HostSettings:
+    base = {"seed": 0, "rule": Rule("exact"), "resend_interval": 5.0, "wake_kind": "periodic",
+            "wake_period": 1.0, "wake_jitter": 0.2, "delay": "exponential",
+            "delay_spread": 0.5, "pareto_shape": 2.5, "loss": 0.0, "duplication": 0.0,
+            "partitions": (), "checkpoint_interval": 3.0, "link_mean": {}}
+    base.update(overrides)
+    return HostSettings(**base)
+
+
+def make_hosts(specs, n_hosts, **overrides):
+    owner = assign_hosts(specs, n_hosts)
+    link_mean = {(s.shard_id, n): 0.5 for s in specs for n in s.neighbours}
+    config = settings(**{"link_mean": link_mean, **overrides})
+    hosts = [ShardHost(h, [s for s in specs if owner[s.shard_id] == h], owner, config)
+             for h in range(max(owner) + 1)]
+    return hosts, owner
+
+
+def exchange(hosts, now: float) -> int:
+    """Hand every outbox to its host, through the wire format; the number of batches."""
+    batches = 0
+    for host in hosts:
+        for dst in host.pending_hosts():
+            hosts[dst].receive(decode_batch(encode_batch(host.take_outbox(dst))), now)
+            batches += 1
+    return batches
+
+
+def gathered(graph, specs, hosts) -> np.ndarray:
+    owned: list[np.ndarray] = [np.zeros(0)] * len(specs)
+    for host in hosts:
+        values, start = host.owned_log_scales(), 0
+        for sid in host.order:
+            owned[sid] = values[start:start + specs[sid].n_own]
+            start += specs[sid].n_own
+    return gather_log_scales(graph.n_units, specs, owned)
+
+
+def drive(hosts, until: float, step: float = 0.25, start: float = 0.0) -> float:
+    now = start
+    while now < until:
+        now += step
+        for host in hosts:
+            host.advance(now)
+        exchange(hosts, now)
+    return now
+
+
+def test_many_neuron_shards_on_two_hosts_reach_the_optimum():
+    graph, specs = problem()
+    u_star = solve_optimum(graph).log_scales
+    hosts, owner = make_hosts(specs, 2)
+    assert len(specs) == 30 and sorted(set(owner)) == [0, 1]
+    drive(hosts, 300.0)
+    assert np.max(np.abs(gathered(graph, specs, hosts) - u_star)) <= TOL
+
+
+def test_bipu_units_need_their_degree():
+    # relu(x)^2 units have degree c = 2; a shard graph that used c = 1 would balance to
+    # another point (the test's own check: that point is far from the true optimum).
+    graph, specs = problem(activation="power:2", p=2.0, sizes=(5, 6, 6, 3))
+    u_star = solve_optimum(graph).log_scales
+    hosts, _ = make_hosts(specs, 2)
+    drive(hosts, 300.0)
+    assert np.max(np.abs(gathered(graph, specs, hosts) - u_star)) <= TOL
+    wrong = build_cost_graph(build_network(NetworkConfig(
+        kind="mlp", sizes=(5, 6, 6, 3), unit_spread=1.0, activation="relu", seed=3)), lp(2.0))
+    assert np.max(np.abs(solve_optimum(wrong).log_scales - u_star)) > 1e-3
+
+
+def test_newer_state_supersedes_older_on_the_same_link():
+    graph, specs = problem()
+    hosts, owner = make_hosts(specs, 2, delay="constant", link_mean={})
+    host = hosts[0]
+    src = host.order[0]
+    remote = next(n for n in specs[src].neighbours if owner[n] == 1)
+    units = specs[src].units
+    for seq in (1, 2, 3):
+        host._send(0.0, StateMessage(src, remote, 0, seq, units, np.full(units.size, seq)))
+    batch = [m for m in host.take_outbox(1) if m.sender == src and m.receiver == remote]
+    assert [m.seq for m in batch] == [3]  # only the newest state crosses
+    assert host.counters["coalesced"] == 2
+    assert host.counters["sent"] == 3
+
+
+def test_a_quiet_converged_host_sends_only_anti_entropy():
+    graph, specs = problem()
+    hosts, _ = make_hosts(specs, 2, resend_interval=7.0)
+    now = drive(hosts, 300.0)
+    sent_before = sum(h.counters["sent"] for h in hosts)
+    queues_before = [h.queue_length() for h in hosts]
+    now = drive(hosts, now + 70.0, start=now)
+    sent = sum(h.counters["sent"] for h in hosts) - sent_before
+    # Ten re-send periods: each shard re-sends its state to each neighbour once a period.
+    per_period = sum(len(s.neighbours) for s in specs)
+    assert 9 * per_period <= sent <= 11 * per_period
+    # Nothing accumulates while the system is quiet.
+    assert [h.queue_length() for h in hosts] <= [q + per_period for q in queues_before]
+
+
+def test_a_message_of_an_older_generation_is_dropped_after_a_reload():
+    graph, specs = problem()
+    hosts, owner = make_hosts(specs, 2)
+    drive(hosts, 20.0)
+    host = hosts[1]
+    sid = host.order[0]
+    peer = specs[sid].neighbours[0]
+    old = StateMessage(peer, sid, 0, 10**6, specs[peer].units, np.full(specs[peer].n_own, 9.0))
+    host.reload([specs[s] for s in host.order], generation=1, now=20.0)
+    assert not host.owned_log_scales().any()  # the new generation starts at u = 0
+    host.receive([old], 20.0)
+    assert host.counters["stale"] == 1
+    assert not (host.shards[sid].state == 9.0).any()
+    new = StateMessage(peer, sid, EPOCH_STRIDE, 1, specs[peer].units,
+                       np.full(specs[peer].n_own, 0.5))
+    host.receive([new], 20.0)
+    assert host.counters["applied"] >= 1 and (host.shards[sid].state == 0.5).any()
+
+
+@pytest.mark.parametrize("restore", ["checkpoint", "zero"])
+def test_a_crashed_shard_restarts_from_its_checkpoint_or_from_zero(restore):
+    graph, specs = problem()
+    crash = HostCrash(shard=4, at=40.0, down_for=5.0, restore=restore)
+    hosts, owner = make_hosts(specs, 2, crashes=(crash,))
+    host = hosts[owner[4]]
+    drive(hosts, 39.5)
+    checkpoint_state = host.shards[4].log_scales
+    assert np.abs(checkpoint_state).max() > 0.1  # far from zero, so the two cases differ
+    drive(hosts, 44.0, start=39.5)
+    assert host.shards[4] is None
+    # While down, the shard counts with what it will restart from.
+    down_values = host.owned_log_scales()[host.order.index(4)]
+    drive(hosts, 45.0, step=1.0, start=44.0)
+    restarted = host.shards[4]
+    assert restarted is not None and restarted.epoch == 1
+    record = host.crash_log[0].as_dict()
+    assert record["real_down_for"] == pytest.approx(5.0, abs=0.5)
+    if restore == "zero":
+        assert down_values == 0.0
+    else:
+        # The last checkpoint is at most checkpoint_interval old: close to, not at, zero.
+        assert abs(down_values) > 0.1
+        assert abs(down_values - checkpoint_state[0]) < abs(checkpoint_state[0])
+    drive(hosts, 400.0, start=45.0)
+    u_star = solve_optimum(graph).log_scales
+    assert np.max(np.abs(gathered(graph, specs, hosts) - u_star)) <= TOL
+
+
+def test_free_running_hosts_converge_without_pacing():
+    graph, specs = problem()
+    hosts, _ = make_hosts(specs, 3, paced=False)
+    drive(hosts, 5.0, step=0.01)
+    u_star = solve_optimum(graph).log_scales
+    assert np.max(np.abs(gathered(graph, specs, hosts) - u_star)) <= TOL
+
+
+def test_hosts_get_contiguous_runs_of_near_equal_size():
+    graph, specs = problem(sizes=(6, 10, 10, 10, 3))
+    owner = assign_hosts(specs, 4)
+    assert owner == sorted(owner) and sorted(set(owner)) == [0, 1, 2, 3]
+    counts = np.bincount(owner)
+    assert counts.max() - counts.min() <= 1
+    assert assign_hosts(specs, 100) == list(range(len(specs)))
+
+
+# -- the same hosts as Ray actors, actors far outnumbering the 2 cores -------------------------
+
+RAY_STOP = {"tol": TOL, "max_wall_seconds": 120.0, "function_check": "final"}
+
+
+def ray_run(tmp_path: Path, name: str, **sections) -> dict:
+    data = {"name": name, "backend": "ray", "seed": 1, "record_events": False,
+            "links": {"delay": "exponential", "mean": 0.5}, "stop": RAY_STOP}
+    data.update(sections)
+    return run_scenario(scenario_from_mapping(data), tmp_path / name)
+
+
+def assert_at_optimum(summary: dict) -> None:
+    assert summary["converged"], (summary["stop_reason"], summary["max_abs_log_scale_error"])
+    assert summary["max_abs_log_scale_error"] <= TOL
+    assert summary["function_max_rel_error"] <= FUNCTION_TOL
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_64_logical_shards_converge(tmp_path, ray_session):
+    summary = ray_run(tmp_path, "shards64",
+                      network={"kind": "mlp", "sizes": [16, 48, 48, 48, 48, 8],
+                               "unit_spread": 1.0, "seed": 2},
+                      partition={"granularity": "shard", "shards_per_layer": 16},
+                      ray={"time_unit": 0.03, "sample_seconds": 0.3})
+    assert summary["n_shards"] == 64 and summary["transport"]["hosts"] == 2
+    assert_at_optimum(summary)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_500_neuron_shards_converge(tmp_path, ray_session):
+    summary = ray_run(tmp_path, "neurons",
+                      network={"kind": "mlp", "sizes": [24, 120, 120, 120, 120, 120, 8],
+                               "density": 0.04, "unit_spread": 1.0, "seed": 5},
+                      partition={"granularity": "neuron"},
+                      ray={"time_unit": 0.08, "sample_seconds": 0.4})
+    assert summary["n_shards"] >= 500
+    assert_at_optimum(summary)
+    # Coalescing and backpressure keep the hosts' queues bounded by the links, not the run.
+    assert summary["transport"]["max_host_queue"] < 20 * summary["n_shards"]
+
+
+@pytest.mark.ray
+def test_ray_recurrent_net_without_visible_weights_converges_modulo_gauge(tmp_path,
+                                                                            ray_session):
+    rng = np.random.default_rng(0)
+    w_rec = rng.standard_normal((5, 5)) * np.exp(rng.standard_normal((5, 1)))
+    path = tmp_path / "rec.npz"
+    np.savez(path, W_rec=w_rec)
+    summary = ray_run(tmp_path, "gauge", network={"kind": "file", "path": str(path)},
+                      partition={"granularity": "neuron"},
+                      ray={"time_unit": 0.01, "sample_seconds": 0.05},
+                      stop={**RAY_STOP, "function_check": "every_sample"})
+    assert summary["gauge_components"] == [[0, 1, 2, 3, 4]]
+    assert summary["converged"] and summary["max_abs_log_scale_error"] <= TOL
+    assert summary["max_log_imbalance"] <= 1e-7
+
+
+def test_ray_asking_for_more_cpus_than_the_cluster_has_is_named(tmp_path, ray_session):
+    from asyncbalance.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"^ray\.actor_cpus: .*offers 2"):
+        ray_run(tmp_path, "cpus", partition={"granularity": "shard", "shards_per_layer": 3},
+                ray={"hosts": 6, "actor_cpus": 1.0})
+    assert not (tmp_path / "cpus").exists()
+
+
+def test_distance_is_not_gauge_projected_where_a_visible_unit_fixes_the_gauge(tmp_path):
+    summary = run_scenario(scenario_from_mapping(
+        {"name": "g", "network": {"kind": "mlp", "sizes": [3, 4, 2]}}), tmp_path / "g")
+    assert summary["gauge_components"] == []
+    assert summary["distance_measure"] == "max |u - u*|"
+    assert math.isfinite(summary["max_abs_log_scale_error"])
