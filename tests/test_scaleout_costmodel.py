@@ -3,9 +3,10 @@ the benchmark's measured points, and its extrapolation table.
 
 Tolerances: message and log-scale counts per round are exact (integers). Bytes per message
 match the encoder to within msgpack's variable-length headers (a few bytes; 1.1x over a
-whole round). Fitted predictions must stay within ``FIT_FACTORS`` of every measured point
-saved by ``benchmarks/bench_scaling.py`` (each bound is justified in ``costmodel.py``); no
-time is measured here.
+whole round). Every measured point saved by ``benchmarks/bench_scaling.py`` must be predicted
+within ``HELD_OUT_FACTORS`` by a model fitted without that point (the bounds of
+``FIT_FACTORS``, justified in ``costmodel.py``, and one wider one explained below); no time
+is measured here.
 """
 
 from __future__ import annotations
@@ -113,16 +114,31 @@ def test_saved_points_cover_nodes_shards_and_sizes(saved: dict) -> None:
     assert all(r["distinct_nodes"] >= 2 for r in ray_rows if r["nodes"] > 1)
 
 
-def test_model_predicts_the_measured_points(saved: dict) -> None:
+# A point left out of the fit is predicted with one point less of evidence: the bounds of
+# FIT_FACTORS hold for every kind but the exact solver's time, whose Newton iteration count
+# varies with the network (observed 3.3x held out vs 2.8x in-sample on the saved points);
+# 4x still fails a wrong model form (the solve points span 100x in weights).
+HELD_OUT_FACTORS = {**FIT_FACTORS, "solve": 4.0}
+
+
+def _without(points: dict, kind: str, index: int) -> dict:
+    return {k: (v[:index] + v[index + 1:] if k == kind else v) for k, v in points.items()}
+
+
+def test_model_predicts_points_left_out_of_its_fit(saved: dict) -> None:
+    """Leave-one-out: every measured point is predicted by a model fitted without it."""
     points = saved["points"]
-    model = fit(points)
-    ratios = prediction_ratios(model, points)
     for kind in ("bytes", "memory", "cpu", "round_time", "rounds", "solve"):
-        assert ratios[kind], f"no measured {kind} points"
-        factor = worst_factor(ratios[kind])
-        assert factor <= FIT_FACTORS[kind], (kind, factor, ratios[kind])
-    # The fitted constants are physical: 12 bytes per log-scale (uint32 id + float64),
-    # an envelope of tens of bytes, a positive cost per edge.
+        assert len(points[kind]) >= 3, f"too few measured {kind} points to hold one out"
+        ratios = []
+        for index, point in enumerate(points[kind]):
+            model = fit(_without(points, kind, index))
+            ratios += prediction_ratios(model, {kind: [point]})[kind]
+        factor = worst_factor(ratios)
+        assert factor <= HELD_OUT_FACTORS[kind], (kind, factor, ratios)
+    # The constants fitted on everything are physical: 12 bytes per log-scale (uint32 id +
+    # float64), an envelope of tens of bytes, a positive cost per edge.
+    model = fit(points)
     assert model.unit_bytes == pytest.approx(12.0, rel=0.05)
     assert 5 <= model.envelope_bytes <= 60
     assert model.cpu_per_edge > 0
