@@ -103,14 +103,46 @@ class ModelConfig:
                                     f"{self.heads} heads")
 
 
+FEEDBACK_DISTRIBUTIONS = ("uniform", "normal")
+FEEDBACK_LAYERS = ("independent", "shared")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """How DFA/FA feedback matrices are drawn (``[trainer.feedback]``).
+
+    ``distribution``: uniform in [-s, s] or normal N(0, s^2), s = trainer.feedback_scale /
+    sqrt(fan). ``layers``: independent (one draw per layer) or shared (one matrix of the
+    largest shape, each layer using its leading slice). ``seed``: -1 draws from the run's
+    seed (different feedback per seed), >= 0 fixes the feedback across runs.
+    """
+
+    distribution: Literal["uniform", "normal"] = "uniform"
+    layers: Literal["independent", "shared"] = "independent"
+    seed: int = -1
+
+    def __post_init__(self) -> None:
+        if self.distribution not in FEEDBACK_DISTRIBUTIONS:
+            raise InvalidInputError("trainer.feedback.distribution",
+                                    f"unknown distribution {self.distribution!r}",
+                                    FEEDBACK_DISTRIBUTIONS)
+        if self.layers not in FEEDBACK_LAYERS:
+            raise InvalidInputError("trainer.feedback.layers", f"unknown value {self.layers!r}",
+                                    FEEDBACK_LAYERS)
+        if self.seed < -1:
+            raise InvalidInputError("trainer.feedback.seed", f"must be >= -1, got {self.seed}")
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
-    """Learning rule. Feedback matrices are uniform in [-s, s] with
+    """Learning rule. Feedback matrices are uniform in [-s, s] (or as ``feedback`` says) with
     ``s = feedback_scale / sqrt(fan)``: fan = n_outputs for DFA (B_l: hidden_l x n_out),
-    fan = the layer's input width for FA (B_l shaped like W_l), as torch's Linear init."""
+    fan = the layer's input width for FA (B_l shaped like W_l; for a conv layer its
+    in_channels x kernel size), as torch's Linear init."""
 
     rule: Literal["backprop", "dfa", "fa"] = "backprop"
     feedback_scale: float = 1.0
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
         if not self.feedback_scale > 0:
