@@ -56,6 +56,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
+    # The command line as typed, for the provenance of records (main may be called directly).
+    args.command_line = list(sys.argv) if argv is None else ["asyncbalance", *map(str, argv)]
     prefix = f"asyncbalance {args.command}"
     try:
         return int(handlers[args.command](args) or 0)

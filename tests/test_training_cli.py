@@ -14,11 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "scenarios" / "train_digits_quick.toml"
 
 
-def test_quick_scenario_end_to_end(tmp_path: Path) -> None:
+def test_quick_scenario_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "runs"
-    assert main(["train", str(QUICK), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    argv = ["train", str(QUICK), "--out", str(out), "--device", "cpu", "--quiet", "--json"]
+    assert main(argv) == 0
     run = out / "train_digits_quick" / "default" / "seed-0"
     summary = json.loads((run / "summary.json").read_text())
+    assert json.loads(capsys.readouterr().out) == {"runs": [summary]}
+    provenance = summary["provenance"]
+    assert provenance["command_line"] == ["asyncbalance", *argv]
+    assert provenance["started_utc"] <= provenance["finished_utc"]
+    assert provenance["torch"] and provenance["numpy"] and provenance["package_version"]
     assert summary["test_accuracy"] > 0.90
     assert summary["trainer"] == "dfa" and summary["device"] == "cpu"
     assert summary["balancing"]["mode"] == "partial" and summary["n_balance_events"] == 20
@@ -74,6 +80,22 @@ def test_failed_run_leaves_no_partial_directory(tmp_path: Path,
     assert code == 2
     assert "optimizer.lr: training diverged" in capsys.readouterr().err
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_train_never_overwrites_a_run_unless_told(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "runs"
+    argv = ["train", str(QUICK), "--out", str(out), "--quiet", "--device", "cpu",
+            "--set", "epochs=0"]
+    assert main(argv) == 0
+    summary = out / "train_digits_quick" / "default" / "seed-0" / "summary.json"
+    first = summary.read_bytes()
+    assert main([*argv, "--set", "optimizer.lr=0.5"]) == 2
+    assert "already holds a run record" in capsys.readouterr().err
+    assert summary.read_bytes() == first
+    assert main([*argv, "--set", "optimizer.lr=0.5", "--overwrite"]) == 0
+    assert json.loads(summary.read_text())["config"]["optimizer"]["lr"] == 0.5
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
 
 
 def test_report_without_runs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    record = provenance()
+    record = provenance(getattr(args, "command_line", None))
     regulariser = lp(args.p)
     activation = parse_activation(args.activation, "--activation")
     if not (math.isfinite(args.tol) and args.tol > 0):

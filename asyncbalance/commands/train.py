@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     cache: dict[tuple, Dataset] = {}
     summaries = []
     for done, ((config, seed), target) in enumerate(zip(jobs, targets, strict=True), start=1):
-        record = provenance()
+        record = provenance(getattr(args, "command_line", None))
         device = str(resolve_device(args.device or config.device))
         key = (config.data, seed if config.data.fraction < 1 else None, args.data_dir)
         if key not in cache:
