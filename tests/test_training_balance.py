@@ -157,17 +157,19 @@ def test_transformer_balances_only_feed_forward_units() -> None:
 
 
 def test_asynchronous_balancing_through_ray_actors(ray_session) -> None:
-    """The same interleave with the shards as Ray actors: exact function at every interleave,
-    and a few seconds of wall time get this small net close to the optimum."""
-    config = TrainConfig(epochs=2, model=ModelConfig(kind="mlp", widths=(0, 16, 16, 0)),
+    """The same interleave with the shards on Ray hosts: exact function at every interleave,
+    a few seconds of wall time get this small net close to the optimum, and the hosts are
+    created once for the whole run (later interleaves only reload their costs)."""
+    config = TrainConfig(epochs=3, model=ModelConfig(kind="mlp", widths=(0, 16, 16, 0)),
                          data=DataConfig(batch_size=32),
-                         balancing=BalancingConfig(mode="async", p=1.0, async_budget=3.0,
+                         balancing=BalancingConfig(mode="async", p=1.0, async_budget=150.0,
                                                    async_backend="ray"))
     result = train_run(config, seed=0, device="cpu", data=image_data())
-    assert result.summary["n_balance_events"] == 2
+    assert result.summary["n_balance_events"] == 3
+    assert result.summary["async_runtimes_created"] == 1
     assert result.summary["max_function_rel_error_at_balance"] < FUNCTION_TOL
-    # Each interleave starts from u = 0 with max |u*| of order 1; 3 s of 2 actors exchanging
-    # log-scales every few ms brings it far below that (observed 1e-9 - 1e-14 here).
+    # Each interleave starts from u = 0 with max |u*| of order 1; 150 time units of 10 ms
+    # (1.5 s) of shards exchanging log-scales bring it far below that.
     assert result.summary["max_distance_to_optimum"] < 1e-4
     assert ray_session.is_initialized()  # training kept the session's Ray
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,10 +71,12 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
                   with_optimum: bool = True, seed: int = 0, async_budget: float = 50.0,
                   async_shards: int = 1, async_backend: str = "sim",
                   optimizer: torch.optim.Optimizer | None = None,
-                  optimizer_state: str = "transform") -> BalanceEvent:
+                  optimizer_state: str = "transform",
+                  balancer: AsyncBalancer | None = None) -> BalanceEvent:
     """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
     ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
-    (the runtime's seeded event simulator for ``async_budget`` units of simulated time).
+    (the runtime for ``async_budget`` scenario time units: through ``balancer``, which keeps
+    its runtime for the whole training run, or a one-off runtime of ``async_backend``).
     With an ``optimizer``, its state for the rescaled parameters follows ``optimizer_state``
     (transform / keep / reset, see ``asyncbalance.optim_state``).
 
@@ -88,7 +91,8 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     if kind == "partial":
         result = run_schedule(graph, "partial", tol=tol, direction=direction)
     elif kind == "async":
-        result = async_balance(graph, async_budget, async_shards, seed, async_backend)
+        result = (balancer.balance(graph, async_budget) if balancer is not None else
+                  async_balance(graph, async_budget, async_shards, seed, async_backend))
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
@@ -130,44 +134,77 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         seconds=seconds)
 
 
+class AsyncBalancer:
+    """Asynchronous balancing through ``asyncbalance.runtime`` for a whole training run.
+
+    Layer shards exchange log-scales over delayed links (the runtime's default link and wake
+    model) for ``budget`` scenario time units per interleave, then the coordinator gathers
+    the owners' log-scales. ``backend = "sim"``: the seeded event simulator, rebuilt in-process
+    at each interleave. Any other backend (``"ray"``: shard hosts on the Ray this process is
+    connected to, or a local one) is created once, at the first interleave; later interleaves
+    only send each host the new costs of the rows and columns it owns (a new generation, every
+    shard at u = 0) and let it run. ``close`` releases it.
+    """
+
+    def __init__(self, backend: str = "sim", shards_per_layer: int = 1, seed: int = 0,
+                 time_unit: float = 0.01):
+        from ..runtime.backends import backend_factory
+        from ..runtime.scenario import RayConfig, Scenario
+
+        self.factory = backend_factory(backend, "balancing.async_backend")
+        self.backend = backend
+        self.shards_per_layer = shards_per_layer
+        self.scenario = Scenario(seed=seed, backend=backend, record_events=False,
+                                 ray=RayConfig(time_unit=time_unit))
+        self.runtime: Any = None
+        self.partition: list[np.ndarray] | None = None
+        self.interleaves = 0
+        self.runtimes_created = 0
+
+    def balance(self, graph: CostGraph, budget: float) -> ScheduleResult:
+        from ..runtime import build_shard_specs, gather_log_scales, partition_units
+        from ..runtime.events import EventWriter
+
+        start = time.perf_counter()
+        partition = partition_units(graph, "shard", self.shards_per_layer)
+        specs = build_shard_specs(graph, partition)
+        same_shards = self.partition is not None and len(partition) == len(self.partition) \
+            and all(np.array_equal(a, b) for a, b in zip(partition, self.partition,
+                                                         strict=True))
+        if self.backend == "sim" or self.runtime is None or not same_shards:
+            self.close()
+            self.runtime = self.factory(specs, self.scenario, EventWriter(None))
+            self.runtimes_created += 1
+            self.runtime.start()
+            began = 0.0
+        else:
+            self.runtime.reload(specs)
+            began = self.runtime.elapsed()
+        self.partition = partition
+        self.runtime.advance(began + budget)
+        u = gather_log_scales(graph.n_units, specs, self.runtime.owned_log_scales())
+        updates = self.runtime.message_counters().unit_updates
+        if self.backend == "sim":
+            self.close()
+        self.interleaves += 1
+        return ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
+                              kernels.total_cost(graph, u), time.perf_counter() - start,
+                              "async")
+
+    def close(self) -> None:
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtime.close()
+
+
 def async_balance(graph: CostGraph, budget: float, shards_per_layer: int = 1,
                   seed: int = 0, backend: str = "sim") -> ScheduleResult:
-    """Asynchronous balancing through ``asyncbalance.runtime``: layer shards exchanging
-    log-scales over delayed links (the runtime's default link and wake model), stopped after
-    ``budget`` and gathered. ``backend = "sim"``: the seeded event simulator, ``budget`` in
-    units of simulated time. ``backend = "ray"``: one Ray actor per shard on the Ray this
-    process is connected to (a local one is started once and kept for later interleaves),
-    ``budget`` in seconds of wall time."""
-    start = time.perf_counter()
+    """One asynchronous balancing with a runtime of its own (see ``AsyncBalancer``)."""
+    balancer = AsyncBalancer(backend, shards_per_layer, seed)
     try:
-        from ..runtime import Simulator, build_shard_specs, gather_log_scales, partition_units
-        from ..runtime.events import EventWriter
-        from ..runtime.scenario import Scenario
-    except ImportError:
-        raise InvalidInputError("balancing.mode", "'async' needs asyncbalance.runtime, which "
-                                "is not available", ["none", "partial", "full"]) from None
-    specs = build_shard_specs(graph, partition_units(graph, "shard", shards_per_layer))
-    if backend == "ray":
-        from actors.backend import RayBackend, connect_ray
-
-        # Started here, not by the backend, so that Ray outlives this interleave.
-        connect_ray(None)
-        simulator = RayBackend(specs, Scenario(seed=seed, backend="ray", record_events=False),
-                               EventWriter(None))
-    elif backend == "sim":
-        simulator = Simulator(specs, Scenario(seed=seed, record_events=False), EventWriter(None))
-    else:
-        raise InvalidInputError("balancing.async_backend", f"unknown backend {backend!r}",
-                                ["sim", "ray"])
-    try:
-        simulator.start()
-        simulator.advance(budget)
-        u = gather_log_scales(graph.n_units, specs, simulator.owned_log_scales())
-        updates = simulator.message_counters().unit_updates
+        return balancer.balance(graph, budget)
     finally:
-        simulator.close()
-    return ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
-                          kernels.total_cost(graph, u), time.perf_counter() - start, "async")
+        balancer.close()
 
 
 def unit_log_imbalance(model: nn.Module, p: float) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from .balancing import BalanceEvent, balance_model, unit_log_imbalance
+from .balancing import AsyncBalancer, BalanceEvent, balance_model, unit_log_imbalance
 from .bridge import model_layout
 from .config import TrainConfig
 from .data import Dataset, load_dataset
@@ -34,6 +35,10 @@ from .monitors import (
 )
 from .rules import FeedbackRule, add_regulariser_grad, make_optimizer, make_rule, regulariser_value
 from .weights_only import WeightsOnlyView
+
+
+class DivergedError(InvalidInputError):
+    """Training produced a non-finite loss (the learning rate is too large)."""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -108,13 +113,18 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     events: list[tuple[int, BalanceEvent]] = []
 
     target = model if bal.include_biases else WeightsOnlyView(model)
+    # One asynchronous runtime for the whole run (Ray hosts are created once, not per step).
+    balancer = AsyncBalancer(bal.async_backend, bal.async_shards, seed) \
+        if bal.mode == "async" else None
+    if balancer is not None:
+        weakref.finalize(model, balancer.close)
 
     def balance(kind: str, epoch: int, p: float = bal.p) -> None:
         events.append((epoch, balance_model(
             target, p, kind, probe, bal.tol, bal.full_method, bal.direction,
             with_optimum=mon.optimum, seed=seed, async_budget=bal.async_budget,
             async_shards=bal.async_shards, async_backend=bal.async_backend,
-            optimizer=optimizer, optimizer_state=bal.optimizer_state)))
+            optimizer=optimizer, optimizer_state=bal.optimizer_state, balancer=balancer)))
 
     if bal.at_start:
         balance("full", 0, bal.start_p or bal.p)
@@ -194,7 +204,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             if bal.mode != "none" and bal.unit == "step" and step % bal.every == 0:
                 balance(bal.mode, epoch)
         if not math.isfinite(loss_sum):
-            raise InvalidInputError("optimizer.lr", f"training diverged in epoch {epoch} "
+            raise DivergedError("optimizer.lr", f"training diverged in epoch {epoch} "
                                     "(non-finite loss); lower the learning rate")
         if bal.mode != "none" and bal.unit == "epoch" and epoch % bal.every == 0:
             balance(bal.mode, epoch)
@@ -246,5 +256,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         summary["final_unit_log_imbalance"] = None
     if norms_history:
         summary["unit_norms"] = norms_history
+    if balancer is not None:
+        summary["async_runtimes_created"] = balancer.runtimes_created
+        balancer.close()
     summary["config"] = asdict(config)
     return RunResult(summary, rows)
