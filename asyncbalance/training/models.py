@@ -22,6 +22,29 @@ from .data import Dataset
 TRANSFORMER_FIXED = ("attention", "layernorm", "embedding", "gelu")
 
 
+@dataclass(frozen=True)
+class SmoothActivation:
+    """A non-homogeneous activation a network can train with (DFA, FA, backprop) but whose
+    units cannot be balanced: ``tanh``."""
+
+    name: str
+    degree = None  # no homogeneity degree: marks the units as not balanceable
+
+    @property
+    def spec(self) -> str:
+        return self.name
+
+
+SMOOTH_ACTIVATIONS = ("tanh",)
+
+
+def training_activation(spec: str, field: str) -> Activation | SmoothActivation:
+    """A homogeneous activation (see ``parse_activation``) or one of SMOOTH_ACTIVATIONS."""
+    if isinstance(spec, str) and spec.strip().lower() in SMOOTH_ACTIVATIONS:
+        return SmoothActivation(spec.strip().lower())
+    return parse_activation(spec, field)
+
+
 @dataclass(frozen=True, eq=False)
 class BalanceLayout:
     """Unit groups and connections of the balanceable part of a model, with its parameters."""
@@ -31,8 +54,10 @@ class BalanceLayout:
     params: dict[str, nn.Parameter]
 
 
-def act_forward(act: Activation, x: torch.Tensor) -> torch.Tensor:
-    """The BiLU ``a x (x<0), b x (x>=0)`` or BiPU ``relu(x)**c`` on a tensor."""
+def act_forward(act: Activation | SmoothActivation, x: torch.Tensor) -> torch.Tensor:
+    """The BiLU ``a x (x<0), b x (x>=0)``, BiPU ``relu(x)**c`` or tanh on a tensor."""
+    if isinstance(act, SmoothActivation):
+        return torch.tanh(x)
     if act.degree != 1.0:
         return torch.relu(x) ** act.degree
     if act.name == "relu":
@@ -42,9 +67,11 @@ def act_forward(act: Activation, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, act.pos_slope * x, act.neg_slope * x)
 
 
-def act_derivative(act: Activation, x: torch.Tensor) -> torch.Tensor:
+def act_derivative(act: Activation | SmoothActivation, x: torch.Tensor) -> torch.Tensor:
     """f'(x), with autograd's convention at x = 0 (0 for ReLU, the positive slope for the
     other BiLUs), so hand-written rules match autograd bit for bit."""
+    if isinstance(act, SmoothActivation):
+        return 1.0 - torch.tanh(x) ** 2
     if act.degree != 1.0:
         return act.degree * torch.relu(x) ** (act.degree - 1.0)
     if act.name == "relu":
@@ -64,7 +91,7 @@ class MLP(nn.Module):
         if len(widths) < 2:
             raise InvalidInputError("model.widths", "needs at least input and output sizes")
         self.widths = tuple(int(w) for w in widths)
-        self.act = parse_activation(activation, "model.activation")
+        self.act = training_activation(activation, "model.activation")
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias)
                                     for a, b in zip(self.widths[:-1], self.widths[1:],
                                                     strict=True))
@@ -92,6 +119,11 @@ class MLP(nn.Module):
         if len(self.layers) < 2:
             raise InvalidInputError("model.widths", f"{list(self.widths)} has no hidden layer, "
                                     "so there are no balanceable units")
+        if isinstance(self.act, SmoothActivation):
+            raise NotHomogeneousError(
+                "model.activation", f"{self.act.name} units are not positively homogeneous, "
+                "so this MLP has no balanceable units (train it without balancing, or use a "
+                "homogeneous activation)", ["relu", "leaky_relu:A", "linear", "abs", "power:C"])
         names = ["input"] + [f"h{i}" for i in range(1, len(self.layers))] + ["output"]
         groups = [UnitGroup("input", self.widths[0])]
         groups += [UnitGroup(f"h{i}", w, self.act) for i, w in enumerate(self.widths[1:-1], 1)]
