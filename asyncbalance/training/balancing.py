@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..errors import InvalidInputError
 from ..graph import CostGraph, build_cost_graph
 from ..network import scale_network
 from ..optimum import solve_optimum
