@@ -75,3 +75,23 @@ def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
     assert "final accuracy" not in verdicts
     assert "better vs plain, accuracy at epoch 10: higher" in verdicts
     assert "still improving at epoch 10" in text
+
+
+def test_a_diverged_run_is_recorded_and_never_rerun(tmp_path: Path) -> None:
+    from asyncbalance.study.records import read_record
+    from asyncbalance.study.runner import run_study
+
+    study = parse_study({
+        "name": "d", "base": {"data": {"name": "digits"}, "device": "cpu"},
+        "budgets": {"smoke": {"seeds": 1, "tune_seeds": 1}},
+        "claim": [{"id": "c", "epochs": {"smoke": 1}, "baseline": "plain",
+                   "arms": {"plain": {}, "wild": {"set": {"optimizer.lr": 1e30}}},
+                   "settings": {"tuned": {"tune": {"optimizer.lr": [1e30, 0.1]}}}}]})
+    stats = run_study(study, "smoke", tmp_path, log=lambda _: None)
+    assert stats.ran == len(plan(study, "smoke"))
+    root = record_root(tmp_path, study, "smoke")
+    wild = read_record(root / "c" / "tune" / "tuned" / "wild" / "lr=1e+30" / "seed-0.json")
+    assert wild is not None and "diverged" in wild and wild["summary"]["test_accuracy"] is None
+    tuned = read_record(root / "c" / "tuned" / "plain" / "seed-0.json")
+    assert tuned is not None and tuned["tuned"] == {"optimizer.lr": 0.1}  # never the diverged
+    assert run_study(study, "smoke", tmp_path, log=lambda _: None).ran == 0

@@ -102,7 +102,7 @@ def auc_acc(record: dict) -> float:
 
 def _mean_curve(runs: dict[int, dict], key: str = "test_accuracy"
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    curves = [_curve(r, key) for r in runs.values()]
+    curves = [c for c in (_curve(r, key) for r in runs.values()) if c[0]]
     if not curves:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     n = min(len(e) for e, _ in curves)
@@ -189,7 +189,9 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
         changes = [r["summary"].get("max_function_rel_error_at_balance") for r in runs.values()]
         changes = [c for c in changes if c is not None]
         change = f"{max(changes):.1e}" if changes else "–"
-        rows.append(f"| {arm} | {len(runs)} | {_pct(fm, fs if len(runs) > 1 else None)} | "
+        diverged = sum(1 for r in runs.values() if r.get("diverged"))
+        count = f"{len(runs)}" + (f" ({diverged} diverged)" if diverged else "")
+        rows.append(f"| {arm} | {count} | {_pct(fm, fs if len(runs) > 1 else None)} | "
                     f"{_pct(bm)} | {_pct(am, asd if len(runs) > 1 else None)} | "
                     + " | ".join(speed) + f" | {change} |")
     notes = []

@@ -16,6 +16,7 @@ from ..config import from_mapping, set_dotted
 from ..errors import InvalidInputError
 from ..provenance import finish, provenance
 from ..training.config import DataConfig, TrainConfig
+from ..training.loop import DivergedError
 from .records import make_record, read_record, write_record
 from .spec import Job, Study, config_hash, plan, points, tuned_label
 
@@ -127,10 +128,20 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
         config = from_mapping(TrainConfig, dict(mapping))
         prov = provenance()
         t0 = time.perf_counter()
-        result = train_run(config, job.seed, device, data=cache.get(config, job.seed),
-                           data_dir=data_dir)
         fields = job_fields(study, budget, job)
         fields["tuned"] = tuned
+        try:
+            result = train_run(config, job.seed, device, data=cache.get(config, job.seed),
+                               data_dir=data_dir)
+        except DivergedError as exc:
+            # a diverged run is a result (recorded, never re-run), not a failure of the study
+            fields["diverged"] = str(exc)
+            write_record(path, make_record(fields, digest, mapping, {"test_accuracy": None},
+                                           [], finish(prov)))
+            stats.ran += 1
+            log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
+                f"{job.arm} seed {job.seed}: diverged")
+            continue
         write_record(path, make_record(fields, digest, mapping, result.summary, result.rows,
                                        finish(prov)))
         stats.ran += 1

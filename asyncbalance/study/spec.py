@@ -157,7 +157,7 @@ class Job:
 
 
 def _slug(text: str) -> str:
-    out = "".join(c if c.isalnum() or c in "_.=-" else "-" for c in text)
+    out = "".join(c if c.isalnum() or c in "_.=+-" else "-" for c in text)
     return out.strip("-") or "x"
 
 
