@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
             p.add_argument("-o", "--output", default="docs/claims.md", metavar="REPORT.md")
             p.add_argument("--readme", default=None, metavar="README.md",
                            help="rewrite the claims summary block of this README")
-            p.add_argument("--command-line", default=None, metavar="TEXT",
+            p.add_argument("--run-command", default=None, metavar="TEXT",
                            help="the run command to print in the report")
     return "study"
 
@@ -77,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..study.report import write_report
     path = write_report(study, args.budget, Path(args.records), Path(args.output), claims,
-                        Path(args.readme) if args.readme else None, args.command_line)
+                        Path(args.readme) if args.readme else None, args.run_command)
     print(f"report written to {path}", file=sys.stderr)
     return 0

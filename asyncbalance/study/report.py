@@ -64,8 +64,11 @@ def _pct(mean: float, sd: float | None = None) -> str:
 
 
 def _curve(record: dict, key: str = "test_accuracy") -> tuple[list[float], list[float]]:
+    """Epochs and values of one curve (per-layer lists, e.g. feedback cosines, averaged)."""
     c = record["curves"]
-    return list(c.get("epoch", [])), list(c.get(key, []))
+    values = [float(np.mean(v)) if isinstance(v, list) and v else
+              (None if isinstance(v, list) else v) for v in c.get(key, [])]
+    return list(c.get("epoch", [])), values
 
 
 def group_cells(study: Study, claim: Claim, budget: str, records: list[dict]) -> list[Cell]:
@@ -417,12 +420,12 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
         key, label, log = {"balance_vs_lr": ("imbalance_median", "median |log imbalance|",
                                              True),
                            "decay_fit": ("bp_law_rms", "rms(||in||² − ||out||²)", True),
-                           "alignment": ("test_accuracy", "test accuracy (%)", False)
+                           "alignment": ("feedback_cosine", "cos(W2, B2)", False)
                            }[claim.kind]
         for cell in cells:
             name = _figure_name(claim, cell, "__" + key)
             if _figure(cell, list(cell.expected), f"{claim.id} · {cell.point}", figures / name,
-                       key, label, 1.0 if key != "test_accuracy" else 100.0, log):
+                       key, label, 1.0, log):
                 lines += [f"![{claim.id} {cell.point}]({figure_link}/{name})", ""]
     lines += ["**Verdicts**" + (f" (from the `{budget}` budget)" if allow else ""), ""]
     if not allow:
