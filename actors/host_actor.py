@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from typing import Any
 
@@ -26,6 +27,9 @@ import ray
 from asyncbalance.runtime.host import HostSettings, ShardHost
 from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
+
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 class HostActor:
@@ -50,6 +54,9 @@ class HostActor:
         self.max_queue = 0
         self.started = False
         self.slice_events = 64
+        # Ray hands incoming calls and replies to this loop from its own threads, which need
+        # the GIL: a short switch interval keeps them from waiting behind a busy host.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def _now(self) -> float:
         return (time.time() - self.origin) / self.time_unit

@@ -185,10 +185,19 @@ class ShardHost:
         return queue[0][0] if queue else math.inf
 
     def advance(self, now: float, max_events: int = 20_000) -> int:
-        """Process the events due at or before ``now`` (at most ``max_events``); their count."""
+        """Process the events due at or before ``now`` (at most ``max_events``); their count.
+
+        Events that this call creates wait for the next call, even when already due (free
+        running): each call is one round, and the caller exchanges messages between rounds.
+        """
         done = 0
         queue = self.queue
+        last = self.tick
+        deferred = []
         while queue and queue[0][0] <= now and done < max_events:
+            if queue[0][1] > last:
+                deferred.append(heapq.heappop(queue))
+                continue
             at, _, kind, target, payload = heapq.heappop(queue)
             if kind == _WAKE:
                 if at != self.wake_at.get(target):
@@ -204,6 +213,8 @@ class ShardHost:
             else:
                 self._restart(now, target, int(payload))  # type: ignore[arg-type]
             done += 1
+        for event in deferred:
+            heapq.heappush(queue, event)
         return done
 
     # -- shards acting ----------------------------------------------------------------------

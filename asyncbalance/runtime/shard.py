@@ -278,7 +278,8 @@ class Shard:
                 flows = kernels.unit_flows_range(graph, self.state, 0, n_own)
                 self.state[group] += alpha * kernels.exact_moves(graph, self.state, group, flows)
                 self.unit_updates += group.shape[0]
-        moved = not np.array_equal(before, self.state[:self.spec.n_own])
+        step = np.abs(self.state[:self.spec.n_own] - before)
+        moved = bool(step.size) and not bool((step <= self.send_threshold).all())
         # After an exact move of a single colour group, every owned unit is balanced against
         # the current view: nothing changes until new information arrives.
         self.dirty = moved and (self.rule.name != "exact" or len(self.spec.colors) > 1)
