@@ -364,7 +364,8 @@ class TorchBalanceReport:
     def summary(self) -> str:
         """A plain-text account: groups balanced, boundaries met, costs, function change."""
         lines = [f"balanced {self.n_units} of {self.n_units_found} units ({self.n_scales} "
-                 f"log-scales, {len(self.groups)} groups; L{self.p:g}, {self.method})"]
+                 f"log-scales, {len(self.groups)} group{'s' * (len(self.groups) != 1)}; "
+                 f"L{self.p:g}, {self.method})"]
         for group in self.groups:
             u = self.log_scales[group.name]
             tied = f" tied with {', '.join(group.modules[1:])}" if len(group.modules) > 1 \

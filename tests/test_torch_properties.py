@@ -55,6 +55,8 @@ class Composed(nn.Module):
                 layers.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False),
                                             nn.BatchNorm2d(width), nn.ReLU()))
                 c = width
+            elif piece == "depthwise":
+                layers.append(nn.Conv2d(c, c, 3, padding=1, groups=c))
             elif piece == "relu":
                 layers.append(nn.ReLU())
             elif piece == "leaky":
@@ -96,8 +98,8 @@ class _Concat(nn.Module):
         return torch.cat([x, torch.relu(self.conv(x))], dim=1)
 
 
-PIECES = ["conv", "conv_bn_relu", "relu", "leaky", "power", "tanh", "dropout", "maxpool",
-          "avgpool", "block", "concat", "identity"]
+PIECES = ["conv", "conv_bn_relu", "depthwise", "relu", "leaky", "power", "tanh", "dropout",
+          "maxpool", "avgpool", "block", "concat", "identity"]
 
 
 @settings(max_examples=30, deadline=None,
