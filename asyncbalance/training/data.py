@@ -202,10 +202,18 @@ def load_dataset(config: DataConfig, seed: int = 0, data_dir: str | None = None)
 def validation_split(data: Dataset, fraction: float, seed: int) -> Dataset:
     """Hold out a stratified, seeded ``fraction`` of the training set as the evaluation set
     (the test set is dropped, so nothing tuned on this data set can see it)."""
-    held = stratified_subset(data.y_train, fraction, seed + 7919)
-    if held.size >= data.y_train.size:
-        raise InvalidInputError("data.validation_fraction",
-                                f"{fraction} leaves no training samples")
+    rng = np.random.default_rng(seed + 7919)
+    held_parts = []
+    for label in np.unique(data.y_train):
+        members = np.flatnonzero(data.y_train == label)
+        # each class keeps at least one training sample
+        count = min(members.size - 1, max(1, int(round(fraction * members.size))))
+        held_parts.append(rng.choice(members, size=count, replace=False))
+    held = np.sort(np.concatenate(held_parts))
+    if held.size == 0:
+        raise InvalidInputError("data.validation_fraction", f"{fraction} of "
+                                f"{data.y_train.size} training samples leaves no validation "
+                                "samples (every class has a single sample)")
     train = np.setdiff1d(np.arange(data.y_train.size), held)
     return Dataset(data.x_train[train], data.y_train[train], data.x_train[held],
                    data.y_train[held], data.image_shape, data.n_classes,
