@@ -141,8 +141,9 @@ def test_models_without_balanceable_units_are_refused() -> None:
                                         balance_parts=("ff", "attention")), data)
     with pytest.raises(NotHomogeneousError, match="model.balance_parts.*'attention'"):
         model_layout(attention)
+    # A tanh MLP trains (DFA/FA/backprop) but has nothing to balance, and says so.
     with pytest.raises(NotHomogeneousError, match="model.activation"):
-        build_model(ModelConfig(kind="mlp", activation="tanh"), data)
+        model_layout(build_model(ModelConfig(kind="mlp", activation="tanh"), data))
 
 
 def test_transformer_balances_only_feed_forward_units() -> None:
