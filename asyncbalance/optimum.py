@@ -142,6 +142,9 @@ _RESCUE_TARGET = 1e-3
 # exponentials moves u by about 1/p per step; a few exact sweeps cover any distance at once.
 _FAR = 8.0
 _FAR_SWEEPS = 50
+# Balanced scales of ordinary networks stay within e^(+-10 / p); beyond that the solver checks
+# that a minimiser exists at all (the check costs about one pass over the edges).
+_FAR_SCALE = 10.0
 
 
 def check_costs_finite(graph: CostGraph) -> None:
@@ -325,6 +328,10 @@ def solve_optimum(
         grad = kernels.gradient(graph, u, flows)
         if progress is not None:
             progress(iteration, imbalance)
+    if u.size and float(np.max(graph.powers)) * float(np.max(np.abs(u))) > _FAR_SCALE:
+        # An unbounded R (units reaching visible units on one side only) also ends here, once
+        # the one-sided costs fade below the tolerance; only far-moved scales need the check.
+        check_bounded(graph)
     relative_gradient = float(np.linalg.norm(grad) / scale)
     return Certificate(
         log_scales=u, cost=cost, max_log_imbalance=imbalance,
