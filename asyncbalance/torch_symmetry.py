@@ -51,7 +51,8 @@ SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 ELEMENTWISE_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.dropout,
                          F.dropout1d, F.dropout2d, F.dropout3d, torch.neg, operator.neg,
                          operator.pos)
-ELEMENTWISE_METHODS = ("relu", "relu_", "neg", "contiguous", "clone", "detach")
+ELEMENTWISE_METHODS = ("relu", "relu_", "neg", "contiguous", "clone", "detach", "to", "float",
+                       "double", "half", "bfloat16", "type_as")
 ADD_FUNCTIONS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
                  torch.sub)
 ADD_METHODS = ("add", "add_", "sub", "sub_")
@@ -358,6 +359,8 @@ class _Discovery(fx.Interpreter):
             # The model's outputs must not change: units reaching them keep scale 1.
             self.pin(_label_atoms(fx.node.map_arg(n.args, self.arg_label)))
             return None
+        if not _has_tensor(value):
+            return None  # sizes, shapes, flags: nothing to scale
         inputs = [a for a in (*n.args, *n.kwargs.values()) if self.is_data(a)]
         if not inputs and not any(isinstance(a, (list, tuple)) for a in n.args):
             return None  # computed from constants only (sizes, parameters)
@@ -606,9 +609,14 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
     # A training-mode BatchNorm updates its running statistics on every pass: put them back.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     with torch.no_grad():
-        found.run(*example)
-        for name, value in buffers.items():
-            model.get_buffer(name).copy_(value)
+        try:
+            found.run(*example)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise InvalidInputError("example", f"the model fails on the probe batch (shapes "
+                                    f"{[tuple(t.shape) for t in example]}): {error}") from error
+        finally:
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
     _pin_shared_parameters(found)
     degrees = _pin_mixed_degrees(found)
     n_units = len(found.unit_paths)

@@ -318,3 +318,25 @@ def test_report_lists_units_and_serialises() -> None:
     assert data["n_units"] == 15 and data["n_units_found"] == 24
     assert data["boundaries"][0]["path"] == "3"
     assert "not balanced: 3 (Tanh)" in report.summary()
+
+
+def test_sizes_and_views_in_forward_are_no_boundary() -> None:
+    class Viewed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x)).to(x.dtype)
+            h = h.view(h.size(0), -1)
+            return self.out(torch.relu(self.fc(h.reshape(h.shape[0], -1))))
+
+    torch.manual_seed(0)
+    model = spread_(Viewed().double(), seed=0)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    report = balance_(model, p=2.0, example=x)
+    assert [g.name for g in report.groups] == ["conv", "fc"] and report.boundaries == ()
+    with pytest.raises(InvalidInputError, match=r"example: the model fails on the probe batch"):
+        balance_(model, p=2.0, example=torch.randn(3, 3, 7, 6, dtype=torch.float64))
