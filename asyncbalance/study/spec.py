@@ -357,8 +357,9 @@ def points(grid: Mapping[str, tuple]) -> list[dict[str, Any]]:
 
 def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[Job]:
     """Every job of the budget, in the order they should run: by claim priority; within a
-    priority, paper-style settings first, then the tuning runs, then the tuned runs; within
-    each of those, seed-major so every cell gains seeds at the same pace."""
+    priority, the untuned settings first, then the tuning runs, then the tuned runs; within
+    each of those claim by claim (in file order), and within a claim seed-major, so the
+    first claims complete their seeds first and every arm of a claim has the same seeds."""
     if budget_name not in study.budgets:
         raise InvalidInputError("--budget", f"the study has no budget {budget_name!r}",
                                 list(study.budgets))
@@ -379,13 +380,13 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
                             mapping = cell_mapping(study, claim, setting, point, arm, budget,
                                                    candidate, validation=True)
                             for seed in range(budget.tune_seeds):
-                                key = (claim.priority, 1, seed, order, setting.label,
+                                key = (claim.priority, 1, order, seed, setting.label,
                                        point_index, arm_index, tuned_label(candidate))
                                 jobs.append((key, Job(claim.id, setting.label, label, arm.label,
                                                       seed, "tune", mapping, candidate)))
                     mapping = cell_mapping(study, claim, setting, point, arm, budget)
                     for seed in range(seeds):
-                        key = (claim.priority, 2 if setting.tune else 0, seed, order,
+                        key = (claim.priority, 2 if setting.tune else 0, order, seed,
                                setting.label, point_index, arm_index, "")
                         jobs.append((key, Job(claim.id, setting.label, label, arm.label, seed,
                                               "run", mapping, {}, bool(setting.tune))))
