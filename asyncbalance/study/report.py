@@ -507,6 +507,14 @@ def write_report(study: Study, budget: str, records_root: Path, output: Path,
              "accuracy over training). An accuracy is called final only when the baseline's "
              f"mean curve gained less than {100 * FLAT_TOLERANCE:.1f} points over the last "
              f"{int(100 * FLAT_WINDOW)} % of its epochs.", ""]
+    others = []
+    for name, other in study.budgets.items():
+        if name != budget:
+            n = len(iter_records(record_root(records_root, study, name)))
+            others.append(f"`{name}` ({other.note}): "
+                          + (f"{n} records, not used here" if n else "no records"))
+    if others:
+        lines += ["Other budgets: " + "; ".join(others) + ".", ""]
     summary = []
     body: list[str] = []
     for claim in sorted(chosen, key=lambda c: c.priority):
