@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncbalance.errors import InvalidInputError
 from asyncbalance.runtime.delays import link_mean_factors
@@ -77,6 +78,16 @@ def plan_host_count(scenario: Scenario, n_shards: int, cluster_cpus: float) -> i
     return hosts
 
 
+def _node_slots() -> list[str]:
+    """Node ids of the live nodes, each once per CPU it offers, interleaved across nodes."""
+    nodes = [(n["NodeID"], int(n.get("Resources", {}).get("CPU", 0))) for n in ray.nodes()
+             if n.get("Alive")]
+    slots: list[str] = []
+    for round_ in range(max((cpus for _, cpus in nodes), default=0)):
+        slots += [node for node, cpus in sorted(nodes) if cpus > round_]
+    return slots
+
+
 class RayBackend:
     name = "ray"
 
@@ -106,6 +117,7 @@ class RayBackend:
             raise InvalidInputError("ray.placement", f"no node offers the resource(s) {missing}",
                                     offered or ["(this cluster offers no custom resources)"])
         n_hosts = plan_host_count(scenario, len(self.specs), float(resources.get("CPU", 0.0)))
+        self.node_slots = _node_slots()
         self.shard_host = assign_hosts(self.specs, n_hosts)
         self.n_hosts = max(self.shard_host) + 1
         self.members = [[s.shard_id for s in self.specs if self.shard_host[s.shard_id] == h]
@@ -172,8 +184,12 @@ class RayBackend:
         if cfg.placement:
             # Explicit placement: a sliver of the node's custom resource pins the host to it.
             options["resources"] = {cfg.placement[host % len(cfg.placement)]: 0.001}
-        else:
-            options["scheduling_strategy"] = "SPREAD"
+        elif self.node_slots:
+            # Spread over the live nodes in proportion to their CPUs. Hard affinity: Ray's
+            # own placement may put them all on one node; a host whose node went away dies
+            # for good and is replaced on a live node (``_replace``).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                self.node_slots[host % len(self.node_slots)], soft=False)
         return ray.remote(HostActor).options(**options).remote(
             host, self.shard_host, self.settings[host], cfg.time_unit, cfg.max_in_flight)
 
@@ -208,7 +224,7 @@ class RayBackend:
         for host, ref in enumerate(refs):
             try:
                 reply = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
                 reply = {"log_scales": None}
             if reply["log_scales"] is None:
                 # Its process or node died (or Ray already restarted it, empty): resume it.
@@ -268,8 +284,8 @@ class RayBackend:
                 if time.perf_counter() > deadline:
                     raise
                 time.sleep(0.05)
-            except ray.exceptions.RayActorError:
-                # Restarts used up: a fresh actor takes the host over.
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+                # Restarts used up, or its node is gone: a fresh actor takes the host over.
                 if time.perf_counter() > deadline:
                     raise
                 self._replace(host)
@@ -287,6 +303,7 @@ class RayBackend:
     def _replace(self, host: int) -> None:
         with contextlib.suppress(ray.exceptions.RayError):
             ray.kill(self.actors[host], no_restart=True)
+        self.node_slots = _node_slots()
         self.actors[host] = self._create(host)
         self.peers[host] = self.actors[host]
         ray.get([a.connect.remote(self.peers) for h, a in enumerate(self.actors) if h != host])

@@ -228,7 +228,7 @@ def check_address(address: str, timeout: float = 10.0) -> None:
 
 @dataclass
 class NodeRemoval:
-    """Remove the worker node hosting the most live shard actors after ``after_samples``."""
+    """Remove the worker node hosting the most live shard hosts after ``after_samples``."""
 
     after_samples: int
     done_at_sample: int | None = None
@@ -297,7 +297,7 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
         run["summary"] = {k: summary.get(k) for k in (
             "converged", "stop_reason", "max_abs_log_scale_error", "function_max_rel_error",
             "function_exact", "messages_sent", "crashes", "restarts", "n_shards", "n_units",
-            "run_seconds", "time_to_tol", "shard_nodes")}
+            "run_seconds", "time_to_tol", "shard_nodes", "transport")}
         run["error"] = None
     except Exception as exc:  # reported to the caller, which decides what it means
         run["summary"] = None
@@ -328,6 +328,14 @@ def _remove_busiest_worker(cluster: LocalCluster, removal: NodeRemoval) -> None:
     removal.node_index = index
     removal.actors_on_node = counts[index]
     removal.node_id = cluster.remove_node(index)
+    # Wait (bounded) until the control store has declared the node dead, so that what the
+    # run sees next is a lost node, not one whose processes are still winding down.
+    import ray
+
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and any(
+            n["NodeID"] == removal.node_id and n.get("Alive") for n in ray.nodes()):
+        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:

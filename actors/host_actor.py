@@ -28,7 +28,6 @@ from asyncbalance.runtime.host import HostSettings, ShardHost
 from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
 
-
 SWITCH_INTERVAL_S = 0.0005
 
 
