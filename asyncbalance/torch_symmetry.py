@@ -610,7 +610,9 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
     found = _Discovery(graph_module)
     # A training-mode BatchNorm updates its running statistics on every pass: put them back.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    with torch.no_grad():
+    # Dropout in training mode draws random masks: leave the caller's random state alone.
+    devices = [t.device for t in example if t.device.type == "cuda"]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         try:
             found.run(*example)
         except (RuntimeError, TypeError, ValueError, IndexError) as error:

@@ -340,3 +340,13 @@ def test_sizes_and_views_in_forward_are_no_boundary() -> None:
     assert [g.name for g in report.groups] == ["conv", "fc"] and report.boundaries == ()
     with pytest.raises(InvalidInputError, match=r"example: the model fails on the probe batch"):
         balance_(model, p=2.0, example=torch.randn(3, 3, 7, 6, dtype=torch.float64))
+
+
+def test_balance_leaves_the_global_random_state_alone() -> None:
+    model, x = build("vgg")
+    model.train()  # dropout draws masks in the discovery and probe passes
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    balance_(model, p=2.0, example=x)
+    assert torch.equal(torch.rand(3), expected)
