@@ -189,11 +189,16 @@ class BalancingConfig:
     ``full_method``, max log-imbalance <= ``tol``); async (layer shards in the runtime's
     seeded event simulator for ``async_budget`` units of simulated time, with
     ``async_shards`` shards per layer; the runtime's default delays and wake period 1; with
-    ``async_backend = "ray"`` the shards are Ray actors and ``async_budget`` is in seconds).
+    ``async_backend = "ray"`` the shards run on Ray shard hosts, created once per run, and
+    ``async_budget`` is in time units of 10 ms); background (the runtime's shards keep
+    balancing while gradient steps run; at each boundary the log-scales they reached since
+    the last one are applied to the current weights, and every ``async_reload_every``
+    boundaries the shards get the current weights' costs; on the simulator, each boundary
+    advances it by ``async_budget``).
     ``every`` k ``unit`` (epoch or step); ``at_start`` adds a full balance before training.
     """
 
-    mode: Literal["none", "partial", "full", "async"] = "none"
+    mode: Literal["none", "partial", "full", "async", "background"] = "none"
     every: int = 1
     unit: Literal["epoch", "step"] = "epoch"
     p: float = 2.0
@@ -204,6 +209,7 @@ class BalancingConfig:
     async_budget: float = 50.0
     async_shards: int = 1
     async_backend: Literal["sim", "ray"] = "sim"
+    async_reload_every: int = 1
     # momentum / Adam moments of the rescaled weights: transform (/s, /s^2), keep or reset
     optimizer_state: Literal["transform", "keep", "reset"] = "transform"
     # false: balance the weights only, ignoring biases (the papers' code); this changes the
@@ -220,6 +226,9 @@ class BalancingConfig:
             raise InvalidInputError("balancing.start_p", f"must be >= 0, got {self.start_p}")
         if self.every < 1:
             raise InvalidInputError("every", f"must be >= 1, got {self.every}")
+        if self.async_reload_every < 1:
+            raise InvalidInputError("async_reload_every",
+                                    f"must be >= 1, got {self.async_reload_every}")
         if not self.p > 0:
             raise InvalidInputError("p", f"must be > 0, got {self.p}")
         if not self.async_budget > 0:
