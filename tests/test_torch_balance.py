@@ -364,3 +364,33 @@ def test_every_schedule_reaches_the_same_balanced_model(method: str) -> None:
     for name, u in exact.log_scales.items():
         np.testing.assert_allclose(other.log_scales[name], u, rtol=0, atol=1e-8)
     assert other.function_change_float64 <= FUNCTION_RTOL
+
+
+def test_the_asynchronous_runtime_balances_the_symmetry_network() -> None:
+    from asyncbalance import kernels
+    from asyncbalance.torch_bridge import (
+        apply_factors_,
+        class_log_scales,
+        scale_factors,
+        symmetry_network,
+    )
+    from asyncbalance.torch_symmetry import discover
+    from asyncbalance.training.balancing import async_balance
+
+    model, x = build("resnet")
+    fresh = _probe("resnet", x)
+    before = outputs(model, fresh)
+    network = symmetry_network(discover(model, (x,)), 2.0)
+    graph = build_cost_graph(network, 2.0)
+    start = kernels.total_cost(graph, np.zeros(graph.n_units))
+    optimum = solve_optimum(graph).cost
+    result = async_balance(graph, budget=200.0, seed=0, backend="sim")
+    # Delayed, asynchronous shard moves on the torch model's graph: the cost falls most of
+    # the way to the optimum (never below it) and the model computes the same function.
+    assert optimum <= result.cost < optimum + 0.1 * (start - optimum)
+    symmetry = discover(model, (x,))
+    u = class_log_scales(symmetry, network, result.log_scales)
+    apply_factors_(model, scale_factors(model, symmetry, u))
+    assert_rel(outputs(model, fresh), before, FUNCTION_RTOL, "outputs")
+    assert param_cost(model, 2.0) == pytest.approx(
+        param_cost(build("resnet")[0], 2.0) - (start - result.cost), rel=1e-9)
