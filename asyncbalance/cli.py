@@ -3,12 +3,13 @@
 Exit status: 0 success; 1 the command ran but did not converge (or reach its tolerance);
 2 bad input (options, files, scenarios, records: one line naming the file, key or option);
 3 internal error (one line here, the traceback in a file named on that line);
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C); 141 stdout closed by its reader (e.g. ``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -27,6 +28,7 @@ EXIT_NOT_CONVERGED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (``| head``): stop quietly, as Unix tools do; the
+        # interpreter's final flush must not fail on the closed pipe either.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if exc.filename is None:
             return _internal_error(prefix, exc)

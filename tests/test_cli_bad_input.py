@@ -306,7 +306,7 @@ def test_unforeseen_error_prints_one_line_and_saves_the_traceback(
     assert "Traceback" in text and "ZeroDivisionError" in text and "def broken" not in lines[0]
 
 
-def test_non_convergence_exits_1_and_interrupt_130(monkeypatch: pytest.MonkeyPatch,
+def test_non_convergence_exits_1_interrupt_130_closed_pipe_141(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import asyncbalance.commands.show as show
     from asyncbalance.errors import NonConvergenceError
@@ -323,6 +323,13 @@ def test_non_convergence_exits_1_and_interrupt_130(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(show, "run", interrupted)
     assert main(["show", "x"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+    def reader_gone(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(show, "run", reader_gone)
+    assert main(["show", "x"]) == 141
+    assert capsys.readouterr().err == ""  # no traceback file for a closed pipe
 
 
 def test_a_failed_report_leaves_the_existing_output_untouched(tmp_path: Path) -> None:
