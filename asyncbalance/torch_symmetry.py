@@ -244,6 +244,8 @@ def _zeros_like(value: object) -> object:
         return torch.zeros(value.shape, dtype=torch.int64)
     if isinstance(value, (tuple, list)):
         return type(value)(_zeros_like(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _zeros_like(v) for k, v in value.items()}
     return None
 
 
@@ -252,6 +254,8 @@ def _has_tensor(value: object) -> bool:
         return True
     if isinstance(value, (tuple, list)):
         return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
     return False
 
 
@@ -295,6 +299,7 @@ class _Discovery(fx.Interpreter):
         self.shifts: list[ChannelShift] = []
         self.boundaries: list[Boundary] = []
         self.called: dict[int, WeightedLayer] = {}
+        self.attributes: set[str] = set()  # parameters and buffers read outside their module
 
     # -- atoms and units -------------------------------------------------------------------
     def atom(self, unit: int, degree: float) -> int:
@@ -354,6 +359,7 @@ class _Discovery(fx.Interpreter):
         if n.op == "placeholder":
             return _zeros_like(value)
         if n.op == "get_attr":
+            self.attributes.add(str(n.target))
             return None
         if n.op == "output":
             # The model's outputs must not change: units reaching them keep scale 1.
@@ -567,6 +573,22 @@ def _same_shapes(label: object, value: object) -> bool:
     return True
 
 
+def _pin_attribute_reads(found: _Discovery) -> None:
+    """A rescaled parameter also read directly (``F.linear(x, self.fc.weight)``, weight
+    tying) would change that other use: its module's units and inputs keep scale 1."""
+    for layer in found.layers:
+        names = {f"{layer.path}.weight", f"{layer.path}.bias"} & found.attributes
+        if names:
+            atoms = set(layer.in_atoms.tolist()) | {found.atom(int(u), 1.0) for u in layer.units}
+            found.boundary(layer.path, type(layer.module).__name__, f"{sorted(names)[0]} is "
+                           "also used outside the module", atoms)
+    for shift in found.shifts:
+        names = {f"{shift.path}.bias", f"{shift.path}.running_mean"} & found.attributes
+        if names:
+            found.boundary(shift.path, type(shift.module).__name__, f"{sorted(names)[0]} is "
+                           "also used outside the module", set(shift.atoms.tolist()))
+
+
 def _pin_shared_parameters(found: _Discovery) -> None:
     """Modules sharing one weight tensor cannot be rescaled independently: pin both."""
     owners: dict[int, list[WeightedLayer]] = {}
@@ -622,6 +644,7 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
     _pin_shared_parameters(found)
+    _pin_attribute_reads(found)
     degrees = _pin_mixed_degrees(found)
     n_units = len(found.unit_paths)
     roots = np.array([found.units.find(k) for k in range(n_units)], dtype=np.int64)

@@ -394,3 +394,29 @@ def test_the_asynchronous_runtime_balances_the_symmetry_network() -> None:
     assert_rel(outputs(model, fresh), before, FUNCTION_RTOL, "outputs")
     assert param_cost(model, 2.0) == pytest.approx(
         param_cost(build("resnet")[0], 2.0) - (start - result.cost), rel=1e-9)
+
+
+def test_a_weight_also_read_outside_its_module_is_pinned() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 6)
+            self.c = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+            # c's weight used again by hand: rescaling c's columns (b's units) would change
+            # this second product.
+            h = torch.relu(nn.functional.linear(h, self.c.weight))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = spread_(Tied().double(), seed=0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = outputs(model, x)
+    report = balance_(model, p=2.0, example=x)
+    assert ("c", "Linear") in {(b.path, b.op) for b in report.boundaries}
+    assert [g.name for g in report.groups] == ["a"]
+    assert_rel(outputs(model, x), before, FUNCTION_RTOL, "outputs")
