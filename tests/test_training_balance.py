@@ -196,3 +196,62 @@ def test_distance_to_optimum_of_an_exact_balance_is_measured_not_assumed() -> No
     event = balance_model(model, 1.0, "full", tol=0.5, full_method="exact")
     # Both distances are of the same loose Newton result to an optimum solved to 1e-12.
     assert abs(event.distance_to_optimum - expected) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", ["sim", pytest.param("ray", marks=pytest.mark.ray)])
+def test_background_balancing_keeps_the_function_and_tracks_the_optimum(
+        request: pytest.FixtureRequest, backend: str) -> None:
+    """Shards balance while gradient steps run; every 4 steps the log-scales they reached are
+    applied to the current weights. The function is kept at every boundary (1e-12, float64
+    rounding), the staleness is the steps since the shards' costs were loaded, and the
+    distance of the applied log-scales to the current optimum stays far below where
+    unbalanced training leaves the net (max |u*| of order 1)."""
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    config = TrainConfig(epochs=4, model=ModelConfig(kind="mlp", widths=(0, 16, 16, 0)),
+                         data=DataConfig(batch_size=8), balancing=BalancingConfig(
+                             mode="background", unit="step", every=4, p=1.0,
+                             async_budget=60.0, async_backend=backend, async_reload_every=2))
+    result = train_run(config, seed=0, device="cpu", data=image_data())
+    summary = result.summary
+    assert summary["n_balance_events"] >= 10
+    # Ray hosts are created once and reloaded; the in-process simulator is rebuilt per load.
+    loads = 1 + summary["n_balance_events"] // 2
+    assert summary["async_runtimes_created"] == (1 if backend == "ray" else loads)
+    assert summary["max_function_rel_error_at_balance"] < FUNCTION_TOL
+    staleness = [r["staleness_steps"] for r in result.rows if "staleness_steps" in r]
+    # Costs are reloaded every 2 boundaries of 4 steps: 4 or 8 steps old when applied.
+    assert staleness and set(staleness) <= {4, 8} and 8 in staleness
+    # The first boundary applies nothing (u = 0): its distance is how unbalanced the
+    # initial weights are, the largest of the run.
+    first = summary["max_distance_to_optimum"]
+    assert first > 0.1
+    last = summary["last_balance"]["distance_to_optimum"]
+    assert np.isfinite(last)
+    if backend == "sim":
+        # The simulator runs 60 time units per boundary, the shards get well ahead of the
+        # gradient steps; on Ray they run only while the (fast) steps do, so no bound there.
+        assert last < 0.2 * first
+
+
+def test_background_increments_add_up_to_the_shards_state() -> None:
+    """Without a reload the shards keep balancing the same costs, so the increments applied
+    at successive boundaries must add up to their state, which reaches the optimum (1e-8,
+    the runtime's tolerance); applying the whole state each time would overshoot."""
+    from asyncbalance.regularisers import lp
+    from asyncbalance.runtime.scenario import NetworkConfig, build_network
+    from asyncbalance.training.balancing import AsyncBalancer
+
+    graph = build_cost_graph(build_network(NetworkConfig(sizes=(5, 8, 8, 3), unit_spread=1.0)),
+                             lp(1.0))
+    balancer = AsyncBalancer("sim", 1, 0, reload_every=1000)
+    total = np.zeros(graph.n_units)
+    try:
+        for boundary in range(6):
+            result, staleness = balancer.take(graph, 4 * boundary, 60.0)
+            assert staleness == 4 * boundary
+            total += result.log_scales
+            balancer.refresh(graph, 4 * boundary)
+    finally:
+        balancer.close()
+    assert np.max(np.abs(total - solve_optimum(graph).log_scales)) <= 1e-8

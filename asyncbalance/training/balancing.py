@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..errors import InvalidInputError
 from ..graph import CostGraph, build_cost_graph
 from ..network import scale_network
 from ..optimum import solve_optimum
@@ -43,6 +44,9 @@ class BalanceEvent:
     max_log_imbalance_after: float
     median_log_imbalance_before: float
     seconds: float
+    # Background balancing: gradient steps between the weights whose costs the shards were
+    # balancing and the weights the log-scales were applied to (None for other kinds).
+    staleness_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +75,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
                   async_shards: int = 1, async_backend: str = "sim",
                   optimizer: torch.optim.Optimizer | None = None,
                   optimizer_state: str = "transform",
-                  balancer: AsyncBalancer | None = None) -> BalanceEvent:
+                  balancer: AsyncBalancer | None = None, step: int = 0) -> BalanceEvent:
     """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
     ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
     (the runtime for ``async_budget`` scenario time units: through ``balancer``, which keeps
@@ -92,6 +96,11 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     elif kind == "async":
         result = (balancer.balance(graph, async_budget) if balancer is not None else
                   async_balance(graph, async_budget, async_shards, seed, async_backend))
+    elif kind == "background":
+        if balancer is None:
+            raise InvalidInputError("balancing.mode", "'background' needs a balancer that "
+                                    "lives for the whole training run (AsyncBalancer)")
+        result, staleness = balancer.take(graph, step, async_budget)
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
@@ -120,6 +129,9 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     start_write = time.perf_counter()
     write_network(layout, balanced)
     rescale_optimizer_state(optimizer, layout, u, optimizer_state)
+    if kind == "background" and balancer is not None:
+        # The shards go on from the weights as they are now, every few boundaries.
+        balancer.refresh(build_cost_graph(balanced, p), step)
     seconds += time.perf_counter() - start_write
     if probe is not None:
         err32 = relative_change(before32.double(), _outputs(model, probe).double())
@@ -130,7 +142,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         max_log_imbalance_before=float(imbalance_before.max()) if u.size else 0.0,
         max_log_imbalance_after=float(result.max_log_imbalance),
         median_log_imbalance_before=float(np.median(imbalance_before)) if u.size else 0.0,
-        seconds=seconds)
+        seconds=seconds, staleness_steps=staleness if kind == "background" else None)
 
 
 class AsyncBalancer:
@@ -146,7 +158,7 @@ class AsyncBalancer:
     """
 
     def __init__(self, backend: str = "sim", shards_per_layer: int = 1, seed: int = 0,
-                 time_unit: float = 0.01):
+                 time_unit: float = 0.01, reload_every: int = 1):
         from ..runtime.backends import backend_factory
         from ..runtime.scenario import RayConfig, Scenario
 
@@ -159,6 +171,11 @@ class AsyncBalancer:
         self.partition: list[np.ndarray] | None = None
         self.interleaves = 0
         self.runtimes_created = 0
+        self.reload_every = reload_every
+        self.boundaries = 0
+        self.specs: list[Any] = []
+        self.applied = np.zeros(0)
+        self.loaded_at = 0
 
     def balance(self, graph: CostGraph, budget: float) -> ScheduleResult:
         from ..runtime import build_shard_specs, gather_log_scales, partition_units
@@ -189,6 +206,59 @@ class AsyncBalancer:
         return ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
                               kernels.total_cost(graph, u), time.perf_counter() - start,
                               "async")
+
+    def take(self, graph: CostGraph, step: int, budget: float) -> tuple[ScheduleResult, int]:
+        """Background mode: the log-scales the shards moved since the last ``take`` (to
+        apply to the current weights) and the steps since their costs were loaded.
+
+        The first call starts the shards on ``graph`` and returns zeros. Ray shards run
+        between calls on their own; the simulator is advanced by ``budget`` here.
+        """
+        from ..runtime import gather_log_scales
+
+        start = time.perf_counter()
+        if self.runtime is None:
+            self._load(graph, step)
+            u = np.zeros(graph.n_units)
+            staleness = 0
+        else:
+            began = self.runtime.elapsed() if hasattr(self.runtime, "elapsed") \
+                else self.runtime.now
+            self.runtime.advance(began + (budget if self.backend == "sim" else 0.0))
+            reached = gather_log_scales(graph.n_units, self.specs,
+                                        self.runtime.owned_log_scales())
+            u = reached - self.applied
+            self.applied = reached
+            staleness = step - self.loaded_at
+        self.interleaves += 1
+        updates = self.runtime.message_counters().unit_updates
+        return (ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
+                               kernels.total_cost(graph, u), time.perf_counter() - start,
+                               "background"), staleness)
+
+    def refresh(self, graph: CostGraph, step: int) -> None:
+        """Background mode: give the shards ``graph`` (the weights as they are now) every
+        ``reload_every`` boundaries."""
+        self.boundaries += 1
+        if self.boundaries % self.reload_every == 0:
+            self._load(graph, step)
+
+    def _load(self, graph: CostGraph, step: int) -> None:
+        from ..runtime import build_shard_specs, partition_units
+        from ..runtime.events import EventWriter
+
+        partition = partition_units(graph, "shard", self.shards_per_layer)
+        self.specs = build_shard_specs(graph, partition)
+        if self.runtime is not None and self.backend != "sim":
+            self.runtime.reload(self.specs)
+        else:
+            self.close()
+            self.runtime = self.factory(self.specs, self.scenario, EventWriter(None))
+            self.runtimes_created += 1
+            self.runtime.start()
+        self.partition = partition
+        self.applied = np.zeros(graph.n_units)
+        self.loaded_at = step
 
     def close(self) -> None:
         runtime, self.runtime = self.runtime, None

@@ -114,17 +114,20 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
 
     target = model if bal.include_biases else WeightsOnlyView(model)
     # One asynchronous runtime for the whole run (Ray hosts are created once, not per step).
-    balancer = AsyncBalancer(bal.async_backend, bal.async_shards, seed) \
-        if bal.mode == "async" else None
+    balancer = AsyncBalancer(bal.async_backend, bal.async_shards, seed,
+                             reload_every=bal.async_reload_every) \
+        if bal.mode in ("async", "background") else None
     if balancer is not None:
         weakref.finalize(model, balancer.close)
+    step = 0  # gradient steps so far
 
     def balance(kind: str, epoch: int, p: float = bal.p) -> None:
         events.append((epoch, balance_model(
             target, p, kind, probe, bal.tol, bal.full_method, bal.direction,
             with_optimum=mon.optimum, seed=seed, async_budget=bal.async_budget,
             async_shards=bal.async_shards, async_backend=bal.async_backend,
-            optimizer=optimizer, optimizer_state=bal.optimizer_state, balancer=balancer)))
+            optimizer=optimizer, optimizer_state=bal.optimizer_state, balancer=balancer,
+            step=step)))
 
     if bal.at_start:
         balance("full", 0, bal.start_p or bal.p)
@@ -135,7 +138,6 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
     scale0 = law_scale(model) if watch_laws else 1.0
     imbalance_p = bal.p
     rows: list[dict] = []
-    step = 0
     norms_history: list[dict] = []
 
     def record(epoch: int, train_loss: float, train_acc: float, seconds: float,
@@ -153,6 +155,8 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
             row["function_rel_error_float32"] = max(e.function_rel_error_float32
                                                     for e in step_events)
             row["distance_to_optimum"] = last.distance_to_optimum
+            if last.staleness_steps is not None:
+                row["staleness_steps"] = max(e.staleness_steps or 0 for e in step_events)
             row["cost_before"] = last.cost_before
             row["cost_after"] = last.cost_after
             row["cost_optimum"] = last.cost_optimum
