@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     bar = _ProgressBar(args.quiet, len(points))
     try:
         result = run_points(points, out, backend=args.backend, address=args.address,
-                            progress=bar)
+                            progress=bar, command_line=getattr(args, "command_line", None))
     finally:
         bar.close()
     if "points" in result:

@@ -131,7 +131,8 @@ STATUSES = ("running", "complete", "incomplete")
 def run_scenario(scenario: Scenario, out_dir: str | Path, *, backend: str | None = None,
                  address: str | None = None, base_dir: Path | None = None,
                  progress: ProgressCallback | None = None,
-                 sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+                 sweep: dict[str, Any] | None = None,
+                 command_line: list[str] | None = None) -> dict[str, Any]:
     """Run one scenario and write its record to ``out_dir`` (which must not exist yet).
 
     Everything is validated (and the backend started) before the record counts as begun: bad
@@ -157,7 +158,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, *, backend: str | None
         events_handle.close()
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    run = _Run(problem, directory, backend_name, runtime, events, sweep or {}, began)
+    run = _Run(problem, directory, backend_name, runtime, events, sweep or {}, began,
+               provenance(command_line))
     try:
         with events_handle:
             summary = run.execute(progress)
@@ -171,7 +173,8 @@ class _Run:
     """One run in progress: samples convergence, keeps the record on disk up to date."""
 
     def __init__(self, problem: Problem, directory: Path, backend_name: str, runtime: Backend,
-                 events: EventWriter, sweep: dict[str, Any], began: float):
+                 events: EventWriter, sweep: dict[str, Any], began: float,
+                 origin: dict[str, Any]):
         self.problem = problem
         self.directory = directory
         self.backend_name = backend_name
@@ -183,7 +186,7 @@ class _Run:
         self.function_errors: list[float] = []
         self.gauge = gauge_components(problem.graph)
         self.run_seconds = 0.0
-        self.provenance = provenance()
+        self.provenance = origin
         self.closed = False
         if hasattr(runtime, "checkpoint_sink"):
             runtime.checkpoint_sink = self._save_checkpoints  # type: ignore[attr-defined]
@@ -389,7 +392,8 @@ class _Run:
 
 def run_points(points: Sequence[ScenarioPoint], out_dir: str | Path, *,
                backend: str | None = None, address: str | None = None,
-               progress: ProgressCallback | None = None) -> dict[str, Any]:
+               progress: ProgressCallback | None = None,
+               command_line: list[str] | None = None) -> dict[str, Any]:
     """Run a scenario file's points: one run directory, or a sweep directory of runs.
 
     A sweep directory holds ``point-NNN/`` run records, ``sweep.json`` (one row per point)
@@ -399,13 +403,15 @@ def run_points(points: Sequence[ScenarioPoint], out_dir: str | Path, *,
     if len(points) == 1 and not points[0].sweep:
         point = points[0]
         return run_scenario(point.scenario, out, backend=backend, address=address,
-                            base_dir=point.base_dir, progress=progress)
+                            base_dir=point.base_dir, progress=progress,
+                            command_line=command_line)
     with _building(out) as tmp:
         rows = []
         for i, point in enumerate(points):
             summary = run_scenario(point.scenario, tmp / f"point-{i:03d}", backend=backend,
                                    address=address, base_dir=point.base_dir,
-                                   progress=progress, sweep=point.sweep)
+                                   progress=progress, sweep=point.sweep,
+                                   command_line=command_line)
             rows.append({"point": f"point-{i:03d}", "sweep": point.sweep,
                          **{k: summary[k] for k in (
                              "converged", "time_to_tol", "max_abs_log_scale_error",
