@@ -218,7 +218,9 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
 
 
 def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool, budget: str
-                ) -> tuple[list[str], list[str]]:
+                ) -> tuple[list[str], list[str], list[str]]:
+    """Table lines, verdicts (complete pairs only) and interim estimates (incomplete pairs
+    with at least 2 seeds; never worded as a verdict)."""
     flat_e, flat_m, _ = _mean_curve(cell.runs.get(claim.baseline, {}))
     if not flat_e.size:
         final_word = "accuracy at the last epoch"
@@ -228,7 +230,8 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool, budget: str
         final_word = f"accuracy at epoch {int(flat_e[-1])}"
     lines = ["| comparison | seeds | Δ " + final_word + " (points) | Δ area under curve "
              "(points) | verdict |", "|---|---|---|---|---|"]
-    verdicts = []
+    verdicts: list[str] = []
+    interim: list[str] = []
     for arm, against in claim.compare:
         a, b = _paired(cell, arm, against, final_acc)
         if len(a) < 2:
@@ -248,9 +251,11 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool, budget: str
             shown = f"none ({budget} budget)"
         else:
             shown = "pending (seeds missing)"
+            interim.append(f"{arm} − {against}, {final_word}: "
+                           f"{format_interval(iv)}")
         lines.append(f"| {arm} − {against} | {len(a)} | {format_interval(iv, unit='')} | "
                      f"{format_interval(iv_auc, unit='')} | {shown} |")
-    return lines, verdicts
+    return lines, verdicts, interim
 
 
 def _short(iv: Interval) -> str:
@@ -394,6 +399,7 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
         lines += [" ".join(claim.notes.split()), ""]
     lines += _our_setting(study, claim, budget, cells)
     verdicts: list[str] = []
+    interim: list[str] = []
     if claim.kind == "comparison":
         for cell in cells:
             head = f"### {cell.setting}" + (f", {cell.point}" if cell.point else "")
@@ -404,7 +410,9 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
                       "area under curve (%) | epochs to 95 % of baseline | epochs to 100 % of "
                       "baseline | max function change at a balancing step (float64) |",
                       "|---|---|---|---|---|---|---|---|", *rows, ""]
-            comp, cell_verdicts = _comparison(cell, claim, allow, budget)
+            comp, cell_verdicts, cell_interim = _comparison(cell, claim, allow, budget)
+            interim += [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
+                        for v in cell_interim]
             lines += comp + [""]
             verdicts += [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
                          for v in cell_verdicts]
@@ -434,7 +442,14 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
         lines += [f"- {v}" for v in verdicts] + [""]
     else:
         lines += ["Pending: no cell has all its seeds yet.", ""]
-    summary = verdicts[0] if verdicts else ("pending" if allow else "no verdict (smoke)")
+    if verdicts:
+        summary = verdicts[0]
+    elif not allow:
+        summary = "no verdict (smoke)"
+    elif interim:
+        summary = f"pending; interim estimate, not a verdict: {interim[0]}"
+    else:
+        summary = "pending"
     return ClaimResult(lines, f"**{claim.title}** ({status}, {done}/{total} runs): {summary}",
                        status)
 
@@ -534,8 +549,10 @@ def update_readme(readme: Path, summary: Sequence[str], report: Path, budget: st
     """Rewrite the block between the markers (appended once when absent)."""
     text = readme.read_text() if readme.is_file() else ""
     block = "\n".join([SUMMARY_BEGIN, "",
-                       f"Generated from [{report.name}]({report.as_posix()}) (`{budget}` budget); "
-                       "verdicts are paired over seeds with 95 % intervals.", "",
+                       f"The papers' claims re-run: generated from [{report.name}]"
+                       f"({report.as_posix()}) (`{budget}` budget) by `asyncbalance study "
+                       f"report`; verdicts are paired over seeds with 95 % intervals and name "
+                       "a direction only when the interval excludes 0.", "",
                        *[f"- {s}" for s in summary], "", SUMMARY_END])
     if SUMMARY_BEGIN in text and SUMMARY_END in text:
         head, rest = text.split(SUMMARY_BEGIN, 1)
