@@ -95,3 +95,25 @@ def test_a_diverged_run_is_recorded_and_never_rerun(tmp_path: Path) -> None:
     tuned = read_record(root / "c" / "tuned" / "plain" / "seed-0.json")
     assert tuned is not None and tuned["tuned"] == {"optimizer.lr": 0.1}  # never the diverged
     assert run_study(study, "smoke", tmp_path, log=lambda _: None).ran == 0
+
+
+def test_tuning_picks_the_best_mean_validation_accuracy(tmp_path: Path) -> None:
+    from asyncbalance.study.runner import select_tuned
+
+    study = parse_study({
+        "name": "t", "base": {"data": {"name": "digits"}},
+        "budgets": {"cpu": {"seeds": 2, "tune_seeds": 2}},
+        "claim": [{"id": "c", "epochs": {"cpu": 1}, "arms": {"plain": {}},
+                   "settings": {"tuned": {"tune": {"optimizer.lr": [0.01, 0.1, 1.0]}}}}]})
+    jobs = plan(study, "cpu")
+    root = record_root(tmp_path, study, "cpu")
+    # validation accuracy by (lr, seed): 0.1 wins on the mean although 1.0 has the best run
+    accs = {(0.01, 0): 0.50, (0.01, 1): 0.52, (0.1, 0): 0.70, (0.1, 1): 0.71,
+            (1.0, 0): 0.90, (1.0, 1): 0.10}
+    for job in jobs:
+        if job.phase == "tune":
+            acc = accs[(job.tuned["optimizer.lr"], job.seed)]
+            write_record(root / job.relpath(), _record(job, [0.1, acc]))
+    run_job = next(j for j in jobs if j.phase == "run")
+    assert run_job.needs_tune
+    assert select_tuned(study, "cpu", run_job, root) == {"optimizer.lr": 0.1}
