@@ -129,12 +129,13 @@ class RayBackend:
         self.settings = [self._settings(h, factors) for h in range(self.n_hosts)]
         self.generation = 0
         self.actors: list[Any] = [None] * self.n_hosts
-        self.spec_refs = [ray.put([self.specs[sid] for sid in members])
-                          for members in self.members]
+        self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
+                                   self.settings[h]))
+                          for h, members in enumerate(self.members)]
         self.actors = [self._create(h) for h in range(self.n_hosts)]
         self.peers = {h: a for h, a in enumerate(self.actors)}
         ray.get([a.setup.remote([ref], self.peers) for a, ref in
-                 zip(self.actors, self.spec_refs, strict=True)])
+                 zip(self.actors, self.plan_refs, strict=True)])
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
         # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
         self.saved = {s.shard_id: Shard(s, self.rule, scenario.links.resend_interval)
@@ -191,7 +192,7 @@ class RayBackend:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 self.node_slots[host % len(self.node_slots)], soft=False)
         return ray.remote(HostActor).options(**options).remote(
-            host, self.shard_host, self.settings[host], cfg.time_unit, cfg.max_in_flight)
+            host, cfg.time_unit, cfg.max_in_flight)
 
     # -- the coordinator's interface ------------------------------------------------------
 
@@ -276,7 +277,7 @@ class RayBackend:
         while True:
             try:
                 ray.get(self.actors[host].setup.remote(
-                    [self.spec_refs[host]], self.peers, self.origin, self.generation, state,
+                    [self.plan_refs[host]], self.peers, self.origin, self.generation, state,
                     {sid: self.restarts[sid] for sid in members}))
                 break
             except ray.exceptions.ActorUnavailableError:
@@ -314,10 +315,12 @@ class RayBackend:
             raise ValueError("a reload must keep the shards")
         self.specs = list(specs)
         self.generation += 1
-        self.spec_refs = [ray.put([self.specs[sid] for sid in members])
-                          for members in self.members]
+        self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
+                                   self.settings[h]))
+                          for h, members in enumerate(self.members)]
+        spec_refs = [ray.put([self.specs[sid] for sid in members]) for members in self.members]
         ray.get([a.reload.remote([ref], self.generation)
-                 for a, ref in zip(self.actors, self.spec_refs, strict=True)])
+                 for a, ref in zip(self.actors, spec_refs, strict=True)])
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
         self.saved = {s.shard_id: Shard(s, self.rule, self.scenario.links.resend_interval)
                       .checkpoint() for s in self.specs}

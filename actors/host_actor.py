@@ -34,11 +34,8 @@ SWITCH_INTERVAL_S = 0.0005
 class HostActor:
     """Constructed with small arguments only; specs arrive by reference in ``setup``."""
 
-    def __init__(self, host_id: int, shard_host: list[int], settings: HostSettings,
-                 time_unit: float, max_in_flight: int):
+    def __init__(self, host_id: int, time_unit: float, max_in_flight: int):
         self.host_id = host_id
-        self.shard_host = shard_host
-        self.settings = settings
         self.time_unit = time_unit
         self.max_in_flight = max_in_flight
         self.origin = time.time()
@@ -60,21 +57,24 @@ class HostActor:
     def _now(self) -> float:
         return (time.time() - self.origin) / self.time_unit
 
-    async def setup(self, specs_box: list, peers: dict[int, Any], origin: float | None = None,
+    async def setup(self, plan_box: list, peers: dict[int, Any], origin: float | None = None,
                     generation: int = 0, checkpoints: dict[int, bytes] | None = None,
                     restarts: dict[int, int] | None = None) -> int:
-        """Install the shards (``specs_box = [ObjectRef of list[ShardSpec]]``) and the peers.
+        """Install the shards and the peers. ``plan_box = [ObjectRef]`` of this host's
+        ``(specs, shard_host, settings)``: by reference, so that a restarted process gets
+        them from the driver again rather than from its constructor's arguments.
 
         With ``origin`` (a resume after the loss of this host) the shards run at once on the
         run's clock; without, they wait for ``start``.
         """
-        specs: list[ShardSpec] = await specs_box[0]
+        specs, shard_host, settings = await plan_box[0]
+        self.settings: HostSettings = settings
         self.peers = peers
         self.started = origin is not None
         if origin is not None:
             self.origin = origin
         now = max(self._now(), 0.0) if self.started else 0.0
-        self.host = ShardHost(self.host_id, specs, self.shard_host, self.settings, generation,
+        self.host = ShardHost(self.host_id, specs, shard_host, settings, generation,
                               checkpoints, restarts, now=now)
         self._ensure_loop()
         return self.host_id
