@@ -9,7 +9,15 @@
 4. Resident memory of each actor process against the costs its shard holds (its own rows
    and columns) and against the whole network's costs.
 
-Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--delays 0,0.5,1,2,4,8]
+5. Sim against Ray with actors far outnumbering cores: the quickstart net (32-96x4-10,
+   p = 1) in 4, 16 and 64 layer shards and 384 neuron shards, and a sparse 2,000-neuron net
+   at neuron granularity: time units to 1e-8 (Ray/sim), messages per unit (Ray/sim), and the
+   seconds a Ray run spends outside balancing (host start-up and teardown, beyond Ray's own
+   start and the central optimum). Ray paces each case with a ``time_unit`` long enough for
+   2 cores to keep up with the wake schedule (printed).
+
+Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--only-scale]
+       [--delays 0,0.5,1,2,4,8] [--scale-cases 4,16,64,384n,2000n]
 """
 
 from __future__ import annotations
@@ -56,7 +64,12 @@ def main() -> int:
     parser.add_argument("--delays", default="0,0.5,1,2,4,8")
     parser.add_argument("--ray-time-units", default="0.005,0.01,0.02",
                         help="seconds per scenario time unit on Ray (the wake period is 1 unit)")
+    parser.add_argument("--only-scale", action="store_true",
+                        help="run only [5], the sim-against-Ray scale table")
+    parser.add_argument("--scale-cases", default="4,16,64,384n,2000n")
     args = parser.parse_args()
+    if args.only_scale:
+        return scale_table(args.scale_cases.split(","))
     print(f"net {'-'.join(map(str, SIZES))}, p = {P}, tolerance max |u - u*| <= 1e-8, "
           f"{os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
@@ -93,8 +106,9 @@ def main() -> int:
     began = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     startup = time.perf_counter() - began
-    print(f"\n[2] Ray, 4 local shard actors (384 units each); Ray start-up {startup:.1f} s and "
-          "actor creation excluded")
+    print(f"\n[2] Ray, free-running clock, 4 shards (384 units each) on the default hosts; "
+          f"Ray start-up {startup:.1f} s and host creation excluded; the time unit only "
+          "sets the anti-entropy period here")
     print(f"    {'time unit':>9}  {'wall to 1e-8':>12}  {'exact engine':>12}  {'ratio':>7}  "
           f"{'messages/unit':>13}")
     ray_run = None
@@ -102,10 +116,10 @@ def main() -> int:
         for unit in [float(u) for u in args.ray_time_units.split(",")]:
             ray_run = run_scenario(
                 scenario(f"ray-{unit}", backend="ray", partition={"units_per_shard": 384},
-                         ray={"time_unit": unit, "sample_seconds": 0.02}),
+                         ray={"time_unit": unit, "sample_seconds": 0.01, "clock": "free"}),
                 work / f"ray-{unit}")
             engine_now = exact_engine_seconds()
-            wall = ray_run["time_to_tol"]
+            wall = ray_run["wall_seconds_to_tol"]
             ratio = f"{wall / engine_now:.1f}x" if wall is not None else "-"
             print(f"    {unit * 1e3:>7g}ms  "
                   f"{'not reached' if wall is None else f'{wall:.3f} s':>12}  "
@@ -113,16 +127,80 @@ def main() -> int:
     finally:
         ray.shutdown()
     print("    (goal: ratio <= 5x)")
+    scale_table(args.scale_cases.split(","))
 
     graph = build_cost_graph(build_network(scenario("x").network), lp(P))
     whole = sum(k.nbytes for s in graph.stacks for k in s.costs)
-    print("\n[4] memory per actor (resident set of the actor process at its last poll)")
+    print("\n[4] memory per host (resident set of the host process at its last poll)")
     print(f"    whole network's costs: {whole / 2**20:.2f} MiB")
-    for i, (rss, held) in enumerate(zip(ray_run["actor_resident_bytes"],
-                                        ray_run["shard_cost_bytes"], strict=True)):
+    hosts = ray_run["transport"]["host_of_shard"]
+    for i, rss in enumerate(ray_run["actor_resident_bytes"]):
+        held = sum(b for b, h in zip(ray_run["shard_cost_bytes"], hosts, strict=True) if h == i)
         rss_text = "-" if rss is None else f"{rss / 2**20:.1f} MiB"
-        print(f"    actor {i}: resident {rss_text}; costs held {held / 2**20:.2f} MiB "
+        print(f"    host {i}: resident {rss_text}; costs held {held / 2**20:.2f} MiB "
               f"= {held / whole:.2f} of the network's")
+    return 0
+
+
+QUICKSTART = {"kind": "mlp", "sizes": [32, 96, 96, 96, 96, 10], "unit_spread": 1.0, "seed": 0}
+SPARSE_2000 = {"kind": "mlp", "sizes": [64, 400, 400, 400, 400, 400, 10], "density": 0.02,
+               "unit_spread": 1.0, "seed": 0}
+# name -> (network, partition, seconds per time unit on Ray)
+SCALE_CASES = {
+    "4": (QUICKSTART, {"granularity": "shard", "shards_per_layer": 1}, 0.01),
+    "16": (QUICKSTART, {"granularity": "shard", "shards_per_layer": 4}, 0.02),
+    "64": (QUICKSTART, {"granularity": "shard", "shards_per_layer": 16}, 0.05),
+    "384n": (QUICKSTART, {"granularity": "neuron"}, 1.5),
+    "2000n": (SPARSE_2000, {"granularity": "neuron"}, 0.4),
+}
+
+
+def scale_case(name: str, backend: str, work: Path) -> dict:
+    network, partition, unit = SCALE_CASES[name]
+    data = {"name": f"{backend}-{name}", "seed": 0, "backend": backend,
+            "record_events": False, "network": network, "balance": {"p": 1.0},
+            "partition": partition, "wake": {"kind": "periodic", "period": 1.0, "jitter": 0.2},
+            "links": {"delay": "exponential", "mean": 0.5, "heterogeneity": 0.3},
+            "stop": {"tol": 1e-8, "function_check": "final", "max_wall_seconds": 900.0,
+                     "max_time": 5000.0, "sample_interval": 1.0},
+            "ray": {"time_unit": unit, "sample_seconds": max(0.05, 2 * unit)}}
+    return run_scenario(scenario_from_mapping(data), work / f"{backend}-{name}")
+
+
+def scale_table(names: list[str]) -> int:
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="bench-runtime-scale-"))
+    began = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray_start = time.perf_counter() - began
+    print(f"\n[5] sim vs Ray, {os.cpu_count()} CPUs; Ray's own start {ray_start:.1f} s "
+          "(excluded below)")
+    print(f"    {'case':>6} {'shards':>6} {'hosts':>5} {'unit':>6}  {'sim units':>9} "
+          f"{'ray units':>9} {'ratio':>6}  {'sim msg/u':>9} {'ray msg/u':>9} {'ratio':>6}  "
+          f"{'overhead s':>10}")
+    try:
+        for name in names:
+            sim = scale_case(name, "sim", work)
+            real = scale_case(name, "ray", work)
+            unit = SCALE_CASES[name][2]
+            overhead = real["wall_seconds"] - real["run_seconds"] - real["optimum_seconds"]
+            t_sim, t_ray = sim["time_to_tol"], real["time_to_tol"]
+            ratio_t = f"{t_ray / t_sim:.2f}" if t_sim and t_ray else "-"
+            ratio_m = real["messages_per_unit"] / sim["messages_per_unit"]
+            print(f"    {name:>6} {real['n_shards']:>6} {real['transport']['hosts']:>5} "
+                  f"{unit:>6g}  {t_sim if t_sim is not None else 'n/r':>9} "
+                  f"{f'{t_ray:.1f}' if t_ray is not None else 'n/r':>9} {ratio_t:>6}  "
+                  f"{sim['messages_per_unit']:>9.1f} {real['messages_per_unit']:>9.1f} "
+                  f"{ratio_m:>6.2f}  {overhead:>10.1f}", flush=True)
+            print(f"           sim wall {sim['run_seconds']:.1f} s, ray wall "
+                  f"{real['run_seconds']:.1f} s, ray max host queue "
+                  f"{real['transport']['max_host_queue']}, calls {real['transport']['calls']}, "
+                  f"coalesced {real['transport']['coalesced']}", flush=True)
+    finally:
+        ray.shutdown()
+    print("    (goals: time ratio <= 1.5 at 4 shards, <= 2 at 64 shards and at neuron "
+          "granularity; messages ratio <= 2; overhead <= 5 s at 64 shards)")
     return 0
 
 
