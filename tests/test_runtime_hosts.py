@@ -251,22 +251,6 @@ def test_ray_500_neuron_shards_converge(tmp_path, ray_session):
     assert summary["transport"]["max_host_queue"] < 20 * summary["n_shards"]
 
 
-@pytest.mark.ray
-def test_ray_recurrent_net_without_visible_weights_converges_modulo_gauge(tmp_path,
-                                                                            ray_session):
-    rng = np.random.default_rng(0)
-    w_rec = rng.standard_normal((5, 5)) * np.exp(rng.standard_normal((5, 1)))
-    path = tmp_path / "rec.npz"
-    np.savez(path, W_rec=w_rec)
-    summary = ray_run(tmp_path, "gauge", network={"kind": "file", "path": str(path)},
-                      partition={"granularity": "neuron"},
-                      ray={"time_unit": 0.01, "sample_seconds": 0.05},
-                      stop={**RAY_STOP, "function_check": "every_sample"})
-    assert summary["gauge_components"] == [[0, 1, 2, 3, 4]]
-    assert summary["converged"] and summary["max_abs_log_scale_error"] <= TOL
-    assert summary["max_log_imbalance"] <= 1e-7
-
-
 def test_ray_asking_for_more_cpus_than_the_cluster_has_is_named(tmp_path, ray_session):
     from asyncbalance.errors import InvalidInputError
 
