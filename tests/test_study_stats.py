@@ -126,4 +126,6 @@ def test_speed_metrics_by_hand() -> None:
     assert has_flattened(epochs, flat)
     gain, span = recent_gain(epochs, flat)
     assert gain == pytest.approx(0.002) and span == 2.0   # 0.503 - 0.501 (epoch 8)
+    falling = [0.5] * 8 + [0.49, 0.45, 0.40]
+    assert not has_flattened(epochs, falling)             # -0.09: not settled either
     assert epochs_to_threshold(epochs, [None] * 11, 0.1) is None

@@ -108,6 +108,7 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
     base = record_root(root, study, budget)
     stats = RunStats(planned=len(jobs))
     cache = DataCache(data_dir)
+    code_commit = provenance().get("git_commit")
     started = time.perf_counter()
     for index, job in enumerate(jobs, 1):
         path = base / job.relpath()
@@ -127,6 +128,7 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
             break
         config = from_mapping(TrainConfig, dict(mapping))
         prov = provenance()
+        prov["git_commit"] = code_commit  # the code this process loaded, not today's HEAD
         t0 = time.perf_counter()
         fields = job_fields(study, budget, job)
         fields["tuned"] = tuned

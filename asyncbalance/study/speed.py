@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: A curve has flattened when it gained less than this (accuracy, 0.5 points) over the last
-#: FLAT_WINDOW share of its epochs.
+#: A curve has flattened when it changed by less than this (accuracy, 0.5 points) either way
+#: over the last FLAT_WINDOW share of its epochs.
 FLAT_TOLERANCE = 0.005
 FLAT_WINDOW = 0.2
 
@@ -56,5 +56,7 @@ def recent_gain(epochs: Sequence[float], values: Sequence[float | None],
 
 def has_flattened(epochs: Sequence[float], values: Sequence[float | None],
                   tolerance: float = FLAT_TOLERANCE, window: float = FLAT_WINDOW) -> bool:
+    """Changed by less than ``tolerance`` either way over the last ``window`` share of the
+    epochs (a curve still rising, or falling, has not settled)."""
     gain, _ = recent_gain(epochs, values, window)
-    return bool(np.isfinite(gain) and gain < tolerance)
+    return bool(np.isfinite(gain) and abs(gain) < tolerance)
