@@ -33,7 +33,7 @@ from asyncbalance.runtime.simulator import MessageCounters, rule_of
 from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
 
-_EXTRA_COUNTERS = ("calls", "lost_calls")
+_EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "loop_turns")
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -354,7 +354,10 @@ class RayBackend:
     def transport(self) -> dict[str, Any]:
         """What crossed process boundaries, and how long the host queues ever grew."""
         total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)
-                 for name in ("calls", "lost_calls", "coalesced")}
+                 for name in ("calls", "lost_calls", "coalesced", "loop_turns")}
+        call_seconds = self.retired["call_seconds"] + sum(c.get("call_seconds", 0.0)
+                                                          for c in self.current)
+        total["mean_call_seconds"] = call_seconds / total["calls"] if total["calls"] else None
         return {**total, "hosts": self.n_hosts, "host_of_shard": list(self.shard_host),
                 "max_host_queue": max(self.queue_max) if self.queue_max else 0,
                 "host_losses": list(self.host_losses)}

@@ -29,6 +29,7 @@ from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
 
 SWITCH_INTERVAL_S = 0.0005
+BUSY_PAUSE_S = 0.0002
 
 
 class HostActor:
@@ -43,6 +44,8 @@ class HostActor:
         self.peers: dict[int, Any] = {}
         self.in_flight: dict[int, int] = {}
         self.calls = 0
+        self.call_seconds = 0.0
+        self.loop_turns = 0
         self.lost_calls = 0
         self.dropped_down = 0
         self.news: asyncio.Event | None = None
@@ -114,6 +117,7 @@ class HostActor:
         assert self.news is not None
         while self.host is not None:
             host = self.host
+            self.loop_turns += 1
             if self.started:
                 # Small slices of work, so that deliveries and completions get in between.
                 host.advance(self._now(), max_events=self.slice_events)
@@ -121,8 +125,11 @@ class HostActor:
             self.max_queue = max(self.max_queue, host.queue_length())
             wait = (host.next_due() - self._now()) * self.time_unit if self.started else 1.0
             if wait <= 0:
-                # Still work due: let deliveries and completions in before going on.
-                await asyncio.sleep(0)
+                # Still work due. Let go of the GIL for a moment first: Ray's threads hand
+                # incoming calls and replies to this loop only when they get it, and a zero
+                # sleep keeps it (measured: 23 ms per call between two busy hosts, 6 - 11 ms
+                # with this pause).
+                await asyncio.sleep(BUSY_PAUSE_S)
                 continue
             self.news.clear()
             with contextlib.suppress(TimeoutError):
@@ -139,11 +146,12 @@ class HostActor:
             self.in_flight[dst] = self.in_flight.get(dst, 0) + 1
             self.calls += 1
             ref = self.peers[dst].receive.remote(encode_batch(batch))
-            asyncio.get_running_loop().create_task(self._complete(dst, ref))
+            asyncio.get_running_loop().create_task(self._complete(dst, ref, time.perf_counter()))
 
-    async def _complete(self, dst: int, ref: Any) -> None:
+    async def _complete(self, dst: int, ref: Any, sent_at: float) -> None:
         try:
             await ref
+            self.call_seconds += time.perf_counter() - sent_at
         except ray.exceptions.RayError:
             # The peer is down or restarting: the batch is lost like a dropped message, and
             # anti-entropy re-sends the state once the peer is back.
@@ -169,7 +177,8 @@ class HostActor:
             "generation": host.generation,
             "restarts": host.epochs(),
             "unit_updates": host.unit_updates(),
-            "counters": {**host.counters, "calls": self.calls, "lost_calls": self.lost_calls},
+            "counters": {**host.counters, "calls": self.calls, "lost_calls": self.lost_calls,
+                         "call_seconds": self.call_seconds, "loop_turns": self.loop_turns},
             "events": host.take_events(),
             "crash_log": [record.as_dict() for record in host.crash_log],
             "checkpoints": host.take_checkpoints() if with_checkpoints else {},
