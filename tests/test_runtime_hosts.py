@@ -266,3 +266,15 @@ def test_distance_is_not_gauge_projected_where_a_visible_unit_fixes_the_gauge(tm
     assert summary["gauge_components"] == []
     assert summary["distance_measure"] == "max |u - u*|"
     assert math.isfinite(summary["max_abs_log_scale_error"])
+
+
+def test_the_library_never_imports_the_ray_shells():
+    """The runtime is host-independent: backends are found by entry point, not by import."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "asyncbalance"
+    pattern = re.compile(r"^\s*(from\s+actors\b|import\s+actors\b)|import_module\(\s*['\"]actors",
+                         re.MULTILINE)
+    offenders = [str(path.relative_to(package)) for path in package.rglob("*.py")
+                 if pattern.search(path.read_text())]
+    assert offenders == []
