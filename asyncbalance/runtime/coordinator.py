@@ -104,10 +104,22 @@ def _building(out_dir: Path):
     tmp = _fresh_dir(out_dir)
     try:
         yield tmp
-        os.replace(tmp, out_dir)
+        # Refused if another run took the name meanwhile (rename would replace an empty
+        # directory, so look first; a non-empty one makes the rename itself fail).
+        if out_dir.exists():
+            _taken(out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            _taken(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _taken(out_dir: Path) -> None:
+    raise InvalidInputError("--out", f"{out_dir} was created by another run meanwhile; "
+                            "choose a new directory")
 
 
 def _claim_dir(out_dir: Path) -> Path:
