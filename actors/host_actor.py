@@ -52,6 +52,7 @@ class HostActor:
         self.task: asyncio.Task | None = None
         self.max_queue = 0
         self.started = False
+        self.pending: set[asyncio.Task] = set()
         self.slice_events = 64
         # Ray hands incoming calls and replies to this loop from its own threads, which need
         # the GIL: a short switch interval keeps them from waiting behind a busy host.
@@ -146,7 +147,11 @@ class HostActor:
             self.in_flight[dst] = self.in_flight.get(dst, 0) + 1
             self.calls += 1
             ref = self.peers[dst].receive.remote(encode_batch(batch))
-            asyncio.get_running_loop().create_task(self._complete(dst, ref, time.perf_counter()))
+            # asyncio keeps only weak references to tasks: hold them until they finish.
+            task = asyncio.get_running_loop().create_task(
+                self._complete(dst, ref, time.perf_counter()))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
 
     async def _complete(self, dst: int, ref: Any, sent_at: float) -> None:
         try:
