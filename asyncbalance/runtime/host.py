@@ -187,15 +187,16 @@ class ShardHost:
     def advance(self, now: float, max_events: int = 20_000) -> int:
         """Process the events due at or before ``now`` (at most ``max_events``); their count.
 
-        Events that this call creates wait for the next call, even when already due (free
-        running): each call is one round, and the caller exchanges messages between rounds.
+        Wakes that this call schedules wait for the next call, even when already due (free
+        running): each call is one round, every shard with news moving once, and the caller
+        exchanges messages between rounds. Deliveries within the host happen in the round.
         """
         done = 0
         queue = self.queue
         last = self.tick
         deferred = []
         while queue and queue[0][0] <= now and done < max_events:
-            if queue[0][1] > last:
+            if queue[0][1] > last and queue[0][2] == _WAKE:
                 deferred.append(heapq.heappop(queue))
                 continue
             at, _, kind, target, payload = heapq.heappop(queue)
