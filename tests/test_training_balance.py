@@ -163,14 +163,14 @@ def test_asynchronous_balancing_through_ray_actors(ray_session) -> None:
     created once for the whole run (later interleaves only reload their costs)."""
     config = TrainConfig(epochs=3, model=ModelConfig(kind="mlp", widths=(0, 16, 16, 0)),
                          data=DataConfig(batch_size=32),
-                         balancing=BalancingConfig(mode="async", p=1.0, async_budget=150.0,
+                         balancing=BalancingConfig(mode="async", p=1.0, async_budget=300.0,
                                                    async_backend="ray"))
     result = train_run(config, seed=0, device="cpu", data=image_data())
     assert result.summary["n_balance_events"] == 3
     assert result.summary["async_runtimes_created"] == 1
     assert result.summary["max_function_rel_error_at_balance"] < FUNCTION_TOL
-    # Each interleave starts from u = 0 with max |u*| of order 1; 150 time units of 10 ms
-    # (1.5 s) of shards exchanging log-scales bring it far below that.
+    # Each interleave starts from u = 0 with max |u*| of order 1; 300 time units of 10 ms
+    # (3 s) of shards exchanging log-scales bring it far below that, even on a loaded machine.
     assert result.summary["max_distance_to_optimum"] < 1e-4
     assert ray_session.is_initialized()  # training kept the session's Ray
 
