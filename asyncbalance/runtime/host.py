@@ -251,7 +251,8 @@ class ShardHost:
         src, dst = message.sender, message.receiver
         ids = (src, dst, message.epoch, message.seq)
         self.counters["sent"] += 1
-        self._record("send", now, *ids, int(message.units.shape[0]), 0)
+        if s.record_events:
+            self._record("send", now, *ids, int(message.units.shape[0]), 0)
         if s.partitions and self._link_down(src, dst, now):
             self.counters["dropped"] += 1
             self._record("drop", now, *ids, "partition")
@@ -307,7 +308,8 @@ class ShardHost:
         applied = shard.on_message(message)
         self.counters["delivered"] += 1
         self.counters["applied"] += int(applied)
-        self._record("deliver", now, *ids, applied)
+        if self.settings.record_events:
+            self._record("deliver", now, *ids, applied)
         if applied and shard.dirty:
             self._schedule_wake(dst, max(now, self.next_tick[dst]))
 
