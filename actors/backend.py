@@ -23,9 +23,14 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncbalance.errors import InvalidInputError
-from asyncbalance.runtime.delays import link_mean_factors
 from asyncbalance.runtime.events import EventWriter
-from asyncbalance.runtime.host import COUNTER_NAMES, HostCrash, HostSettings, assign_hosts
+from asyncbalance.runtime.host import (
+    COUNTER_NAMES,
+    assign_hosts,
+    link_means,
+    settings_for,
+    split_by_shard,
+)
 from asyncbalance.runtime.scenario import Scenario
 from asyncbalance.runtime.shard import Shard, ShardSpec
 from asyncbalance.runtime.simulator import MessageCounters, rule_of
@@ -123,10 +128,10 @@ class RayBackend:
         self.members = [[s.shard_id for s in self.specs if self.shard_host[s.shard_id] == h]
                         for h in range(self.n_hosts)]
         self.rule = rule_of(scenario)
-        rng = np.random.default_rng(scenario.seed)
-        pairs = [(s.shard_id, n) for s in self.specs for n in s.neighbours]
-        factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
-        self.settings = [self._settings(h, factors) for h in range(self.n_hosts)]
+        means = link_means(scenario, self.specs)
+        paced = scenario.ray.clock == "paced"
+        self.settings = [settings_for(scenario, means, members, paced)
+                         for members in self.members]
         self.generation = 0
         self.actors: list[Any] = [None] * self.n_hosts
         self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
@@ -159,24 +164,6 @@ class RayBackend:
         self.started = time.perf_counter()
         self.last_checkpoint_poll = -np.inf
         self.checkpoint_sink: Callable[[dict[int, bytes]], None] | None = None
-
-    def _settings(self, host: int, factors: dict[tuple[int, int], float]) -> HostSettings:
-        s = self.scenario
-        mine = set(self.members[host])
-        return HostSettings(
-            seed=s.seed, rule=self.rule, resend_interval=s.links.resend_interval,
-            wake_kind=s.wake.kind, wake_period=s.wake.period, wake_jitter=s.wake.jitter,
-            delay=s.links.delay, delay_spread=s.links.spread,
-            pareto_shape=s.links.pareto_shape, loss=s.links.loss,
-            duplication=s.links.duplication,
-            partitions=tuple((w.start, w.stop, frozenset(w.shards))
-                             for w in s.faults.partitions),
-            checkpoint_interval=s.faults.checkpoint_interval,
-            paced=s.ray.clock == "paced", record_events=s.record_events,
-            link_mean={link: s.links.mean * f for link, f in factors.items()
-                       if link[0] in mine},
-            crashes=tuple(HostCrash(c.shard, c.at, c.down_for, c.restore)
-                          for c in s.faults.crashes if c.shard in mine))
 
     def _create(self, host: int) -> Any:
         cfg = self.scenario.ray
@@ -327,14 +314,10 @@ class RayBackend:
 
     def owned_log_scales(self) -> list[np.ndarray]:
         """Each shard's own log-scales, in shard order."""
-        out: list[np.ndarray] = [np.zeros(0)] * len(self.specs)
+        owned: dict[int, np.ndarray] = {}
         for host, members in enumerate(self.members):
-            start = 0
-            for sid in members:
-                n = self.specs[sid].n_own
-                out[sid] = self.latest[host][start:start + n].copy()
-                start += n
-        return out
+            owned.update(split_by_shard(self.specs, members, self.latest[host]))
+        return [owned[spec.shard_id] for spec in self.specs]
 
     def message_counters(self) -> MessageCounters:
         total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .delays import DelaySampler, WakeSchedule
+from .delays import DelaySampler, WakeSchedule, link_mean_factors
 from .messages import StateMessage
+from .scenario import Scenario
 from .shard import Rule, Shard, ShardSpec
 
 # Epochs of one generation lie in [generation * EPOCH_STRIDE, (generation + 1) * EPOCH_STRIDE):
@@ -399,3 +400,43 @@ def assign_hosts(specs: Sequence[ShardSpec], n_hosts: int) -> list[int]:
     # Every host gets at least one shard: renumber the hosts that are used.
     _, dense = np.unique(hosts, return_inverse=True)
     return [int(h) for h in dense]
+
+
+def settings_for(scenario: Scenario, link_mean: Mapping[tuple[int, int], float],
+                 shards: Iterable[int] | None = None, paced: bool = True) -> HostSettings:
+    """A host's settings from a scenario: the links leaving ``shards`` (all when None) and
+    the scripted crashes of those shards."""
+    s = scenario
+    mine = None if shards is None else set(shards)
+    b = s.balance
+    return HostSettings(
+        seed=s.seed, rule=Rule(b.rule, b.alpha, b.eta), resend_interval=s.links.resend_interval,
+        wake_kind=s.wake.kind, wake_period=s.wake.period, wake_jitter=s.wake.jitter,
+        delay=s.links.delay, delay_spread=s.links.spread, pareto_shape=s.links.pareto_shape,
+        loss=s.links.loss, duplication=s.links.duplication,
+        partitions=tuple((w.start, w.stop, frozenset(w.shards)) for w in s.faults.partitions),
+        checkpoint_interval=s.faults.checkpoint_interval, paced=paced,
+        record_events=s.record_events,
+        link_mean={link: mean for link, mean in link_mean.items()
+                   if mine is None or link[0] in mine},
+        crashes=tuple(HostCrash(c.shard, c.at, c.down_for, c.restore) for c in s.faults.crashes
+                      if mine is None or c.shard in mine))
+
+
+def link_means(scenario: Scenario, specs: Sequence[ShardSpec]) -> dict[tuple[int, int], float]:
+    """Mean delay of every directed link between neighbour shards (seeded by the scenario)."""
+    rng = np.random.default_rng(scenario.seed)
+    pairs = [(s.shard_id, n) for s in specs for n in s.neighbours]
+    factors = link_mean_factors(rng, pairs, scenario.links.heterogeneity)
+    return {link: scenario.links.mean * f for link, f in factors.items()}
+
+
+def split_by_shard(specs: Sequence[ShardSpec], order: Sequence[int],
+                   values: np.ndarray) -> dict[int, np.ndarray]:
+    """Each shard's own log-scales from a host's concatenation in ``order``."""
+    out, start = {}, 0
+    for sid in order:
+        n = specs[sid].n_own
+        out[sid] = values[start:start + n].copy()
+        start += n
+    return out
