@@ -95,6 +95,10 @@ def paired_interval(a: Sequence[float], b: Sequence[float], method: str = "t",
 
 def format_interval(iv: Interval, scale: float = 100.0, unit: str = " points",
                     digits: int = 2) -> str:
+    finite = [abs(scale * v) for v in (iv.mean, iv.low, iv.high) if math.isfinite(v)]
+    if finite and 0 < max(finite) < 10.0 ** (1 - digits):
+        digits += 2  # tiny effects: enough digits to show why the interval excludes 0
+
     def num(v: float) -> str:
         return f"{scale * v:+.{digits}f}" if math.isfinite(v) else ("-inf" if v < 0 else "+inf")
     return (f"{num(iv.mean)}{unit} [{num(iv.low)}, {num(iv.high)}] "
