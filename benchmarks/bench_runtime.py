@@ -151,7 +151,7 @@ SCALE_CASES = {
     "16": (QUICKSTART, {"granularity": "shard", "shards_per_layer": 4}, 0.02),
     "64": (QUICKSTART, {"granularity": "shard", "shards_per_layer": 16}, 0.05),
     "384n": (QUICKSTART, {"granularity": "neuron"}, 1.5),
-    "2000n": (SPARSE_2000, {"granularity": "neuron"}, 0.4),
+    "2000n": (SPARSE_2000, {"granularity": "neuron"}, 0.8),
 }
 
 
