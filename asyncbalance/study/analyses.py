@@ -86,11 +86,16 @@ def decay_fit(claim: Claim, cells: list[Cell], allow: bool) -> tuple[list[str], 
                      f"[{iv.low:.3e}, {iv.high:.3e}] | {iv.mean / predicted:.3f} |")
         if allow and cell.complete():
             inside = iv.low <= predicted <= iv.high
+            ratio_low, ratio_high = sorted((iv.low / predicted, iv.high / predicted))
+            off = 100 * max(abs(1 - ratio_low), abs(1 - ratio_high))
             verdicts.append(
-                f"{cell.point}: fitted decay rate {iv.mean:.3e} per step "
-                f"[{iv.low:.3e}, {iv.high:.3e}] vs predicted {predicted:.3e}: "
-                + ("the interval covers the prediction." if inside else
-                   f"the interval excludes the prediction (ratio {iv.mean / predicted:.3f})."))
+                f"{cell.point}: fitted decay rate {iv.mean:.4e} per step "
+                f"[{iv.low:.4e}, {iv.high:.4e}] vs the first-order prediction "
+                f"{predicted:.4e}: ratio {iv.mean / predicted:.4f} [{ratio_low:.4f}, "
+                f"{ratio_high:.4f}], within {off:.2g} % of it; "
+                + ("the interval covers it." if inside else
+                   "the interval excludes it (the prediction is first order in lr: a "
+                   "discrete step and the mini-batch data term add higher-order terms)."))
     return lines, verdicts
 
 
