@@ -185,6 +185,7 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
     lines += _our_setting(study, claim, budget, cells)
     verdicts: list[str] = []
     interim: list[str] = []
+    headline: list[str] = []
     if claim.kind == "comparison":
         for cell in cells:
             head = f"### {cell.setting}" + (f", {cell.point}" if cell.point else "")
@@ -199,8 +200,11 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
             interim += [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
                         for v in cell_interim]
             lines += comp + [""]
-            verdicts += [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
-                         for v in cell_verdicts]
+            tagged = [f"[{cell.setting}{', ' + cell.point if cell.point else ''}] {v}"
+                      for v in cell_verdicts]
+            verdicts += tagged
+            if tagged:
+                headline.append(tagged[0])  # the first pair's accuracy verdict of the cell
             name = _figure_name(claim, cell)
             if cell_figure(cell, arms, f"{claim.id} · {cell.setting} {cell.point}",
                        figures / name):
@@ -228,7 +232,8 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
     else:
         lines += ["Pending: no cell has all its seeds yet.", ""]
     if verdicts:
-        summary = verdicts[0]
+        summary = ("; ".join(h.rstrip(".") for h in headline[:3]) + ".") if headline \
+            else verdicts[0]
     elif not allow:
         summary = "no verdict (smoke)"
     elif interim:
