@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_mapping, load_toml, set_dotted
+from ..config import flatten_table, from_mapping, load_toml, set_dotted
 from ..errors import InvalidInputError
 from ..training.config import TrainConfig
 
@@ -192,19 +192,10 @@ def _check_keys(table: Mapping[str, Any], valid: tuple[str, ...], where: str) ->
             raise InvalidInputError(f"{where}.{key}", "unknown key", valid)
 
 
-def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
 
 def _grid(table: Any, where: str) -> dict[str, tuple]:
     out = {}
-    for key, values in _flat(_table(table, where)).items():
+    for key, values in flatten_table(_table(table, where)).items():
         if not isinstance(values, list) or not values:
             raise InvalidInputError(f"{where}.{key}", "must be a non-empty list of values")
         out[key] = tuple(values)
@@ -220,7 +211,7 @@ def _budget(name: str, table: Any) -> Budget:
         raise InvalidInputError(f"{where}.seeds", f"must be >= 1, got {seeds}")
     return Budget(name, seeds, int(table.get("tune_seeds", min(2, seeds))),
                   str(table.get("note", "")), bool(table.get("verdicts", name != "smoke")),
-                  _flat(_table(table.get("set"), f"{where}.set")))
+                  flatten_table(_table(table.get("set"), f"{where}.set")))
 
 
 def _claim(index: int, table: Any) -> Claim:
@@ -237,15 +228,15 @@ def _claim(index: int, table: Any) -> Claim:
     for label, st in _table(table.get("settings"), f"{where}.settings").items():
         st = _table(st, f"{where}.settings.{label}")
         _check_keys(st, SETTING_KEYS, f"{where}.settings.{label}")
-        settings.append(Setting(label, str(st.get("source", "")),
-                                _flat(_table(st.get("set"), f"{where}.settings.{label}.set")),
+        overrides = flatten_table(_table(st.get("set"), f"{where}.settings.{label}.set"))
+        settings.append(Setting(label, str(st.get("source", "")), overrides,
                                 _grid(st.get("tune"), f"{where}.settings.{label}.tune")))
     arms = []
     for label, arm in _table(table.get("arms"), f"{where}.arms").items():
         arm = _table(arm, f"{where}.arms.{label}")
         _check_keys(arm, ARM_KEYS, f"{where}.arms.{label}")
         arms.append(Arm(label, str(arm.get("description", "")),
-                        _flat(_table(arm.get("set"), f"{where}.arms.{label}.set"))))
+                        flatten_table(_table(arm.get("set"), f"{where}.arms.{label}.set"))))
     if not settings:
         settings = [Setting("default", "", {}, {})]
     if not arms:
@@ -265,7 +256,7 @@ def _claim(index: int, table: Any) -> Claim:
         bt = _table(bt, f"{where}.budget.{name}")
         _check_keys(bt, CLAIM_BUDGET_KEYS, f"{where}.budget.{name}")
         parsed: dict[str, Any] = dict(bt)
-        parsed["set"] = _flat(_table(bt.get("set"), f"{where}.budget.{name}.set"))
+        parsed["set"] = flatten_table(_table(bt.get("set"), f"{where}.budget.{name}.set"))
         if "sweep" in bt:
             parsed["sweep"] = _grid(bt["sweep"], f"{where}.budget.{name}.sweep")
         budget[name] = parsed
@@ -281,7 +272,7 @@ def _claim(index: int, table: Any) -> Claim:
                  int(table.get("priority", 9)), kind, str(table.get("paper", "")).strip(),
                  str(table.get("notes", "")).strip(), baseline,
                  {k: int(v) for k, v in epochs.items()},
-                 _flat(_table(table.get("set"), f"{where}.set")),
+                 flatten_table(_table(table.get("set"), f"{where}.set")),
                  _grid(table.get("sweep"), f"{where}.sweep"), tuple(settings), tuple(arms),
                  budget, tuple(compare))
 

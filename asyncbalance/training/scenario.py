@@ -12,19 +12,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import apply_overrides, expand_sweep, from_mapping, load_toml, set_dotted
+from ..config import (
+    apply_overrides,
+    expand_sweep,
+    flatten_table,
+    from_mapping,
+    load_toml,
+    set_dotted,
+)
 from ..errors import InvalidInputError
 from .config import TrainConfig
-
-
-def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _labelled(data: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
@@ -37,7 +34,7 @@ def _labelled(data: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]
     for label, overrides in table.items():
         if not isinstance(overrides, dict):
             raise InvalidInputError(f"{key}.{label}", "must be a table of dotted-key overrides")
-        out.append((label, _flat(overrides)))
+        out.append((label, flatten_table(overrides)))
     return out
 
 
