@@ -135,11 +135,6 @@ def _claim_dir(out_dir: Path) -> Path:
 
 ProgressCallback = Callable[[Sample, Scenario], None]
 
-# Summary ``status``: ``running`` while the run goes, ``complete`` when it ended by one of its
-# stop conditions, ``incomplete`` when it was interrupted or failed part-way.
-STATUSES = ("running", "complete", "incomplete")
-
-
 def run_scenario(scenario: Scenario, out_dir: str | Path, *, backend: str | None = None,
                  address: str | None = None, base_dir: Path | None = None,
                  progress: ProgressCallback | None = None,
@@ -150,7 +145,9 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, *, backend: str | None
     Everything is validated (and the backend started) before the record counts as begun: bad
     input leaves nothing behind. From the start of balancing on, the record is written as the
     run goes (events, checkpoints, a ``running`` summary), so an interrupted run leaves a
-    record marked ``incomplete`` rather than nothing.
+    record marked ``incomplete`` rather than nothing. The summary's ``status`` is ``running``
+    while the run goes, ``complete`` when a stop condition ended it, ``incomplete`` when it
+    was interrupted or failed part-way.
     """
     out = Path(out_dir)
     backend_name = backend or scenario.backend
