@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from asyncbalance.runtime.simulator import MessageCounters, rule_of
 from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
 
-_EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "loop_turns")
+_EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_turns")
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -134,13 +135,18 @@ class RayBackend:
                          for members in self.members]
         self.generation = 0
         self.actors: list[Any] = [None] * self.n_hosts
+        # Only this run's hosts may deliver state over the stream links.
+        self.token = secrets.token_bytes(16)
         self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
                                    self.settings[h]))
                           for h, members in enumerate(self.members)]
         self.actors = [self._create(h) for h in range(self.n_hosts)]
         self.peers = {h: a for h, a in enumerate(self.actors)}
-        ray.get([a.setup.remote([ref], self.peers) for a, ref in
-                 zip(self.actors, self.plan_refs, strict=True)])
+        replies = ray.get([a.setup.remote([ref], self.peers) for a, ref in
+                           zip(self.actors, self.plan_refs, strict=True)])
+        self.addresses = {h: tuple(a) for h, a in enumerate(replies) if a is not None}
+        if self.addresses:
+            ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
         # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
         self.saved = {s.shard_id: Shard(s, self.rule, scenario.links.resend_interval)
@@ -179,7 +185,7 @@ class RayBackend:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 self.node_slots[host % len(self.node_slots)], soft=False)
         return ray.remote(HostActor).options(**options).remote(
-            host, cfg.time_unit, cfg.max_in_flight)
+            host, cfg.time_unit, cfg.max_in_flight, cfg.transport, self.token)
 
     # -- the coordinator's interface ------------------------------------------------------
 
@@ -263,9 +269,9 @@ class RayBackend:
         deadline = time.perf_counter() + 120.0
         while True:
             try:
-                ray.get(self.actors[host].setup.remote(
-                    [self.plan_refs[host]], self.peers, self.origin, self.generation, state,
-                    {sid: self.restarts[sid] for sid in members}))
+                address = ray.get(self.actors[host].setup.remote(
+                    [self.plan_refs[host]], self.peers, self.addresses, self.origin,
+                    self.generation, state, {sid: self.restarts[sid] for sid in members}))
                 break
             except ray.exceptions.ActorUnavailableError:
                 # Restarting a process takes a moment; setup is idempotent, so ask again.
@@ -277,6 +283,10 @@ class RayBackend:
                 if time.perf_counter() > deadline:
                     raise
                 self._replace(host)
+        if address is not None:
+            # A restarted process listens on a new port: every host must dial it there.
+            self.addresses[host] = tuple(address)
+            ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
         back_at = self.elapsed()
         for sid in members:
             self.events.write("restart", back_at * self.time_unit, sid, "checkpoint",
@@ -337,11 +347,14 @@ class RayBackend:
     def transport(self) -> dict[str, Any]:
         """What crossed process boundaries, and how long the host queues ever grew."""
         total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)
-                 for name in ("calls", "lost_calls", "coalesced", "loop_turns")}
+                 for name in ("calls", "lost_calls", "coalesced", "loop_turns", "acked_calls")}
         call_seconds = self.retired["call_seconds"] + sum(c.get("call_seconds", 0.0)
                                                           for c in self.current)
-        total["mean_call_seconds"] = call_seconds / total["calls"] if total["calls"] else None
-        return {**total, "hosts": self.n_hosts, "host_of_shard": list(self.shard_host),
+        acked = total.pop("acked_calls")
+        # Send to completion (the reply of a call, the ack of a frame), over completed ones.
+        total["mean_call_seconds"] = call_seconds / acked if acked else None
+        return {**total, "transport": self.scenario.ray.transport, "hosts": self.n_hosts,
+                "host_of_shard": list(self.shard_host),
                 "max_host_queue": max(self.queue_max) if self.queue_max else 0,
                 "host_losses": list(self.host_losses)}
 

@@ -2,11 +2,16 @@
 
 One actor process hosts many logical shards. Its loop runs the host's events that are due
 on the scenario clock (wall seconds since the run's origin divided by ``time_unit``), sends
-each destination host its coalesced outbox as one call, and then sleeps until the next
-pending event or until news arrives, whichever is first. At most ``max_in_flight`` calls
-to each destination host are outstanding; a completed call frees the slot (backpressure),
+each destination host its coalesced outbox as one batch, and then sleeps until the next
+pending event or until news arrives, whichever is first. At most ``max_in_flight`` batches
+to each destination host are outstanding; a completed one frees the slot (backpressure),
 and what accumulates meanwhile stays coalesced in the outbox, so no queue grows with the
 length of the run.
+
+Batches travel over ``transport``: ``stream`` (default) sends them as frames over a direct
+TCP link per host pair (``links.StreamLinks``), acknowledged per frame; ``calls`` sends each
+as a Ray actor call to the peer's ``receive``. Ray is the control plane either way: it
+places, restarts and polls the hosts.
 
 A host whose process dies is restarted by Ray (``max_restarts``) and re-runs ``__init__``;
 it then drops what it receives until the driver calls ``resume`` with its specs, the last
@@ -24,9 +29,14 @@ from typing import Any
 import numpy as np
 import ray
 
+from asyncbalance.errors import InvalidInputError
 from asyncbalance.runtime.host import HostSettings, ShardHost
 from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
+
+from .links import Address, StreamLinks
+
+TRANSPORTS = ("stream", "calls")
 
 SWITCH_INTERVAL_S = 0.0005
 BUSY_PAUSE_S = 0.0002
@@ -36,8 +46,17 @@ BUSY_SLICE_S = 0.002
 class HostActor:
     """Constructed with small arguments only; specs arrive by reference in ``setup``."""
 
-    def __init__(self, host_id: int, time_unit: float, max_in_flight: int):
+    def __init__(self, host_id: int, time_unit: float, max_in_flight: int,
+                 transport: str = "stream", token: bytes = b""):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}")
         self.host_id = host_id
+        self.transport = transport
+        self.links: StreamLinks | None = None
+        if transport == "stream":
+            self.links = StreamLinks(host_id, token, max_in_flight, self._on_frame,
+                                     self._wake_up)
+        self.bad_frames = 0
         self.time_unit = time_unit
         self.max_in_flight = max_in_flight
         self.origin = time.time()
@@ -63,19 +82,26 @@ class HostActor:
     def _now(self) -> float:
         return (time.time() - self.origin) / self.time_unit
 
-    async def setup(self, plan_box: list, peers: dict[int, Any], origin: float | None = None,
+    async def setup(self, plan_box: list, peers: dict[int, Any],
+                    addresses: dict[int, Address] | None = None, origin: float | None = None,
                     generation: int = 0, checkpoints: dict[int, bytes] | None = None,
-                    restarts: dict[int, int] | None = None) -> int:
+                    restarts: dict[int, int] | None = None) -> Address | None:
         """Install the shards and the peers. ``plan_box = [ObjectRef]`` of this host's
         ``(specs, shard_host, settings)``: by reference, so that a restarted process gets
         them from the driver again rather than from its constructor's arguments.
 
         With ``origin`` (a resume after the loss of this host) the shards run at once on the
-        run's clock; without, they wait for ``start``.
+        run's clock; without, they wait for ``start``. Returns the address this host's
+        stream links listen on (None with the ``calls`` transport).
         """
         specs, shard_host, settings = await plan_box[0]
         self.settings: HostSettings = settings
         self.peers = peers
+        address = None
+        if self.links is not None:
+            address = await self.links.listen(ray.util.get_node_ip_address())
+            self.links.set_addresses({h: a for h, a in (addresses or {}).items()
+                                      if h != self.host_id})
         self.started = origin is not None
         if origin is not None:
             self.origin = origin
@@ -83,7 +109,7 @@ class HostActor:
         self.host = ShardHost(self.host_id, specs, shard_host, settings, generation,
                               checkpoints, restarts, now=now)
         self._ensure_loop()
-        return self.host_id
+        return address
 
     async def start(self, origin: float) -> int:
         """Start balancing on the run's clock (``origin``: wall time of time unit 0)."""
@@ -92,8 +118,13 @@ class HostActor:
         self._wake_up()
         return self.host_id
 
-    async def connect(self, peers: dict[int, Any]) -> int:
+    async def connect(self, peers: dict[int, Any],
+                      addresses: dict[int, Address] | None = None) -> int:
+        """New peers (a host was replaced) or new addresses (a host restarted elsewhere)."""
         self.peers = peers
+        if self.links is not None and addresses:
+            self.links.set_addresses({h: a for h, a in addresses.items() if h != self.host_id})
+        self._wake_up()
         return self.host_id
 
     async def reload(self, specs_box: list, generation: int) -> int:
@@ -147,6 +178,11 @@ class HostActor:
         host = self.host
         if host is None:
             return
+        if self.links is not None:
+            for dst in host.pending_hosts():
+                if self.links.can_send(dst):
+                    self.links.send(dst, encode_batch(host.take_outbox(dst)))
+            return
         for dst in host.pending_hosts():
             if self.in_flight.get(dst, 0) >= self.max_in_flight or dst not in self.peers:
                 continue
@@ -173,11 +209,27 @@ class HostActor:
             self._wake_up()
 
     async def receive(self, payload: bytes) -> None:
+        self._on_frame(payload)
+
+    def _on_frame(self, payload: bytes) -> None:
         if self.host is None:
             self.dropped_down += 1
             return
-        self.host.receive(decode_batch(payload), self._now())
+        try:
+            batch = decode_batch(payload)
+        except InvalidInputError:
+            self.bad_frames += 1
+            return
+        self.host.receive(batch, self._now())
         self._wake_up()
+
+    def _transport_counters(self) -> dict[str, Any]:
+        links = self.links
+        if links is None:
+            return {"calls": self.calls, "lost_calls": self.lost_calls,
+                    "call_seconds": self.call_seconds, "acked_calls": self.calls}
+        return {"calls": links.frames_sent, "lost_calls": links.lost_frames,
+                "call_seconds": links.ack_seconds, "acked_calls": links.acked}
 
     async def poll(self, with_checkpoints: bool) -> dict[str, Any]:
         """Own log-scales (host order), counters, events, and fresh checkpoints if asked."""
@@ -189,8 +241,8 @@ class HostActor:
             "generation": host.generation,
             "restarts": host.epochs(),
             "unit_updates": host.unit_updates(),
-            "counters": {**host.counters, "calls": self.calls, "lost_calls": self.lost_calls,
-                         "call_seconds": self.call_seconds, "loop_turns": self.loop_turns},
+            "counters": {**host.counters, **self._transport_counters(),
+                         "loop_turns": self.loop_turns},
             "events": host.take_events(),
             "crash_log": [record.as_dict() for record in host.crash_log],
             "checkpoints": host.take_checkpoints() if with_checkpoints else {},
@@ -204,6 +256,8 @@ class HostActor:
         self.host = None
         if task is not None:
             task.cancel()
+        if self.links is not None:
+            self.links.close()
         return True
 
 

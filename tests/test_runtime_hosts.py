@@ -227,14 +227,32 @@ def assert_at_optimum(summary: dict) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_64_logical_shards_converge(tmp_path, ray_session):
-    summary = ray_run(tmp_path, "shards64",
+@pytest.mark.parametrize("transport", ["stream", "calls"])
+def test_ray_64_logical_shards_converge(tmp_path, ray_session, transport):
+    summary = ray_run(tmp_path, f"shards64-{transport}",
                       network={"kind": "mlp", "sizes": [16, 48, 48, 48, 48, 8],
                                "unit_spread": 1.0, "seed": 2},
                       partition={"granularity": "shard", "shards_per_layer": 16},
-                      ray={"time_unit": 0.03, "sample_seconds": 0.3})
-    assert summary["n_shards"] == 64 and summary["transport"]["hosts"] == 2
+                      ray={"time_unit": 0.03, "sample_seconds": 0.3, "transport": transport})
+    links = summary["transport"]
+    assert summary["n_shards"] == 64 and links["hosts"] == 2
     assert_at_optimum(summary)
+    # The batches really crossed between the hosts over the named transport, none lost.
+    assert links["transport"] == transport
+    assert links["calls"] > 0 and links["lost_calls"] == 0
+    assert links["mean_call_seconds"] > 0
+
+
+@pytest.mark.ray
+def test_ray_free_running_hosts_converge(tmp_path, ray_session):
+    summary = ray_run(tmp_path, "free",
+                      network={"kind": "mlp", "sizes": [16, 64, 64, 64, 8],
+                               "unit_spread": 1.0, "seed": 3},
+                      partition={"granularity": "shard", "shards_per_layer": 4},
+                      ray={"clock": "free", "sample_seconds": 0.01})
+    assert summary["clock"] == "free" and summary["transport"]["hosts"] == 2
+    assert_at_optimum(summary)
+    assert summary["wall_seconds_to_tol"] is not None
 
 
 @pytest.mark.ray

@@ -217,7 +217,9 @@ class RayConfig:
     real time, ``free`` runs unpaced (shards act on news at once, no modelled delays);
     ``sample_seconds``: how often the coordinator polls the hosts; ``hosts``: shard host
     processes (0: one per CPU the cluster offers); ``actor_cpus``: CPUs reserved per host;
-    ``max_in_flight``: calls outstanding per pair of hosts; ``checkpoint_seconds``: how often
+    ``max_in_flight``: batches outstanding per pair of hosts; ``transport``: how batches
+    travel between hosts (``stream``: direct TCP links, ``calls``: Ray actor calls);
+    ``checkpoint_seconds``: how often
     the driver collects checkpoints into the run directory; ``placement``: custom node
     resource names, host i goes to a node offering ``placement[i % len(placement)]`` (empty:
     hosts are spread over the nodes)."""
@@ -228,7 +230,8 @@ class RayConfig:
     sample_seconds: float = 0.05
     hosts: int = 0
     actor_cpus: float = 0.0
-    max_in_flight: int = 2
+    max_in_flight: int = 8
+    transport: Literal["stream", "calls"] = "stream"
     max_restarts: int = 1
     checkpoint_seconds: float = 1.0
     placement: tuple[str, ...] = ()

@@ -208,6 +208,8 @@ class Shard:
         self.unit_updates = 0
         self._slot_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                           np.ndarray]] = {}
+        self._group_spans = [(int(g.min()), int(g.max()) + 1) if g.size else (0, 0)
+                             for g in spec.colors]
         # Per neighbour: the local indices and the (read-only) global ids it is sent.
         self._outgoing = []
         for peer, idx in sorted(spec.send_units.items()):
@@ -280,10 +282,11 @@ class Shard:
             self.unit_updates += sum(c.shape[0] for c in self.spec.colors)
         else:
             alpha = 1.0 if self.rule.name == "exact" else self.rule.alpha
-            n_own = self.spec.n_own
-            for group in self.spec.colors:
-                # Only the owned units' flows: the halo's are never needed here.
-                flows = kernels.unit_flows_range(graph, self.state, 0, n_own)
+            for group, (lo, hi) in zip(self.spec.colors, self._group_spans, strict=True):
+                # Only the flows of the group's span of owned units: the halo's and the
+                # other groups' are never needed for this move (a layer slice's groups are
+                # its layers, so this halves the work of a shard that spans two layers).
+                flows = kernels.unit_flows_range(graph, self.state, lo, hi)
                 self.state[group] += alpha * kernels.exact_moves(graph, self.state, group, flows)
                 self.unit_updates += group.shape[0]
         step = np.abs(self.state[:self.spec.n_own] - before)

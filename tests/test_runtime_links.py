@@ -1,0 +1,188 @@
+"""The direct host-to-host links (``actors.links``), driven in one event loop without Ray.
+
+Each test can fail: a link that ignored the token would deliver the intruder's frame; one
+without the in-flight bound would accept a third frame; one that never re-dialled would not
+deliver after the peer moved; one that forgot lost frames would report 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from actors.links import MAGIC, StreamLinks
+
+TOKEN = b"0123456789abcdef"
+
+
+class Endpoint:
+    """A host's links plus what it received."""
+
+    def __init__(self, host_id: int, max_in_flight: int = 2, token: bytes = TOKEN):
+        self.received: list[bytes] = []
+        self.progress = 0
+        self.links = StreamLinks(host_id, token, max_in_flight, self.received.append,
+                                 self._progress)
+
+    def _progress(self) -> None:
+        self.progress += 1
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+async def _send_when_ready(sender: StreamLinks, host: int, payload: bytes) -> None:
+    await _until(lambda: sender.can_send(host))
+    sender.send(host, payload)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=20.0))
+
+
+def test_frames_arrive_in_order_and_acks_free_the_slots():
+    async def main():
+        a, b = Endpoint(0), Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        a.links.set_addresses({1: address})
+        payloads = [bytes([i]) * (1 + 1000 * i) for i in range(6)]
+        for payload in payloads:
+            await _send_when_ready(a.links, 1, payload)
+        await _until(lambda: len(b.received) == len(payloads) and a.links.acked == 6)
+        assert b.received == payloads
+        assert a.links.frames_sent == 6 and a.links.in_flight() == 0
+        assert a.links.ack_seconds > 0.0
+        a.links.close()
+        b.links.close()
+    run(main())
+
+
+def test_at_most_max_in_flight_frames_are_unacknowledged():
+    async def main():
+        a, b = Endpoint(0, max_in_flight=2), Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        a.links.set_addresses({1: address})
+        await _until(lambda: a.links.can_send(1))
+        # Sent back to back without yielding: no ack can have arrived in between.
+        a.links.send(1, b"x")
+        a.links.send(1, b"y")
+        assert not a.links.can_send(1)
+        assert a.links.in_flight() == 2
+        await _until(lambda: a.links.can_send(1))
+        await _until(lambda: a.links.in_flight() == 0)
+        assert b.received == [b"x", b"y"]
+        a.links.close()
+        b.links.close()
+    run(main())
+
+
+def test_a_connection_without_the_runs_token_delivers_nothing():
+    async def main():
+        intruder, b = Endpoint(0, token=b"fedcba9876543210"), Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        intruder.links.set_addresses({1: address})
+        # The sender may dial more than once: each refused link breaks before it can send.
+        await _send_when_ready(intruder.links, 1, b"forged state")
+        await _until(lambda: intruder.links.lost_frames == 1)
+        await asyncio.sleep(0.05)
+        assert b.received == [] and b.links.refused >= 1
+        refused = b.links.refused
+        # A raw client with a wrong magic is refused too.
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"XXXXX" + TOKEN + b"\0\0\0\0" + b"\1\0\0\0z")
+        assert await reader.read(1) == b""
+        assert b.links.refused == refused + 1 and b.received == []
+        writer.close()
+        intruder.links.close()
+        b.links.close()
+    run(main())
+
+
+def test_a_peer_that_moves_is_dialled_at_its_new_address_and_lost_frames_are_counted():
+    async def main():
+        a, b = Endpoint(0, max_in_flight=4), Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        a.links.set_addresses({1: address})
+        await _send_when_ready(a.links, 1, b"first")
+        await _until(lambda: b.received == [b"first"] and a.links.in_flight() == 0)
+        # The peer's process dies: its server and connections go away.
+        b.links.close()
+        await _until(lambda: 1 not in a.links.peers)
+        # Dialling the dead address is refused and retried, never delivered.
+        assert not a.links.can_send(1)
+        await asyncio.sleep(0.05)
+        assert not a.links.can_send(1)
+        # A new process for the same host listens elsewhere; the driver hands out the address.
+        b2 = Endpoint(1)
+        new_address = await b2.links.listen("127.0.0.1")
+        assert new_address != address
+        a.links.set_addresses({1: new_address})
+        await _send_when_ready(a.links, 1, b"second")
+        await _until(lambda: b2.received == [b"second"])
+        a.links.close()
+        b2.links.close()
+    run(main())
+
+
+def test_frames_in_flight_when_the_link_breaks_are_lost_not_resent():
+    async def main():
+        a = Endpoint(0, max_in_flight=8)
+        # A receiver that reads the hello and frames but never acknowledges, then hangs up.
+        got = asyncio.Event()
+
+        async def silent(reader, writer):
+            await reader.readexactly(len(MAGIC) + len(TOKEN) + 4)
+            await reader.readexactly(4 + 3)
+            got.set()
+            await asyncio.sleep(0.05)
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        a.links.set_addresses({1: server.sockets[0].getsockname()[:2]})
+        await _send_when_ready(a.links, 1, b"one")
+        a.links.send(1, b"two")
+        a.links.send(1, b"333")
+        await got.wait()
+        await _until(lambda: a.links.lost_frames == 3)
+        assert a.links.acked == 0 and a.links.in_flight() == 0
+        server.close()
+        a.links.close()
+    run(main())
+
+
+@pytest.mark.parametrize("length", [0, 1, 70_000])
+def test_frame_lengths_round_trip(length):
+    async def main():
+        a, b = Endpoint(0), Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        a.links.set_addresses({1: address})
+        payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+        await _send_when_ready(a.links, 1, payload)
+        await _until(lambda: len(b.received) == 1)
+        assert b.received[0] == payload
+        a.links.close()
+        b.links.close()
+    run(main())
+
+
+def test_a_new_address_replaces_a_link_that_is_still_up():
+    async def main():
+        a, old, new = Endpoint(0), Endpoint(1), Endpoint(1)
+        a.links.set_addresses({1: await old.links.listen("127.0.0.1")})
+        await _send_when_ready(a.links, 1, b"to the old process")
+        await _until(lambda: len(old.received) == 1)
+        # The driver moved host 1 while the old process still answers: the new one gets it.
+        a.links.set_addresses({1: await new.links.listen("127.0.0.1")})
+        await _send_when_ready(a.links, 1, b"to the new process")
+        await _until(lambda: len(new.received) == 1)
+        assert old.received == [b"to the old process"]
+        for endpoint in (a, old, new):
+            endpoint.links.close()
+    run(main())
