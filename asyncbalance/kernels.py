@@ -205,6 +205,12 @@ def exact_moves(graph: CostGraph, log_scales: np.ndarray, units: np.ndarray,
     units = np.asarray(units, dtype=np.intp)
     flows = unit_flows(graph, log_scales) if flows is None else flows
     live = ~graph.dead[units]
+    if graph.n_terms == 1 and live.all() and not graph.self_cost.any():
+        # The common case (one L_p term, no self-loops, all live), in a few array operations:
+        # asynchronous shards call this once per wake.
+        cc = graph.degrees[units]
+        return (np.log(cc * flows[1][0, units]) - np.log(flows[0][0, units])) / \
+            (graph.powers[0] * (1.0 + cc))
     moves = np.zeros(units.shape[0])
     if not live.any():
         return moves

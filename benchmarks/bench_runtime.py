@@ -2,9 +2,10 @@
 
 1. Simulator throughput (unit-updates per second of simulator time on one core) on a
    784-512-512-512-10 MLP in 12 layer shards, event log on.
-2. Ray backend, same net, 4 shards on a local Ray: wall time from the start of balancing to
-   max |u - u*| <= 1e-8 (Ray start-up and actor creation excluded) against the in-process
-   exact engine (``solve_optimum``) timed in the same process; messages per unit.
+2. Ray backend, free-running clock, same net, 4 shards on a local Ray, on the default hosts
+   (one per CPU) and on one host: wall time from the start of balancing to max |u - u*| <=
+   1e-8 (Ray start-up and host creation excluded) against the in-process exact engine
+   (``solve_optimum``) timed in the same process right after each run; messages per unit.
 3. Time to 1e-8 against the mean message delay in the simulator (same net).
 4. Resident memory of each actor process against the costs its shard holds (its own rows
    and columns) and against the whole network's costs.
@@ -16,8 +17,8 @@
    start and the central optimum). Ray paces each case with a ``time_unit`` long enough for
    2 cores to keep up with the wake schedule (printed).
 
-Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--only-scale]
-       [--delays 0,0.5,1,2,4,8] [--scale-cases 4,16,64,384n,2000n]
+Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--only-scale] [--only-free]
+       [--free-repeats 3] [--delays 0,0.5,1,2,4,8] [--scale-cases 4,16,64,384n,2000n]
 """
 
 from __future__ import annotations
@@ -62,14 +63,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--delays", default="0,0.5,1,2,4,8")
-    parser.add_argument("--ray-time-units", default="0.005,0.01,0.02",
-                        help="seconds per scenario time unit on Ray (the wake period is 1 unit)")
+    parser.add_argument("--free-repeats", type=int, default=3,
+                        help="runs per host count in [2]")
+    parser.add_argument("--only-free", action="store_true",
+                        help="run only [2], the free-running clock against the exact engine")
     parser.add_argument("--only-scale", action="store_true",
                         help="run only [5], the sim-against-Ray scale table")
     parser.add_argument("--scale-cases", default="4,16,64,384n,2000n")
     args = parser.parse_args()
     if args.only_scale:
         return scale_table(args.scale_cases.split(","))
+    if args.only_free:
+        import ray
+
+        began = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            free_running_table(args.free_repeats, time.perf_counter() - began)
+        finally:
+            ray.shutdown()
+        return 0
     print(f"net {'-'.join(map(str, SIZES))}, p = {P}, tolerance max |u - u*| <= 1e-8, "
           f"{os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
@@ -106,27 +119,10 @@ def main() -> int:
     began = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     startup = time.perf_counter() - began
-    print(f"\n[2] Ray, free-running clock, 4 shards (384 units each) on the default hosts; "
-          f"Ray start-up {startup:.1f} s and host creation excluded; the time unit only "
-          "sets the anti-entropy period here")
-    print(f"    {'time unit':>9}  {'wall to 1e-8':>12}  {'exact engine':>12}  {'ratio':>7}  "
-          f"{'messages/unit':>13}")
-    ray_run = None
     try:
-        for unit in [float(u) for u in args.ray_time_units.split(",")]:
-            ray_run = run_scenario(
-                scenario(f"ray-{unit}", backend="ray", partition={"units_per_shard": 384},
-                         ray={"time_unit": unit, "sample_seconds": 0.01, "clock": "free"}),
-                work / f"ray-{unit}")
-            engine_now = exact_engine_seconds()
-            wall = ray_run["wall_seconds_to_tol"]
-            ratio = f"{wall / engine_now:.1f}x" if wall is not None else "-"
-            print(f"    {unit * 1e3:>7g}ms  "
-                  f"{'not reached' if wall is None else f'{wall:.3f} s':>12}  "
-                  f"{engine_now:>10.3f} s  {ratio:>7}  {ray_run['messages_per_unit']:>13.2f}")
+        ray_run = free_running_table(args.free_repeats, startup)
     finally:
         ray.shutdown()
-    print("    (goal: ratio <= 5x)")
     scale_table(args.scale_cases.split(","))
 
     graph = build_cost_graph(build_network(scenario("x").network), lp(P))
@@ -140,6 +136,44 @@ def main() -> int:
         print(f"    host {i}: resident {rss_text}; costs held {held / 2**20:.2f} MiB "
               f"= {held / whole:.2f} of the network's")
     return 0
+
+
+def free_running_table(repeats: int, startup: float) -> dict:
+    """[2]: wall time to 1e-8 on the free-running clock, on the default hosts (one per CPU)
+    and on one host, each run followed by the exact engine timed in the same process."""
+    print(f"\n[2] Ray, free-running clock, 4 shards (384 units each), stream links; Ray "
+          f"start-up {startup:.1f} s and host creation excluded")
+    print(f"    {'hosts':>5}  {'wall to 1e-8':>12}  {'exact engine':>12}  {'ratio':>7}  "
+          f"{'messages/unit':>13}  {'batches':>7}  {'send to ack':>11}")
+    work = Path(tempfile.mkdtemp(prefix="bench-runtime-free-"))
+    default_hosts_run: dict = {}
+    ratios: dict[int, list[float]] = {}
+    for hosts in (0, 1):
+        for i in range(repeats):
+            run = run_scenario(
+                scenario(f"free-{hosts}-{i}", backend="ray",
+                         partition={"units_per_shard": 384},
+                         ray={"time_unit": 0.01, "sample_seconds": 0.01, "clock": "free",
+                              "hosts": hosts}), work / f"free-{hosts}-{i}")
+            engine_now = exact_engine_seconds()
+            wall = run["wall_seconds_to_tol"]
+            links = run["transport"]
+            if hosts == 0:
+                default_hosts_run = run
+            if wall is not None:
+                ratios.setdefault(links["hosts"], []).append(wall / engine_now)
+            ack = links["mean_call_seconds"]
+            print(f"    {links['hosts']:>5}  "
+                  f"{'not reached' if wall is None else f'{wall:.3f} s':>12}  "
+                  f"{engine_now:>10.3f} s  "
+                  f"{f'{wall / engine_now:.1f}x' if wall is not None else '-':>7}  "
+                  f"{run['messages_per_unit']:>13.2f}  {links['calls']:>7}  "
+                  f"{'-' if ack is None else f'{ack * 1e3:.1f} ms':>11}", flush=True)
+    for hosts, values in sorted(ratios.items()):
+        print(f"    {hosts} host(s): median ratio {statistics.median(values):.1f}x "
+              f"(range {min(values):.1f} - {max(values):.1f}x)")
+    print("    (goal: ratio <= 5x)")
+    return default_hosts_run
 
 
 QUICKSTART = {"kind": "mlp", "sizes": [32, 96, 96, 96, 96, 10], "unit_spread": 1.0, "seed": 0}
