@@ -3,8 +3,8 @@
 Ray places, restarts and polls the shard hosts; the batches of state messages between hosts
 travel over these streams instead of Ray actor calls. A Ray call between two busy processes
 crosses several threads of each (and needs the GIL in both) before it reaches the other
-host's event loop: about 6 ms one way on 2 busy cores, against 0.3 ms for a frame that the
-receiving loop reads from its socket itself (median of 100, ``benchmarks/bench_links.py``).
+host's event loop: a median 2.5 ms one way on 2 busy cores, against 0.3 ms for a frame that
+the receiving loop reads from its socket itself (``benchmarks/bench_links.py``).
 
 Protocol, per connection (the sender dials the receiver):
 

@@ -43,15 +43,22 @@ async def _send_when_ready(sender: StreamLinks, host: int, payload: bytes) -> No
     sender.send(host, payload)
 
 
+async def _connected(max_in_flight: int = 2, token: bytes = TOKEN
+                     ) -> tuple[Endpoint, Endpoint, tuple[str, int]]:
+    """Host 0 set up to send to host 1, which listens; and host 1's address."""
+    a, b = Endpoint(0, max_in_flight, token), Endpoint(1)
+    address = await b.links.listen("127.0.0.1")
+    a.links.set_addresses({1: address})
+    return a, b, address
+
+
 def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, timeout=20.0))
 
 
 def test_frames_arrive_in_order_and_acks_free_the_slots():
     async def main():
-        a, b = Endpoint(0), Endpoint(1)
-        address = await b.links.listen("127.0.0.1")
-        a.links.set_addresses({1: address})
+        a, b, address = await _connected()
         payloads = [bytes([i]) * (1 + 1000 * i) for i in range(6)]
         for payload in payloads:
             await _send_when_ready(a.links, 1, payload)
@@ -66,9 +73,7 @@ def test_frames_arrive_in_order_and_acks_free_the_slots():
 
 def test_at_most_max_in_flight_frames_are_unacknowledged():
     async def main():
-        a, b = Endpoint(0, max_in_flight=2), Endpoint(1)
-        address = await b.links.listen("127.0.0.1")
-        a.links.set_addresses({1: address})
+        a, b, address = await _connected(2)
         await _until(lambda: a.links.can_send(1))
         # Sent back to back without yielding: no ack can have arrived in between.
         a.links.send(1, b"x")
@@ -85,9 +90,7 @@ def test_at_most_max_in_flight_frames_are_unacknowledged():
 
 def test_a_connection_without_the_runs_token_delivers_nothing():
     async def main():
-        intruder, b = Endpoint(0, token=b"fedcba9876543210"), Endpoint(1)
-        address = await b.links.listen("127.0.0.1")
-        intruder.links.set_addresses({1: address})
+        intruder, b, address = await _connected(token=b"fedcba9876543210")
         # The sender may dial more than once: each refused link breaks before it can send.
         await _send_when_ready(intruder.links, 1, b"forged state")
         await _until(lambda: intruder.links.lost_frames == 1)
@@ -107,9 +110,7 @@ def test_a_connection_without_the_runs_token_delivers_nothing():
 
 def test_a_peer_that_moves_is_dialled_at_its_new_address_and_lost_frames_are_counted():
     async def main():
-        a, b = Endpoint(0, max_in_flight=4), Endpoint(1)
-        address = await b.links.listen("127.0.0.1")
-        a.links.set_addresses({1: address})
+        a, b, address = await _connected(4)
         await _send_when_ready(a.links, 1, b"first")
         await _until(lambda: b.received == [b"first"] and a.links.in_flight() == 0)
         # The peer's process dies: its server and connections go away.
@@ -160,9 +161,7 @@ def test_frames_in_flight_when_the_link_breaks_are_lost_not_resent():
 @pytest.mark.parametrize("length", [0, 1, 70_000])
 def test_frame_lengths_round_trip(length):
     async def main():
-        a, b = Endpoint(0), Endpoint(1)
-        address = await b.links.listen("127.0.0.1")
-        a.links.set_addresses({1: address})
+        a, b, address = await _connected()
         payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
         await _send_when_ready(a.links, 1, payload)
         await _until(lambda: len(b.received) == 1)
