@@ -67,7 +67,11 @@ def main() -> int:
     plain = statistics.mean(train_seconds(runs[k]) for k in ("plain-1", "plain-2"))
     bg = runs["background"]
     bg_s = train_seconds(bg)
-    print(f"overhead of background balancing: {bg_s / plain:.3f}x the plain epoch time")
+    start = bg.summary["async_runtime_start_seconds"]
+    print(f"overhead of background balancing: {bg_s / plain:.3f}x the plain epoch time; "
+          f"{(bg_s - start) / plain:.3f}x without the one-time start of the hosts "
+          f"({start:.2f} s); {(bg_s - start - plain) / bg.summary['n_balance_events'] * 1e3:.0f}"
+          " ms per boundary")
     stale = [r["staleness_steps"] for r in bg.rows if "staleness_steps" in r]
     dist = [r["distance_to_optimum"] for r in bg.rows if "staleness_steps" in r]
     print(f"boundaries: {bg.summary['n_balance_events']}; staleness at the recorded rows "

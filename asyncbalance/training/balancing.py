@@ -171,6 +171,9 @@ class AsyncBalancer:
         self.partition: list[np.ndarray] | None = None
         self.interleaves = 0
         self.runtimes_created = 0
+        # Wall seconds spent creating runtimes (Ray: starting the host processes), once per
+        # run in background mode: reported apart from the steady cost per boundary.
+        self.runtime_start_seconds = 0.0
         self.reload_every = reload_every
         self.boundaries = 0
         self.specs: list[Any] = []
@@ -189,9 +192,11 @@ class AsyncBalancer:
                                                          strict=True))
         if self.backend == "sim" or self.runtime is None or not same_shards:
             self.close()
+            created = time.perf_counter()
             self.runtime = self.factory(specs, self.scenario, EventWriter(None))
             self.runtimes_created += 1
             self.runtime.start()
+            self.runtime_start_seconds += time.perf_counter() - created
             began = 0.0
         else:
             self.runtime.reload(specs)
@@ -253,9 +258,11 @@ class AsyncBalancer:
             self.runtime.reload(self.specs)
         else:
             self.close()
+            created = time.perf_counter()
             self.runtime = self.factory(self.specs, self.scenario, EventWriter(None))
             self.runtimes_created += 1
             self.runtime.start()
+            self.runtime_start_seconds += time.perf_counter() - created
         self.partition = partition
         self.applied = np.zeros(graph.n_units)
         self.loaded_at = step

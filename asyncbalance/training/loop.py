@@ -262,6 +262,7 @@ def train_run(config: TrainConfig, seed: int, device: str | None = None,
         summary["unit_norms"] = norms_history
     if balancer is not None:
         summary["async_runtimes_created"] = balancer.runtimes_created
+        summary["async_runtime_start_seconds"] = balancer.runtime_start_seconds
         balancer.close()
     summary["config"] = asdict(config)
     return RunResult(summary, rows)
