@@ -41,6 +41,7 @@ TRANSPORTS = ("stream", "calls")
 SWITCH_INTERVAL_S = 0.0005
 BUSY_PAUSE_S = 0.0002
 BUSY_SLICE_S = 0.002
+IO_TURNS = 3
 
 
 class HostActor:
@@ -168,7 +169,13 @@ class HostActor:
                     await asyncio.sleep(BUSY_PAUSE_S)
                     self.last_pause = time.perf_counter()
                 else:
-                    await asyncio.sleep(0)
+                    # Three turns of the event loop before the next slice: a frame that
+                    # arrived meanwhile is read from its socket in the first (after this
+                    # task's own step, which is queued first), handed to the link's reader
+                    # task in the second and applied there; with a single zero sleep it
+                    # would be applied only after one more slice of work, one round late.
+                    for _ in range(IO_TURNS):
+                        await asyncio.sleep(0)
                 continue
             self.news.clear()
             with contextlib.suppress(TimeoutError):
