@@ -17,7 +17,11 @@
    start and the central optimum). Ray paces each case with a ``time_unit`` long enough for
    2 cores to keep up with the wake schedule (printed).
 
+6. The staleness between hosts: the two hosts of [2] exchanging in lock-step in one process,
+   each batch delivered 1 - 4 rounds after it leaves: rounds to 1e-8 against that lag.
+
 Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--only-scale] [--only-free]
+       [--only-lag]
        [--free-repeats 3] [--delays 0,0.5,1,2,4,8] [--scale-cases 4,16,64,384n,2000n]
 """
 
@@ -34,9 +38,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from asyncbalance import build_cost_graph, lp, solve_optimum
-from asyncbalance.runtime.coordinator import run_scenario
+from asyncbalance.runtime.coordinator import prepare, run_scenario
+from asyncbalance.runtime.host import (
+    ShardHost,
+    assign_hosts,
+    link_means,
+    settings_for,
+    split_by_shard,
+)
 from asyncbalance.runtime.scenario import build_network, scenario_from_mapping
+from asyncbalance.runtime.shard import gather_log_scales
 
 SIZES = [784, 512, 512, 512, 10]
 NETWORK = {"kind": "mlp", "sizes": SIZES, "unit_spread": 0.5, "seed": 0}
@@ -70,6 +84,8 @@ def main() -> int:
                         help="runs per host count in [2]")
     parser.add_argument("--free-sample-seconds", type=float, default=0.01,
                         help="how often the driver polls the hosts in [2] (ray.sample_seconds)")
+    parser.add_argument("--only-lag", action="store_true",
+                        help="run only [6], rounds against the staleness between two hosts")
     parser.add_argument("--only-free", action="store_true",
                         help="run only [2], the free-running clock against the exact engine")
     parser.add_argument("--only-scale", action="store_true",
@@ -78,6 +94,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.only_scale:
         return scale_table(args.scale_cases.split(","))
+    if args.only_lag:
+        return lag_table()
     if args.only_free:
         import ray
 
@@ -130,6 +148,7 @@ def main() -> int:
     finally:
         ray.shutdown()
     scale_table(args.scale_cases.split(","))
+    lag_table()
 
     graph = build_cost_graph(build_network(scenario("x").network), lp(P))
     whole = sum(k.nbytes for s in graph.stacks for k in s.costs)
@@ -208,6 +227,47 @@ def free_running_table(repeats: int, startup: float, sample_seconds: float = 0.0
                  if cross else "-"))
     print("    (goal: ratio <= 5x)")
     return default_hosts_run
+
+
+def lag_table(lags: tuple[int, ...] = (1, 2, 3, 4)) -> int:
+    """[6]: rounds to 1e-8 when the two default hosts of [2] exchange in lock-step in one
+    process, their batches delivered ``lag`` rounds after they leave (free-running hosts,
+    no Ray): what each round of staleness between hosts costs."""
+    net = scenario("lag", backend="ray", partition={"units_per_shard": 384},
+                   ray={"clock": "free"})
+    problem = prepare(net)
+    specs = problem.specs
+    owner = assign_hosts(specs, 2)
+    means = link_means(net, specs)
+    print("\n[6] two free-running hosts in lock-step in one process (4 shards, as [2]): rounds "
+          "to 1e-8 against the rounds a batch takes to arrive")
+    print(f"    {'lag':>3}  {'rounds':>6}  {'moves per shard':>15}")
+    for lag in lags:
+        hosts = []
+        for h in range(max(owner) + 1):
+            members = [s.shard_id for s in specs if owner[s.shard_id] == h]
+            hosts.append(ShardHost(h, [specs[sid] for sid in members], owner,
+                                   settings_for(net, means, members, paced=False)))
+        in_transit: list[list] = []
+        rounds, error = 0, math.inf
+        while error > 1e-8 and rounds < 2000:
+            rounds += 1
+            for host in hosts:
+                host.advance(float(rounds))
+            in_transit.append([(dst, host.take_outbox(dst)) for host in hosts
+                               for dst in host.pending_hosts()])
+            if len(in_transit) >= lag:
+                for dst, batch in in_transit.pop(0):
+                    hosts[dst].receive(batch, float(rounds))
+            owned: dict[int, np.ndarray] = {}
+            for host in hosts:
+                owned.update(split_by_shard(specs, host.order, host.owned_log_scales()))
+            u = gather_log_scales(problem.graph.n_units, specs,
+                                  [owned[s.shard_id] for s in specs])
+            error = float(np.max(np.abs(u - problem.optimum.log_scales)))
+        moves = sum(h.unit_updates() for h in hosts) / problem.graph.n_units
+        print(f"    {lag:>3}  {rounds:>6}  {moves:>15.1f}")
+    return 0
 
 
 QUICKSTART = {"kind": "mlp", "sizes": [32, 96, 96, 96, 96, 10], "unit_spread": 1.0, "seed": 0}
