@@ -16,7 +16,13 @@ import numpy as np
 from . import kernels
 from .errors import InvalidInputError, NonConvergenceError
 from .graph import CostGraph
-from .optimum import check_bounded, gauge_components, project_gauge, solve_optimum
+from .optimum import (
+    check_bounded,
+    check_costs_finite,
+    gauge_components,
+    project_gauge,
+    solve_optimum,
+)
 
 METHODS = ("exact", "full", "partial", "stochastic", "alternating", "tied")
 DIRECTIONS = ("forward", "backward")
@@ -143,13 +149,13 @@ def tied_sweep(graph: CostGraph, log_scales: np.ndarray) -> np.ndarray:
 def tied_imbalance(graph: CostGraph, log_scales: np.ndarray) -> float:
     """Max over groups of |log(sum_g A / (c sum_g B))| without intra-group edges (c = 1)."""
     into, out = kernels.weighted_flows(graph, kernels.unit_flows(graph, log_scales))
-    worst = 0.0
+    gaps = [0.0]
     for start, stop in graph.group_ranges:
         live = ~graph.dead[start:stop]
         if live.any():
             a, b = into[start:stop][live].sum(), out[start:stop][live].sum()
-            worst = max(worst, abs(float(np.log(a) - np.log(b))))
-    return worst
+            gaps.append(abs(float(np.log(a) - np.log(b))))
+    return float(np.max(gaps))  # np.max keeps a NaN, which max() would drop
 
 
 def tied_closed_form(layer_costs: np.ndarray, p: float) -> np.ndarray:
@@ -201,6 +207,7 @@ def run_schedule(
         raise InvalidInputError("tol", f"must be a finite number > 0, got {tol!r}")
     start = time.perf_counter()
     u = np.zeros(graph.n_units) if initial is None else np.array(initial, dtype=np.float64)
+    check_costs_finite(graph)
     if method == "exact":
         cert = solve_optimum(graph, tol=tol, initial=u, progress=progress)
         return ScheduleResult(cert.log_scales, cert.iterations, cert.max_log_imbalance,
@@ -220,7 +227,11 @@ def run_schedule(
     measure = tied_imbalance if method == "tied" else kernels.max_log_imbalance
     iterations = 0
     imbalance = measure(graph, u)
-    while method == "partial" and iterations < 1 or method != "partial" and imbalance > tol:
+    # ``not <=``: a NaN imbalance (flows that overflowed) never counts as balanced.
+    while method == "partial" and iterations < 1 or method != "partial" and \
+            not imbalance <= tol:
+        if not np.isfinite(imbalance) and iterations > 0:
+            raise NonConvergenceError(method, iterations, imbalance, tol)
         if iterations >= max_iterations:
             check_bounded(graph)
             raise NonConvergenceError(method, iterations, imbalance, tol)
@@ -231,6 +242,8 @@ def run_schedule(
             history.append(kernels.total_cost(graph, u))
         if progress is not None:
             progress(iterations, imbalance)
+    if not np.isfinite(imbalance):
+        raise NonConvergenceError(method, iterations, imbalance, tol)
     # The same gauge as the exact solver, so every method reports comparable log-scales.
     u = project_gauge(u, gauge_components(graph))
     return ScheduleResult(u, iterations, kernels.max_log_imbalance(graph, u),

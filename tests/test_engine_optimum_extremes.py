@@ -168,6 +168,43 @@ def test_costs_that_overflow_float64_name_p_and_the_layer():
         solve_optimum(build_cost_graph(network, 200.0))
 
 
+@pytest.mark.parametrize("method", ["full", "partial", "stochastic", "alternating", "tied"])
+def test_every_schedule_refuses_costs_that_overflow_float64(method):
+    # Before: the sweeps compared a NaN imbalance with the tolerance, stopped at once and
+    # returned u = 0 as if balanced.
+    arrays, _, activation = _load("mlp_bias_p2")
+    network = network_from_arrays(_rescale_layers(arrays, {1: 1e30}, 1.0), activation)
+    with pytest.raises(InvalidInputError, match=r"p: .*'h1'.*overflow float64 at p = 200"):
+        run_schedule(build_cost_graph(network, 200.0), method)
+
+
+def test_flows_that_overflow_at_the_start_are_repaired_by_the_sweeps():
+    """Finite costs whose flows overflow at u = 0 (two hidden-to-hidden costs of 0.81 x the
+    float64 limit into one unit: its incoming flow is inf) have a finite optimum; the sweeps
+    must reach the exact solver's, not stop on the infinite imbalance."""
+    big = np.exp(np.log(np.finfo(np.float64).max) / 2.0) * 0.9
+    arrays = {"W1": np.ones((2, 1)), "b1": np.zeros(2), "W2": np.full((1, 2), big),
+              "b2": np.zeros(1), "W3": np.ones((1, 1)), "b3": np.zeros(1)}
+    graph = build_cost_graph(network_from_arrays(arrays), 2.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        result = run_schedule(graph, "full", tol=1e-12)
+    exact = solve_optimum(graph)
+    assert np.all(np.isfinite(result.log_scales)) and result.max_log_imbalance <= 1e-12
+    # |u| ~ 118: 1e-12 relative, the rounding of the flows at this scale.
+    np.testing.assert_allclose(result.log_scales, exact.log_scales, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["full", "stochastic", "alternating", "tied"])
+def test_a_nan_imbalance_never_counts_as_converged(method):
+    # Before: the loop ran while imbalance > tol, which a NaN is not, and returned at once.
+    arrays, _, activation = _load("mlp_bias_p2")
+    graph = build_cost_graph(network_from_arrays(arrays, activation), 2.0)
+    start = np.zeros(graph.n_units)
+    start[0] = np.nan
+    with pytest.raises(BalanceError, match="did not converge"):
+        run_schedule(graph, method, initial=start, max_iterations=20)
+
+
 def test_a_balanced_result_beyond_float64_says_so_and_names_the_array():
     """At p = 1e-3 |w|^p hardly depends on |w|, so the optimum rescales a unit by about
     e^(log(fan-in / fan-out) / (2 p)): e^1500 for 400 inputs and 1 output, beyond float64."""
