@@ -52,11 +52,11 @@ class HostActor:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}")
         self.host_id = host_id
-        self.transport = transport
         self.links: StreamLinks | None = None
         if transport == "stream":
             self.links = StreamLinks(host_id, token, max_in_flight, self._on_frame,
                                      self._wake_up)
+        # Frames that could not be decoded: lost batches, counted with the lost calls.
         self.bad_frames = 0
         self.time_unit = time_unit
         self.max_in_flight = max_in_flight
@@ -65,6 +65,7 @@ class HostActor:
         self.peers: dict[int, Any] = {}
         self.in_flight: dict[int, int] = {}
         self.calls = 0
+        self.completed_calls = 0
         self.call_seconds = 0.0
         self.loop_turns = 0
         self.lost_calls = 0
@@ -101,8 +102,7 @@ class HostActor:
         address = None
         if self.links is not None:
             address = await self.links.listen(ray.util.get_node_ip_address())
-            self.links.set_addresses({h: a for h, a in (addresses or {}).items()
-                                      if h != self.host_id})
+            self.links.set_addresses(addresses or {})
         self.started = origin is not None
         if origin is not None:
             self.origin = origin
@@ -124,7 +124,7 @@ class HostActor:
         """New peers (a host was replaced) or new addresses (a host restarted elsewhere)."""
         self.peers = peers
         if self.links is not None and addresses:
-            self.links.set_addresses({h: a for h, a in addresses.items() if h != self.host_id})
+            self.links.set_addresses(addresses)
         self._wake_up()
         return self.host_id
 
@@ -207,6 +207,7 @@ class HostActor:
         try:
             await ref
             self.call_seconds += time.perf_counter() - sent_at
+            self.completed_calls += 1
         except ray.exceptions.RayError:
             # The peer is down or restarting: the batch is lost like a dropped message, and
             # anti-entropy re-sends the state once the peer is back.
@@ -233,9 +234,9 @@ class HostActor:
     def _transport_counters(self) -> dict[str, Any]:
         links = self.links
         if links is None:
-            return {"calls": self.calls, "lost_calls": self.lost_calls,
-                    "call_seconds": self.call_seconds, "acked_calls": self.calls}
-        return {"calls": links.frames_sent, "lost_calls": links.lost_frames,
+            return {"calls": self.calls, "lost_calls": self.lost_calls + self.bad_frames,
+                    "call_seconds": self.call_seconds, "acked_calls": self.completed_calls}
+        return {"calls": links.frames_sent, "lost_calls": links.lost_frames + self.bad_frames,
                 "call_seconds": links.ack_seconds, "acked_calls": links.acked}
 
     async def poll(self, with_checkpoints: bool) -> dict[str, Any]:

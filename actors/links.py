@@ -117,8 +117,11 @@ class StreamLinks:
     # -- sending --------------------------------------------------------------------------
 
     def set_addresses(self, addresses: dict[int, Address]) -> None:
-        """Where each host listens; a changed address drops the old link (the peer moved)."""
+        """Where each host listens (this host's own entry is ignored); a changed address
+        drops the old link (the peer moved)."""
         for host, given in addresses.items():
+            if host == self.host_id:
+                continue
             address = (str(given[0]), int(given[1]))
             if self.addresses.get(host) != address:
                 self._drop(host)

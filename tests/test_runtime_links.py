@@ -91,18 +91,24 @@ def test_at_most_max_in_flight_frames_are_unacknowledged():
 def test_a_connection_without_the_runs_token_delivers_nothing():
     async def main():
         intruder, b, address = await _connected(token=b"fedcba9876543210")
-        # The sender may dial more than once: each refused link breaks before it can send.
-        await _send_when_ready(intruder.links, 1, b"forged state")
-        await _until(lambda: intruder.links.lost_frames == 1)
+        # A link with the wrong token is refused as soon as it opens (it is dialled again
+        # after each refusal, and may never get to send: no race is waited on here).
+        intruder.links.can_send(1)
+        await _until(lambda: b.links.refused >= 1)
+
+        async def refused_raw(hello: bytes) -> None:
+            before = b.links.refused
+            reader, writer = await asyncio.open_connection(*address)
+            # A whole frame after the hello: it must not be delivered.
+            writer.write(hello + b"\1\0\0\0z")
+            assert await reader.read(1) == b""  # closed unread, no ack
+            assert b.links.refused == before + 1
+            writer.close()
+
+        await refused_raw(MAGIC + b"fedcba9876543210" + b"\0\0\0\0")  # wrong token
+        await refused_raw(b"XXXXX" + TOKEN + b"\0\0\0\0")  # wrong magic
         await asyncio.sleep(0.05)
-        assert b.received == [] and b.links.refused >= 1
-        refused = b.links.refused
-        # A raw client with a wrong magic is refused too.
-        reader, writer = await asyncio.open_connection(*address)
-        writer.write(b"XXXXX" + TOKEN + b"\0\0\0\0" + b"\1\0\0\0z")
-        assert await reader.read(1) == b""
-        assert b.links.refused == refused + 1 and b.received == []
-        writer.close()
+        assert b.received == []
         intruder.links.close()
         b.links.close()
     run(main())
@@ -184,4 +190,17 @@ def test_a_new_address_replaces_a_link_that_is_still_up():
         assert old.received == [b"to the old process"]
         for endpoint in (a, old, new):
             endpoint.links.close()
+    run(main())
+
+
+def test_a_host_never_dials_itself():
+    async def main():
+        a, b, address = await _connected()
+        own = await a.links.listen("127.0.0.1")
+        # The driver hands every host the whole map, its own entry included.
+        a.links.set_addresses({0: own, 1: address})
+        assert 0 not in a.links.addresses
+        assert not a.links.can_send(0) and 0 not in a.links.dialing
+        a.links.close()
+        b.links.close()
     run(main())
