@@ -1,8 +1,9 @@
 """The Ray shard host: a thin asyncio shell around ``asyncbalance.runtime.host.ShardHost``.
 
 One actor process hosts many logical shards. Its loop runs the host's events that are due
-on the scenario clock (wall seconds since the run's origin divided by ``time_unit``), sends
-each destination host its coalesced outbox as one batch, and then sleeps until the next
+on the scenario clock (wall seconds since the run's origin divided by ``time_unit``) in
+slices, sends each destination host its coalesced outbox as one batch after every slice,
+applies what the other hosts sent meanwhile, and sleeps, once nothing is due, until the next
 pending event or until news arrives, whichever is first. At most ``max_in_flight`` batches
 to each destination host are outstanding; a completed one frees the slot (backpressure),
 and what accumulates meanwhile stays coalesced in the outbox, so no queue grows with the
@@ -41,7 +42,14 @@ TRANSPORTS = ("stream", "calls")
 SWITCH_INTERVAL_S = 0.0005
 BUSY_PAUSE_S = 0.0002
 BUSY_SLICE_S = 0.002
+CONTROL_TURN_S = 0.001
 IO_TURNS = 3
+# Events per slice of a host's work. Free-running over stream links: one (a shard's move),
+# so that its batches leave at once and frames from other hosts are applied before the next
+# shard moves (half the staleness between hosts of whole-round slices). Otherwise a round
+# of many events, as the event loop's turns between slices cost more than one event.
+FREE_SLICE_EVENTS = 1
+SLICE_EVENTS = 64
 
 
 class HostActor:
@@ -76,7 +84,7 @@ class HostActor:
         self.started = False
         self.pending: set[asyncio.Task] = set()
         self.last_pause = time.perf_counter()
-        self.slice_events = 64
+        self.slice_events = SLICE_EVENTS
         # Ray hands incoming calls and replies to this loop from its own threads, which need
         # the GIL: a short switch interval keeps them from waiting behind a busy host.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -98,6 +106,8 @@ class HostActor:
         """
         specs, shard_host, settings = await plan_box[0]
         self.settings: HostSettings = settings
+        self.slice_events = FREE_SLICE_EVENTS if self.links is not None and \
+            not settings.paced else SLICE_EVENTS
         self.peers = peers
         address = None
         if self.links is not None:
@@ -154,32 +164,44 @@ class HostActor:
             host = self.host
             self.loop_turns += 1
             if self.started:
-                # Small slices of work, so that deliveries and completions get in between.
                 host.advance(self._now(), max_events=self.slice_events)
             self._flush()
+            if self.links is not None:
+                # What the other hosts sent meanwhile is applied before the next slice.
+                self.links.pump()
+                self._flush()
             self.max_queue = max(self.max_queue, host.queue_length())
             wait = (host.next_due() - self._now()) * self.time_unit if self.started else 1.0
             if wait <= 0:
-                # Still work due. Every BUSY_SLICE_S of work, let go of the GIL for a moment:
-                # Ray's threads hand incoming calls and replies to this loop only when they
-                # get it, and a zero sleep keeps it (measured: 23 ms per call between two
-                # busy hosts without the pause, 6 - 11 ms with it). Pausing after every slice
-                # instead would cost a lagging host of thousands of shards its pace.
-                if time.perf_counter() - self.last_pause >= BUSY_SLICE_S:
-                    await asyncio.sleep(BUSY_PAUSE_S)
-                    self.last_pause = time.perf_counter()
-                else:
-                    # Three turns of the event loop before the next slice: a frame that
-                    # arrived meanwhile is read from its socket in the first (after this
-                    # task's own step, which is queued first), handed to the link's reader
-                    # task in the second and applied there; with a single zero sleep it
-                    # would be applied only after one more slice of work, one round late.
-                    for _ in range(IO_TURNS):
-                        await asyncio.sleep(0)
+                await self._busy_turn()
                 continue
             self.news.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.news.wait(), timeout=min(wait, 1.0))
+
+    async def _busy_turn(self) -> None:
+        """Still work due: let the event loop in as often as the transport needs."""
+        since = time.perf_counter() - self.last_pause
+        if self.links is not None:
+            # Frames are pumped between slices; the loop is needed only for Ray's calls
+            # (polls, set-up), which can wait a millisecond.
+            if since >= CONTROL_TURN_S:
+                for _ in range(IO_TURNS):
+                    await asyncio.sleep(0)
+                self.last_pause = time.perf_counter()
+            return
+        if since >= BUSY_SLICE_S:
+            # Ray's threads hand incoming calls and replies to this loop only when they get
+            # the GIL, and a zero sleep keeps it (measured: 23 ms per call between two busy
+            # hosts without the pause, 6 - 11 ms with it). Pausing after every slice
+            # instead would cost a lagging host of thousands of shards its pace.
+            await asyncio.sleep(BUSY_PAUSE_S)
+            self.last_pause = time.perf_counter()
+            return
+        # Three turns of the event loop before the next slice: a reply that arrived
+        # meanwhile is handed over in the first and completes its call in the next.
+        for _ in range(IO_TURNS):
+            await asyncio.sleep(0)
 
     def _flush(self) -> None:
         host = self.host

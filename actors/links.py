@@ -3,8 +3,13 @@
 Ray places, restarts and polls the shard hosts; the batches of state messages between hosts
 travel over these streams instead of Ray actor calls. A Ray call between two busy processes
 crosses several threads of each (and needs the GIL in both) before it reaches the other
-host's event loop: a median 2.5 ms one way on 2 busy cores, against 0.3 ms for a frame that
-the receiving loop reads from its socket itself (``benchmarks/bench_links.py``).
+host's event loop: a median 2.5 ms one way on 2 busy cores, against 0.3 ms for a frame
+(``benchmarks/bench_links.py``).
+
+The sockets are non-blocking and owned here, not by asyncio transports: the event loop
+watches them while the host is idle (``add_reader``), and a busy host calls ``pump()``
+between two shard moves, which reads whatever has arrived and applies it at once. A frame
+therefore waits for at most one shard's move, not for the host's next turn of the event loop.
 
 Protocol, per connection (the sender dials the receiver):
 
@@ -34,6 +39,8 @@ MAGIC = b"ABHL1"
 TOKEN_BYTES = 16
 MAX_FRAME_BYTES = 1 << 30
 RETRY_SECONDS = 0.02
+DIAL_TIMEOUT_S = 2.0
+_RECV_BYTES = 1 << 16
 _LENGTH = struct.Struct("<I")
 _HELLO = struct.Struct(f"<{len(MAGIC)}s{TOKEN_BYTES}sI")
 _ACK = b"\x06"
@@ -41,22 +48,89 @@ _ACK = b"\x06"
 Address = tuple[str, int]
 
 
-class _Peer:
-    """The sending side of one link: its stream, the send times of unacknowledged frames."""
+class _Broken(Exception):
+    """The connection closed or failed."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
+
+class _Connection:
+    """One non-blocking socket with its read buffer and the bytes still to write."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.watched_write = False
+        self.closed = False
+
+    def read(self) -> int:
+        """Append what has arrived to ``inbox``; the byte count. Raises ``_Broken``."""
+        got = 0
+        while True:
+            try:
+                chunk = self.sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return got
+            except OSError as exc:
+                raise _Broken from exc
+            if not chunk:
+                raise _Broken
+            self.inbox += chunk
+            got += len(chunk)
+            if len(chunk) < _RECV_BYTES:
+                return got
+
+    def write(self, data: bytes) -> None:
+        """Send now what the socket takes; keep the rest for ``flush``. Raises ``_Broken``."""
+        if self.outbox:
+            self.outbox += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise _Broken from exc
+        if sent < len(data):
+            self.outbox += data[sent:]
+
+    def flush(self) -> None:
+        if not self.outbox:
+            return
+        try:
+            sent = self.sock.send(self.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise _Broken from exc
+        del self.outbox[:sent]
+
+
+class _Inbound(_Connection):
+    """A connection another host dialled: hello, then frames; acks go back."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock)
+        self.greeted = False
+
+
+class _Peer(_Connection):
+    """The sending side of one link: its socket, the send times of unacknowledged frames."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock)
         self.sent_at: deque[float] = deque()
-        self.acks: asyncio.Task | None = None
 
 
 class StreamLinks:
     """Listens for frames from other hosts and sends frames to them.
 
-    ``on_frame(payload)`` is called in the event loop for every frame received (before its
-    ack is sent); ``on_progress()`` whenever a slot frees up or a link breaks, so that the
-    host's loop can flush again.
+    ``on_frame(payload)`` is called for every frame received (before its ack is sent), from
+    the event loop or from ``pump``; ``on_progress()`` whenever a slot frees up or a link
+    breaks, so that the host's loop can flush again. Every method runs in the thread of the
+    event loop that ``listen`` ran in (``can_send`` needs that loop to dial).
     """
 
     def __init__(self, host_id: int, token: bytes, max_in_flight: int,
@@ -72,9 +146,10 @@ class StreamLinks:
         self.peers: dict[int, _Peer] = {}
         self.dialing: set[int] = set()
         self.retry_after: dict[int, float] = {}
-        self.server: asyncio.base_events.Server | None = None
+        self.server: socket.socket | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.inbound: set[asyncio.StreamWriter] = set()
+        self.inbound: set[_Inbound] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.frames_sent = 0
         self.frames_received = 0
         self.ack_seconds = 0.0
@@ -82,37 +157,86 @@ class StreamLinks:
         self.lost_frames = 0
         self.refused = 0
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        return self.loop
+
     # -- receiving ------------------------------------------------------------------------
 
     async def listen(self, host: str) -> Address:
-        """Start the server on ``host`` (any free port); the address peers should dial."""
+        """Start listening on ``host`` (any free port); the address peers should dial."""
         if self.server is None:
-            self.server = await asyncio.start_server(self._serve, host, 0)
-        name = self.server.sockets[0].getsockname()
+            server = socket.create_server((host, 0))
+            server.setblocking(False)
+            self.server = server
+            self._loop().add_reader(server.fileno(), self._accept)
+        name = self.server.getsockname()
         return (str(name[0]), int(name[1]))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _no_delay(writer)
-        self.inbound.add(writer)
+    def _accept(self) -> None:
+        while self.server is not None:
+            try:
+                sock, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            connection = _Inbound(sock)
+            self.inbound.add(connection)
+            self._loop().add_reader(sock.fileno(), self._read_inbound, connection)
+
+    def _read_inbound(self, connection: _Inbound) -> None:
+        if connection.closed:
+            return
         try:
-            magic, token, _sender = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+            connection.read()
+            self._frames(connection)
+            connection.flush()
+            self._watch_write(connection)
+        except _Broken:
+            # The sender went away; its unacknowledged frames are lost on its side.
+            self._close_inbound(connection)
+
+    def _frames(self, connection: _Inbound) -> None:
+        """Apply every whole frame in the buffer, then acknowledge them in one write."""
+        data = connection.inbox
+        at = 0
+        if not connection.greeted:
+            if len(data) < _HELLO.size:
+                return
+            magic, token, _sender = _HELLO.unpack_from(data)
             if magic != MAGIC or token != self.token:
                 self.refused += 1
-                return
-            while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                raise _Broken
+            connection.greeted = True
+            at = _HELLO.size
+        applied = 0
+        try:
+            while len(data) - at >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(data, at)
                 if length > MAX_FRAME_BYTES:
                     self.refused += 1
-                    return
-                payload = await reader.readexactly(length)
+                    raise _Broken
+                end = at + _LENGTH.size + length
+                if len(data) < end:
+                    break
+                payload = bytes(data[at + _LENGTH.size:end])
+                at = end
                 self.frames_received += 1
                 self.on_frame(payload)
-                writer.write(_ACK)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            return  # the sender went away; its unacknowledged frames are lost on its side
+                applied += 1
         finally:
-            self.inbound.discard(writer)
-            writer.close()
+            del data[:at]
+            if applied and not connection.closed:
+                connection.write(_ACK * applied)
+
+    def _close_inbound(self, connection: _Inbound) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        self.inbound.discard(connection)
+        self._forget(connection)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -143,48 +267,73 @@ class StreamLinks:
         """Send one frame; the caller checked ``can_send``."""
         peer = self.peers[host]
         peer.sent_at.append(time.perf_counter())
-        peer.writer.write(_LENGTH.pack(len(payload)) + payload)
         self.frames_sent += 1
+        try:
+            peer.write(_LENGTH.pack(len(payload)) + payload)
+            self._watch_write(peer)
+        except _Broken:
+            self._broken(host, peer)
 
     def in_flight(self) -> int:
         return sum(len(peer.sent_at) for peer in self.peers.values())
 
+    def pump(self) -> None:
+        """Read and apply what has arrived on every link, without waiting (a busy host
+        calls this between shard moves)."""
+        for connection in list(self.inbound):
+            self._read_inbound(connection)
+        for host, peer in list(self.peers.items()):
+            self._read_acks(host, peer)
+
     async def _dial(self, host: int) -> None:
         address = self.addresses[host]
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*address), timeout=2.0)
-            _no_delay(writer)
-            writer.write(_HELLO.pack(MAGIC, self.token, self.host_id))
+            await asyncio.wait_for(self._loop().sock_connect(sock, address),
+                                   timeout=DIAL_TIMEOUT_S)
             if self.addresses.get(host) != address:
-                writer.close()  # the peer moved while we dialled
+                sock.close()  # the peer moved while we dialled
                 return
-            peer = _Peer(reader, writer)
+            peer = _Peer(sock)
+            peer.write(_HELLO.pack(MAGIC, self.token, self.host_id))
             self.peers[host] = peer
-            peer.acks = self._spawn(self._read_acks(host, peer))
-        except (OSError, TimeoutError):
+            self._loop().add_reader(sock.fileno(), self._read_acks, host, peer)
+            self._watch_write(peer)
+        except (OSError, TimeoutError, _Broken):
+            sock.close()
+            self.peers.pop(host, None)
             self.retry_after[host] = time.perf_counter() + RETRY_SECONDS
         finally:
             self.dialing.discard(host)
             self.on_progress()
 
-    async def _read_acks(self, host: int, peer: _Peer) -> None:
+    def _read_acks(self, host: int, peer: _Peer) -> None:
+        if peer.closed:
+            return
         try:
-            while True:
-                acks = await peer.reader.read(4096)
-                if not acks:
-                    break
-                now = time.perf_counter()
-                for _ in range(min(len(acks), len(peer.sent_at))):
-                    self.ack_seconds += now - peer.sent_at.popleft()
-                    self.acked += 1
-                self.on_progress()
-        except (ConnectionError, OSError):
-            pass
+            peer.read()
+        except _Broken:
+            self._broken(host, peer)
+            return
+        if not peer.inbox:
+            return
+        now = time.perf_counter()
+        for _ in range(min(len(peer.inbox), len(peer.sent_at))):
+            self.ack_seconds += now - peer.sent_at.popleft()
+            self.acked += 1
+        peer.inbox.clear()
+        self.on_progress()
+
+    def _broken(self, host: int, peer: _Peer) -> None:
         if self.peers.get(host) is peer:
             self._drop(host)
             self.retry_after[host] = time.perf_counter() + RETRY_SECONDS
             self.on_progress()
+        else:
+            peer.closed = True
+            self._forget(peer)
 
     def _drop(self, host: int) -> None:
         peer = self.peers.pop(host, None)
@@ -192,13 +341,51 @@ class StreamLinks:
             return
         self.lost_frames += len(peer.sent_at)
         peer.sent_at.clear()
-        peer.writer.close()
-        if peer.acks is not None and peer.acks is not asyncio.current_task():
-            peer.acks.cancel()
+        peer.closed = True
+        self._forget(peer)
+
+    # -- the event loop's watch over the sockets ------------------------------------------
+
+    def _watch_write(self, connection: _Connection) -> None:
+        """Have the loop finish a write the socket could not take at once."""
+        want = bool(connection.outbox) and not connection.closed
+        if want == connection.watched_write:
+            return
+        connection.watched_write = want
+        loop = self._loop()
+        if want:
+            loop.add_writer(connection.sock.fileno(), self._finish_write, connection)
+        else:
+            loop.remove_writer(connection.sock.fileno())
+
+    def _finish_write(self, connection: _Connection) -> None:
+        try:
+            connection.flush()
+            self._watch_write(connection)
+        except _Broken:
+            if isinstance(connection, _Inbound):
+                self._close_inbound(connection)
+            else:
+                for host, peer in list(self.peers.items()):
+                    if peer is connection:
+                        self._broken(host, peer)
+                        return
+                connection.closed = True
+                self._forget(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        """Stop watching a connection and close its socket."""
+        fd = connection.sock.fileno()
+        if fd >= 0 and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(fd)
+            if connection.watched_write:
+                self.loop.remove_writer(fd)
+        connection.watched_write = False
+        connection.sock.close()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         # asyncio keeps only weak references to tasks: hold them until they finish.
-        task = asyncio.get_running_loop().create_task(coroutine)
+        task = self._loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
@@ -207,16 +394,11 @@ class StreamLinks:
         for host in list(self.peers):
             self._drop(host)
         if self.server is not None:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(self.server.fileno())
             self.server.close()
             self.server = None
-        for writer in list(self.inbound):
-            writer.close()  # the server's close leaves accepted connections open
+        for connection in list(self.inbound):
+            self._close_inbound(connection)
         for task in list(self.tasks):
             task.cancel()
-
-
-def _no_delay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,11 +1,13 @@
 """Host-to-host latency: a Ray actor call against a frame on the direct stream links.
 
 Two Ray actors stand in for two shard hosts. In the ``busy`` setting each runs the shard
-host's loop shape: numpy work in slices, a zero sleep between slices and a 0.2 ms pause every
-2 ms (``actors/host_actor.py``), with the same short GIL switch interval; in ``idle`` they
-only sleep. Each sends the other 200 timestamps, 3 ms apart, first as Ray calls
-(``peer.receive.remote``), then as frames over ``actors.links.StreamLinks``; the receiver
-records the one-way delay (wall clock, one machine). Both transports are measured in the
+host's loop shape for the transport measured (``actors/host_actor.py``), with the same short
+GIL switch interval: numpy work in slices and, for Ray calls, three zero sleeps between
+slices and a 0.2 ms pause every 2 ms; for frames, a ``pump`` of the links between slices and
+three zero sleeps every millisecond (for Ray's control calls). In ``idle`` they only sleep.
+Each sends the other 200 timestamps, 3 ms apart, first as Ray calls (``peer.receive.remote``),
+then as frames over ``actors.links.StreamLinks``; the receiver records the one-way delay
+(wall clock, one machine). Both transports are measured in the
 same processes in one run, so the ratio is robust to a noisy machine.
 
 Usage: .venv/bin/python benchmarks/bench_links.py [--messages 200]
@@ -23,7 +25,13 @@ import time
 import numpy as np
 import ray
 
-from actors.host_actor import BUSY_PAUSE_S, BUSY_SLICE_S, SWITCH_INTERVAL_S
+from actors.host_actor import (
+    BUSY_PAUSE_S,
+    BUSY_SLICE_S,
+    CONTROL_TURN_S,
+    IO_TURNS,
+    SWITCH_INTERVAL_S,
+)
 from actors.links import StreamLinks
 
 TOKEN = b"bench-links-0001"
@@ -41,6 +49,7 @@ class LinkProbe:
         self.matrix = rng.random((400, 400))
         self.vector = rng.random(400)
         self.task: asyncio.Task | None = None
+        self.shape = "calls"
 
     def _on_frame(self, payload: bytes) -> None:
         self.stream_delays.append(time.time() - struct.unpack("<d", payload)[0])
@@ -65,14 +74,23 @@ class LinkProbe:
                 continue
             for _ in range(3):
                 self.matrix @ self.vector
-            if time.perf_counter() - last_pause >= BUSY_SLICE_S:
+            since = time.perf_counter() - last_pause
+            if self.shape == "stream":
+                self.links.pump()
+                if since >= CONTROL_TURN_S:
+                    for _ in range(IO_TURNS):
+                        await asyncio.sleep(0)
+                    last_pause = time.perf_counter()
+            elif since >= BUSY_SLICE_S:
                 await asyncio.sleep(BUSY_PAUSE_S)
                 last_pause = time.perf_counter()
             else:
-                await asyncio.sleep(0)
+                for _ in range(IO_TURNS):
+                    await asyncio.sleep(0)
 
     async def fire(self, count: int, transport: str) -> None:
         other = 1 - self.links.host_id
+        self.shape = transport
         for _ in range(count):
             if transport == "calls":
                 await self.peer.receive.remote(time.time())

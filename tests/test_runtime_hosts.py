@@ -28,7 +28,7 @@ from asyncbalance.runtime.host import (
 )
 from asyncbalance.runtime.messages import StateMessage, decode_batch, encode_batch
 from asyncbalance.runtime.scenario import NetworkConfig, build_network, scenario_from_mapping
-from asyncbalance.runtime.shard import Rule
+from asyncbalance.runtime.shard import Rule, Shard
 
 TOL = 1e-8
 
@@ -196,6 +196,52 @@ def test_free_running_hosts_converge_without_pacing():
     drive(hosts, 5.0, step=0.01)
     u_star = solve_optimum(graph).log_scales
     assert np.max(np.abs(gathered(graph, specs, hosts) - u_star)) <= TOL
+
+
+def test_free_running_shards_of_one_host_see_each_others_moves_within_a_round():
+    # Free-running, a message between shards of one host is applied when it is sent, so the
+    # first round is a Gauss-Seidel sweep in wake order. Delivering at the end of the round
+    # instead (every shard moving against the state before the round) fails the comparison.
+    graph, specs = problem()
+    hosts, _ = make_hosts(specs, 1, paced=False)
+    host = hosts[0]
+    config = host.settings
+    sweep = {sid: Shard(specs[sid], config.rule, config.resend_interval, 0,
+                        config.send_threshold) for sid in host.order}
+    for sid in host.order:
+        for message in sweep[sid].on_wake(0.0):
+            sweep[message.receiver].on_message(message)
+    assert host.advance(0.0) == len(specs)
+    for sid in host.order:
+        np.testing.assert_array_equal(host.shards[sid].state, sweep[sid].state)
+    # A paced host keeps modelling the delay within the host: the message waits in its queue.
+    paced = make_hosts(specs, 1, delay="constant")[0][0]
+    src = paced.order[0]
+    dst = specs[src].neighbours[0]
+    units = specs[src].units
+    queued = paced.queue_length()
+    paced._send(0.0, StateMessage(src, dst, 0, 1, units, np.ones(units.size)))
+    assert paced.counters["delivered"] == 0 and paced.queue_length() == queued + 1
+
+
+def test_a_round_taken_in_slices_moves_the_same_shards_as_a_whole_round():
+    # A caller may stop a round after any event (the Ray host stops after each shard's move
+    # to send and receive): the round stays open, and the slices end where one call ends. A
+    # host that opened a new round at every call would move a shard twice in a round.
+    graph, specs = problem(granularity="shard")
+    whole, _ = make_hosts(specs, 1, paced=False)
+    sliced, _ = make_hosts(specs, 1, paced=False)
+    for now in (0.0, 1.0, 2.0, 3.0):
+        events = whole[0].advance(now)
+        assert events > 0
+        calls = 0
+        while sliced[0].advance(now, max_events=1):
+            calls += 1
+            assert calls <= events
+        assert calls == events
+        for sid in whole[0].order:
+            np.testing.assert_array_equal(sliced[0].shards[sid].state,
+                                          whole[0].shards[sid].state)
 
 
 def test_hosts_get_contiguous_runs_of_near_equal_size():

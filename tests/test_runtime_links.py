@@ -2,7 +2,8 @@
 
 Each test can fail: a link that ignored the token would deliver the intruder's frame; one
 without the in-flight bound would accept a third frame; one that never re-dialled would not
-deliver after the peer moved; one that forgot lost frames would report 0.
+deliver after the peer moved; one that forgot lost frames would report 0; one that read its
+sockets only from the event loop would deliver nothing to a busy host that pumps.
 """
 
 from __future__ import annotations
@@ -201,6 +202,28 @@ def test_a_host_never_dials_itself():
         a.links.set_addresses({0: own, 1: address})
         assert 0 not in a.links.addresses
         assert not a.links.can_send(0) and 0 not in a.links.dialing
+        a.links.close()
+        b.links.close()
+    run(main())
+
+
+def test_a_busy_host_applies_frames_by_pumping_without_the_event_loop():
+    # A host in the middle of its work never yields to the event loop between two shard
+    # moves: ``pump`` must read and apply a frame (and the sender must see its ack) without
+    # one turn of the loop. A pump that left the reading to the loop's callbacks receives
+    # nothing here.
+    async def main():
+        a, b, _ = await _connected()
+        await _until(lambda: a.links.can_send(1) and len(b.links.inbound) == 1)
+        for payload in (b"first", b"second"):
+            a.links.send(1, payload)
+            deadline = time.perf_counter() + 2.0
+            while payload not in b.received and time.perf_counter() < deadline:
+                b.links.pump()  # no await: the loop does not turn
+            while a.links.in_flight() and time.perf_counter() < deadline:
+                a.links.pump()
+        assert b.received == [b"first", b"second"]
+        assert a.links.in_flight() == 0 and a.links.acked == 2
         a.links.close()
         b.links.close()
     run(main())

@@ -20,8 +20,9 @@ u = 0. On top of that it decides *when* shards act and *what* leaves the process
   them at u = 0 in a new generation; messages of an older generation are dropped on arrival.
 
 ``paced = False`` (free-running) removes the modelled delays and wake draws: a shard acts as
-soon as it has news and messages leave at once; loss, duplication, partitions, crashes and
-anti-entropy still apply on the caller's clock.
+soon as it has news, messages to other hosts leave at once and messages within the host are
+applied at once (a shard that wakes later in the same round sees them); loss, duplication,
+partitions, crashes and anti-entropy still apply on the caller's clock.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class ShardHost:
         self.restore_from: dict[int, bytes | None] = {}
         self.queue: list[tuple[float, int, int, int, object]] = []
         self.tick = 0
+        # Tick at which the open round began (None between rounds): see ``advance``.
+        self.round_tick: int | None = None
         self.wake_at = dict.fromkeys(self.order, math.inf)
         self.outbox.clear()
         # A shard wakes no more often than its wake schedule: ``next_tick`` is its next
@@ -188,13 +191,16 @@ class ShardHost:
     def advance(self, now: float, max_events: int = 20_000) -> int:
         """Process the events due at or before ``now`` (at most ``max_events``); their count.
 
-        Wakes that this call schedules wait for the next call, even when already due (free
-        running): each call is one round, every shard with news moving once, and the caller
-        exchanges messages between rounds. Deliveries within the host happen in the round.
+        Wakes scheduled during a round wait for the next round, even when already due (free
+        running): in a round every shard with news moves once, and the caller exchanges
+        messages between calls. A call that stops at ``max_events`` leaves its round open and
+        the next call goes on with it, so a caller may take a round in slices (and exchange
+        messages between them) without changing which shards move in it. Deliveries within
+        the host happen in the round.
         """
         done = 0
         queue = self.queue
-        last = self.tick
+        last = self.tick if self.round_tick is None else self.round_tick
         deferred = []
         while queue and queue[0][0] <= now and done < max_events:
             if queue[0][1] > last and queue[0][2] == _WAKE:
@@ -215,6 +221,9 @@ class ShardHost:
             else:
                 self._restart(now, target, int(payload))  # type: ignore[arg-type]
             done += 1
+        # Stopped by the cap: the round stays open (if nothing of it is left, the next call
+        # finds only deferred wakes, does nothing and closes it).
+        self.round_tick = last if done >= max_events else None
         for event in deferred:
             heapq.heappush(queue, event)
         return done
@@ -271,7 +280,13 @@ class ShardHost:
         for _ in range(copies):
             delay = self.sampler.sample(self.rng, s.link_mean.get((src, dst), 0.0)) \
                 if s.paced else 0.0
-            if local:
+            if local and not s.paced:
+                # Free-running: a message between shards of one process arrives at once, so
+                # a shard that wakes later in the same round already sees it (Gauss-Seidel
+                # within the host; measured: 51 -> 28 rounds to 1e-8 for 4 shards on one
+                # host).
+                self._deliver(now, message)
+            elif local:
                 self._push(now + delay, _DELIVER, dst, message)
             elif delay > 0.0:
                 self._push(now + delay, _RELEASE, dst, message)
