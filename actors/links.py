@@ -305,6 +305,9 @@ class StreamLinks:
             sock.close()
             self.peers.pop(host, None)
             self.retry_after[host] = time.perf_counter() + RETRY_SECONDS
+        except asyncio.CancelledError:
+            sock.close()  # closed while dialling
+            raise
         finally:
             self.dialing.discard(host)
             self.on_progress()
