@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -38,8 +39,15 @@ from asyncbalance.runtime.simulator import MessageCounters, rule_of
 
 from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
+from .links import MonitorClient
 
-_EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_turns")
+_EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_turns",
+                   "monitor_polls")
+# With stream links the driver samples the hosts' state over a monitor link each
+# ``ray.sample_seconds`` and makes the Ray ``poll`` (events, checkpoints, crash logs, and the
+# check that each host is alive) at most this often: a Ray call costs the driver 0.6 - 0.8 ms
+# of CPU, which on a small machine slows the host it shares a core with.
+FULL_POLL_SECONDS = 0.25
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -147,6 +155,9 @@ class RayBackend:
         self.addresses = {h: tuple(a) for h, a in enumerate(replies) if a is not None}
         if self.addresses:
             ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
+        self.monitors: dict[int, MonitorClient] = {}
+        self.last_full_poll = -np.inf
+        self._open_monitors()
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
         # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
         self.saved = {s.shard_id: Shard(s, self.rule, scenario.links.resend_interval)
@@ -208,11 +219,50 @@ class RayBackend:
         self._poll()
         return self.elapsed()
 
+    def _open_monitors(self) -> None:
+        """A monitor link to every host that listens and has none (stream links only)."""
+        for host, address in self.addresses.items():
+            if host not in self.monitors:
+                try:
+                    self.monitors[host] = MonitorClient(address, self.token)
+                except OSError:
+                    continue  # sampled by Ray calls until the next try
+
+    def _close_monitor(self, host: int) -> None:
+        monitor = self.monitors.pop(host, None)
+        if monitor is not None:
+            monitor.close()
+
+    def _fast_poll(self) -> bool:
+        """Each host's log-scales and counters over the monitor links; False (and nothing
+        taken) if any link fails or a host answers empty (restarted: ``poll`` resumes it)."""
+        try:
+            for host in range(self.n_hosts):
+                self.monitors[host].request()
+            replies = [msgpack.unpackb(self.monitors[host].reply(), raw=False)
+                       for host in range(self.n_hosts)]
+        except (OSError, ValueError, msgpack.UnpackException):
+            for host in list(self.monitors):
+                self._close_monitor(host)
+            return False
+        if any(reply.get("log_scales") is None for reply in replies):
+            return False
+        for host, reply in enumerate(replies):
+            self.latest[host] = log_scales_of(reply)
+            self.current[host] = reply["counters"]
+            self.updates[host] = reply["unit_updates"]
+        return True
+
     def _poll(self) -> None:
         every = max(self.scenario.ray.checkpoint_seconds, 0.0)
-        with_checkpoints = time.perf_counter() - self.last_checkpoint_poll >= every
+        now = time.perf_counter()
+        with_checkpoints = now - self.last_checkpoint_poll >= every
+        if not with_checkpoints and now - self.last_full_poll < FULL_POLL_SECONDS and \
+                len(self.monitors) == self.n_hosts and self._fast_poll():
+            return
+        self.last_full_poll = now
         if with_checkpoints:
-            self.last_checkpoint_poll = time.perf_counter()
+            self.last_checkpoint_poll = now
         refs = [a.poll.remote(with_checkpoints) for a in self.actors]
         fresh: dict[int, bytes] = {}
         for host, ref in enumerate(refs):
@@ -227,6 +277,8 @@ class RayBackend:
             fresh.update(self._absorb(host, reply))
         if fresh and self.checkpoint_sink is not None:
             self.checkpoint_sink(fresh)
+        if len(self.monitors) < len(self.addresses):
+            self._open_monitors()
 
     def _absorb(self, host: int, reply: dict[str, Any]) -> dict[int, bytes]:
         values = log_scales_of(reply)
@@ -283,6 +335,7 @@ class RayBackend:
                 if time.perf_counter() > deadline:
                     raise
                 self._replace(host)
+        self._close_monitor(host)
         if address is not None:
             # A restarted process listens on a new port: every host must dial it there.
             self.addresses[host] = tuple(address)
@@ -347,7 +400,8 @@ class RayBackend:
     def transport(self) -> dict[str, Any]:
         """What crossed process boundaries, and how long the host queues ever grew."""
         total = {name: self.retired[name] + sum(c.get(name, 0) for c in self.current)
-                 for name in ("calls", "lost_calls", "coalesced", "loop_turns", "acked_calls")}
+                 for name in ("calls", "lost_calls", "coalesced", "loop_turns", "acked_calls",
+                              "monitor_polls")}
         call_seconds = self.retired["call_seconds"] + sum(c.get("call_seconds", 0.0)
                                                           for c in self.current)
         acked = total.pop("acked_calls")
@@ -369,8 +423,17 @@ class RayBackend:
         """Resident memory of each host process at its last poll (None without psutil)."""
         return list(self.resident)
 
+    def final_poll(self) -> None:
+        """A Ray ``poll`` now, for the run's last sample: the events and crash logs since the
+        last one come only with it, and the counters of the same moment with them, so that
+        the event log and the record's counters agree."""
+        self.last_full_poll = -np.inf
+        self._poll()
+
     def close(self) -> None:
         actors = [a for a in getattr(self, "actors", []) if a is not None]
+        for host in list(getattr(self, "monitors", {})):
+            self._close_monitor(host)
         try:
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.get([a.stop.remote() for a in actors], timeout=10)

@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+import msgpack
 import numpy as np
 import ray
 
@@ -63,7 +64,7 @@ class HostActor:
         self.links: StreamLinks | None = None
         if transport == "stream":
             self.links = StreamLinks(host_id, token, max_in_flight, self._on_frame,
-                                     self._wake_up)
+                                     self._wake_up, self._monitor_state)
         # Frames that could not be decoded: lost batches, counted with the lost calls.
         self.bad_frames = 0
         self.time_unit = time_unit
@@ -259,7 +260,23 @@ class HostActor:
             return {"calls": self.calls, "lost_calls": self.lost_calls + self.bad_frames,
                     "call_seconds": self.call_seconds, "acked_calls": self.completed_calls}
         return {"calls": links.frames_sent, "lost_calls": links.lost_frames + self.bad_frames,
-                "call_seconds": links.ack_seconds, "acked_calls": links.acked}
+                "call_seconds": links.ack_seconds, "acked_calls": links.acked,
+                "monitor_polls": links.monitor_requests}
+
+    def _monitor_state(self) -> bytes:
+        """What the driver's monitor link asks for at every sample: the part of ``poll``
+        that changes from one sample to the next (events, checkpoints and the rest come with
+        the driver's less frequent ``poll``)."""
+        host = self.host
+        if host is None:
+            return msgpack.packb({"log_scales": None})
+        return msgpack.packb({
+            "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
+            "generation": host.generation,
+            "unit_updates": host.unit_updates(),
+            "counters": {**host.counters, **self._transport_counters(),
+                         "loop_turns": self.loop_turns},
+        }, use_bin_type=True)
 
     async def poll(self, with_checkpoints: bool) -> dict[str, Any]:
         """Own log-scales (host order), counters, events, and fresh checkpoints if asked."""

@@ -18,6 +18,11 @@ Protocol, per connection (the sender dials the receiver):
 - frames, sender to receiver: a u32 length, then an ``encode_batch`` payload;
 - acks, receiver to sender: one byte per frame, once the frame has been applied.
 
+A monitor connection (the driver's, ``MonitorClient``) opens with ``MONITOR_MAGIC`` and the
+same token; each byte it sends asks for the host's state, answered at once (between two
+slices of a busy host's work) as one length-prefixed frame. The driver polls the hosts this
+way several times as often as through Ray calls, each of which costs it 0.6 – 0.8 ms of CPU.
+
 At most ``max_in_flight`` frames are unacknowledged per pair of hosts; an ack frees a slot
 (backpressure), and what accumulates meanwhile stays coalesced in the host's outbox. A
 broken or refused connection loses its unacknowledged frames, exactly like lost messages:
@@ -36,6 +41,8 @@ from collections import deque
 from collections.abc import Callable
 
 MAGIC = b"ABHL1"
+MONITOR_MAGIC = b"ABMN1"
+MONITOR_ID = 0xFFFFFFFF
 TOKEN_BYTES = 16
 MAX_FRAME_BYTES = 1 << 30
 RETRY_SECONDS = 0.02
@@ -109,11 +116,13 @@ class _Connection:
 
 
 class _Inbound(_Connection):
-    """A connection another host dialled: hello, then frames; acks go back."""
+    """A connection another host dialled: hello, then frames; acks go back. Or the driver's
+    monitor: hello, then one byte per request; the state goes back."""
 
     def __init__(self, sock: socket.socket):
         super().__init__(sock)
         self.greeted = False
+        self.monitor = False
 
 
 class _Peer(_Connection):
@@ -134,7 +143,8 @@ class StreamLinks:
     """
 
     def __init__(self, host_id: int, token: bytes, max_in_flight: int,
-                 on_frame: Callable[[bytes], None], on_progress: Callable[[], None]):
+                 on_frame: Callable[[bytes], None], on_progress: Callable[[], None],
+                 on_monitor: Callable[[], bytes] | None = None):
         if len(token) != TOKEN_BYTES:
             raise ValueError(f"token must be {TOKEN_BYTES} bytes")
         self.host_id = host_id
@@ -142,6 +152,8 @@ class StreamLinks:
         self.max_in_flight = max_in_flight
         self.on_frame = on_frame
         self.on_progress = on_progress
+        self.on_monitor = on_monitor
+        self.monitor_requests = 0
         self.addresses: dict[int, Address] = {}
         self.peers: dict[int, _Peer] = {}
         self.dialing: set[int] = set()
@@ -206,11 +218,21 @@ class StreamLinks:
             if len(data) < _HELLO.size:
                 return
             magic, token, _sender = _HELLO.unpack_from(data)
-            if magic != MAGIC or token != self.token:
+            monitor = magic == MONITOR_MAGIC and self.on_monitor is not None
+            if (magic != MAGIC and not monitor) or token != self.token:
                 self.refused += 1
                 raise _Broken
             connection.greeted = True
+            connection.monitor = monitor
             at = _HELLO.size
+        if connection.monitor:
+            requests = len(data) - at
+            del data[:]
+            for _ in range(requests):
+                state = self.on_monitor()  # type: ignore[misc]
+                self.monitor_requests += 1
+                connection.write(_LENGTH.pack(len(state)) + state)
+            return
         applied = 0
         try:
             while len(data) - at >= _LENGTH.size:
@@ -405,3 +427,36 @@ class StreamLinks:
             self._close_inbound(connection)
         for task in list(self.tasks):
             task.cancel()
+
+
+class MonitorClient:
+    """The driver's blocking link to one host's state (see the module docstring)."""
+
+    def __init__(self, address: Address, token: bytes, timeout: float = 2.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(_HELLO.pack(MONITOR_MAGIC, token, MONITOR_ID))
+
+    def request(self) -> None:
+        """Ask for the state; ``reply`` reads it (ask every host first, then read)."""
+        self.sock.sendall(b"?")
+
+    def reply(self) -> bytes:
+        (length,) = _LENGTH.unpack(self._exactly(_LENGTH.size))
+        if length > MAX_FRAME_BYTES:
+            raise ConnectionError(f"monitor reply of {length} bytes")
+        return self._exactly(length)
+
+    def _exactly(self, size: int) -> bytes:
+        chunks, got = [], 0
+        while got < size:
+            chunk = self.sock.recv(min(size - got, _RECV_BYTES))
+            if not chunk:
+                raise ConnectionError("the host closed its monitor link")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

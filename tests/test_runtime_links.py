@@ -9,23 +9,29 @@ sockets only from the event loop would deliver nothing to a busy host that pumps
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 
 import pytest
 
-from actors.links import MAGIC, StreamLinks
+from actors.links import MAGIC, MonitorClient, StreamLinks
 
 TOKEN = b"0123456789abcdef"
 
 
 class Endpoint:
-    """A host's links plus what it received."""
+    """A host's links plus what it received; its monitor state is ``state``."""
 
-    def __init__(self, host_id: int, max_in_flight: int = 2, token: bytes = TOKEN):
+    def __init__(self, host_id: int, max_in_flight: int = 2, token: bytes = TOKEN,
+                 monitor: bool = True):
         self.received: list[bytes] = []
         self.progress = 0
+        self.state = b""
         self.links = StreamLinks(host_id, token, max_in_flight, self.received.append,
-                                 self._progress)
+                                 self._progress, self._state if monitor else None)
+
+    def _state(self) -> bytes:
+        return self.state
 
     def _progress(self) -> None:
         self.progress += 1
@@ -225,5 +231,50 @@ def test_a_busy_host_applies_frames_by_pumping_without_the_event_loop():
         assert b.received == [b"first", b"second"]
         assert a.links.in_flight() == 0 and a.links.acked == 2
         a.links.close()
+        b.links.close()
+    run(main())
+
+
+def _monitor_reply(client: MonitorClient, host: Endpoint) -> bytes:
+    """The reply to one request, the host pumping (never turning its loop) until it is in."""
+    client.request()
+    deadline = time.perf_counter() + 2.0
+    while not select.select([client.sock], [], [], 0)[0]:
+        assert time.perf_counter() < deadline, "no monitor reply"
+        host.links.pump()
+    return client.reply()
+
+
+def test_the_drivers_monitor_link_reads_the_current_state_between_slices():
+    # The driver samples a busy host over its monitor link: every request is answered with
+    # the state of that moment, by ``pump`` alone. A link that answered from the event loop
+    # only, or once per connection, or with a stale state, fails here.
+    async def main():
+        b = Endpoint(1)
+        address = await b.links.listen("127.0.0.1")
+        client = MonitorClient(address, TOKEN)
+        await _until(lambda: len(b.links.inbound) == 1)
+        for state in (b"first state", b"", bytes(range(256)) * 400):
+            b.state = state
+            assert _monitor_reply(client, b) == state
+        assert b.links.monitor_requests == 3 and b.received == []
+        client.close()
+        b.links.close()
+    run(main())
+
+
+@pytest.mark.parametrize("case", ["wrong token", "host without a monitor"])
+def test_a_monitor_link_without_the_token_or_a_monitor_is_closed(case):
+    async def main():
+        b = Endpoint(1, monitor=case != "host without a monitor")
+        address = await b.links.listen("127.0.0.1")
+        token = b"fedcba9876543210" if case == "wrong token" else TOKEN
+        client = MonitorClient(address, token)
+        await _until(lambda: b.links.refused == 1)
+        client.request()
+        with pytest.raises(OSError):
+            client.reply()
+        assert b.links.monitor_requests == 0
+        client.close()
         b.links.close()
     run(main())

@@ -24,7 +24,12 @@ ENTRY_POINT_GROUP = "asyncbalance.backends"
 
 
 class Backend(Protocol):
-    """What the coordinator drives. Clocks are in scenario time units."""
+    """What the coordinator drives. Clocks are in scenario time units.
+
+    A backend may also have ``final_poll()``: called once the run is to stop, before its
+    last sample, to bring up to date what it collects less often than the log-scales
+    (events, counters).
+    """
 
     name: str
 

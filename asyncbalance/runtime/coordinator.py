@@ -279,6 +279,12 @@ class _Run:
                 stop_reason = "max_messages"
             else:
                 stop_reason = ""
+            final_poll = getattr(runtime, "final_poll", None)
+            if stop_reason and final_poll is not None:
+                # A backend that collects events and counters less often than the state
+                # brings them up to date, so the last sample, the log and the record agree.
+                final_poll()
+                counters = runtime.message_counters()
             sample = self._sample(u, error, clock, wall, counters, cost_star,
                                   check_function=(stop.function_check == "every_sample"
                                                   or bool(stop_reason)))
