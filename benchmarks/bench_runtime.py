@@ -240,42 +240,46 @@ def lag_table(lags: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     """[6]: work to 1e-8 when the two default hosts of [2] exchange in lock-step in one
     process, their batches delivered ``lag`` slices after they leave (free-running hosts,
     no Ray): what each slice of staleness between hosts costs, for slices of a whole round
-    and of one shard's move (what the Ray host takes between two exchanges)."""
+    and of one shard's move (what the Ray host takes between two exchanges). First row: all
+    four shards on one host, nothing to exchange."""
     net = scenario("lag", backend="ray", partition={"units_per_shard": 384},
                    ray={"clock": "free"})
     problem = prepare(net)
     specs = problem.specs
-    owner = assign_hosts(specs, 2)
     means = link_means(net, specs)
-    print("\n[6] two free-running hosts in lock-step in one process (4 shards, as [2]): work "
-          "to 1e-8 against the slices a batch takes to arrive")
-    print(f"    {'slice':>5}  {'lag':>3}  {'slices':>6}  {'moves per unit':>14}")
-    for slice_name, slice_events in (("round", 20_000), ("move", 1)):
-        for lag in lags:
-            hosts = []
-            for h in range(max(owner) + 1):
-                members = [s.shard_id for s in specs if owner[s.shard_id] == h]
-                hosts.append(ShardHost(h, [specs[sid] for sid in members], owner,
-                                       settings_for(net, means, members, paced=False)))
-            in_transit: list[list] = []
-            steps, error = 0, math.inf
-            while error > 1e-8 and steps < 5000:
-                steps += 1
-                for host in hosts:
-                    host.advance(float(steps), max_events=slice_events)
-                in_transit.append([(dst, host.take_outbox(dst)) for host in hosts
-                                   for dst in host.pending_hosts()])
-                if len(in_transit) >= lag:
-                    for dst, batch in in_transit.pop(0):
-                        hosts[dst].receive(batch, float(steps))
-                owned: dict[int, np.ndarray] = {}
-                for host in hosts:
-                    owned.update(split_by_shard(specs, host.order, host.owned_log_scales()))
-                u = gather_log_scales(problem.graph.n_units, specs,
-                                      [owned[s.shard_id] for s in specs])
-                error = float(np.max(np.abs(u - problem.optimum.log_scales)))
-            moves = sum(h.unit_updates() for h in hosts) / problem.graph.n_units
-            print(f"    {slice_name:>5}  {lag:>3}  {steps:>6}  {moves:>14.1f}")
+    print("\n[6] free-running hosts in lock-step in one process (4 shards, as [2]): work to "
+          "1e-8 against the slices a batch takes to arrive")
+    print(f"    {'hosts':>5}  {'slice':>5}  {'lag':>3}  {'slices':>6}  {'moves per unit':>14}")
+    cases = [(1, "round", 20_000, 1)] + [(2, name, events, lag)
+                                         for name, events in (("round", 20_000), ("move", 1))
+                                         for lag in lags]
+    for n_hosts, slice_name, slice_events, lag in cases:
+        owner = assign_hosts(specs, n_hosts)
+        hosts = []
+        for h in range(max(owner) + 1):
+            members = [s.shard_id for s in specs if owner[s.shard_id] == h]
+            hosts.append(ShardHost(h, [specs[sid] for sid in members], owner,
+                                   settings_for(net, means, members, paced=False)))
+        in_transit: list[list] = []
+        steps, error = 0, math.inf
+        while error > 1e-8 and steps < 5000:
+            steps += 1
+            for host in hosts:
+                host.advance(float(steps), max_events=slice_events)
+            in_transit.append([(dst, host.take_outbox(dst)) for host in hosts
+                               for dst in host.pending_hosts()])
+            if len(in_transit) >= lag:
+                for dst, batch in in_transit.pop(0):
+                    hosts[dst].receive(batch, float(steps))
+            owned: dict[int, np.ndarray] = {}
+            for host in hosts:
+                owned.update(split_by_shard(specs, host.order, host.owned_log_scales()))
+            u = gather_log_scales(problem.graph.n_units, specs,
+                                  [owned[s.shard_id] for s in specs])
+            error = float(np.max(np.abs(u - problem.optimum.log_scales)))
+        moves = sum(h.unit_updates() for h in hosts) / problem.graph.n_units
+        print(f"    {n_hosts:>5}  {slice_name:>5}  {lag if n_hosts > 1 else '-':>3}  "
+              f"{steps:>6}  {moves:>14.1f}")
     return 0
 
 
