@@ -248,9 +248,7 @@ class RayBackend:
         if any(reply.get("log_scales") is None for reply in replies):
             return False
         for host, reply in enumerate(replies):
-            self.latest[host] = log_scales_of(reply)
-            self.current[host] = reply["counters"]
-            self.updates[host] = reply["unit_updates"]
+            self._absorb_sample(host, reply)
         return True
 
     def _poll(self) -> None:
@@ -280,12 +278,16 @@ class RayBackend:
         if len(self.monitors) < len(self.addresses):
             self._open_monitors()
 
-    def _absorb(self, host: int, reply: dict[str, Any]) -> dict[int, bytes]:
+    def _absorb_sample(self, host: int, reply: dict[str, Any]) -> None:
+        """The part of a reply that a monitor link and a poll both carry."""
         values = log_scales_of(reply)
         if values is not None:
             self.latest[host] = values
         self.current[host] = reply["counters"]
         self.updates[host] = reply["unit_updates"]
+
+    def _absorb(self, host: int, reply: dict[str, Any]) -> dict[int, bytes]:
+        self._absorb_sample(host, reply)
         self.crash_logs[host] = reply["crash_log"]
         self.queue_max[host] = max(self.queue_max[host], reply["queue_max"])
         self.resident[host] = reply["resident_bytes"]

@@ -47,8 +47,9 @@ CONTROL_TURN_S = 0.001
 IO_TURNS = 3
 # Events per slice of a host's work. Free-running over stream links: one (a shard's move),
 # so that its batches leave at once and frames from other hosts are applied before the next
-# shard moves (half the staleness between hosts of whole-round slices). Otherwise a round
-# of many events, as the event loop's turns between slices cost more than one event.
+# shard moves (in lock-step, 38.5 moves per unit to 1e-8 against 48.8 with whole-round
+# slices: bench_runtime.py --only-lag). Otherwise up to 64 events, as the event loop's
+# turns between slices cost more than one event.
 FREE_SLICE_EVENTS = 1
 SLICE_EVENTS = 64
 
@@ -166,11 +167,11 @@ class HostActor:
             self.loop_turns += 1
             if self.started:
                 host.advance(self._now(), max_events=self.slice_events)
-            self._flush()
             if self.links is not None:
-                # What the other hosts sent meanwhile is applied before the next slice.
+                # What the other hosts sent meanwhile (and the acks that free slots) is
+                # applied before the batches leave and the next slice begins.
                 self.links.pump()
-                self._flush()
+            self._flush()
             self.max_queue = max(self.max_queue, host.queue_length())
             wait = (host.next_due() - self._now()) * self.time_unit if self.started else 1.0
             if wait <= 0:
@@ -263,33 +264,31 @@ class HostActor:
                 "call_seconds": links.ack_seconds, "acked_calls": links.acked,
                 "monitor_polls": links.monitor_requests}
 
-    def _monitor_state(self) -> bytes:
-        """What the driver's monitor link asks for at every sample: the part of ``poll``
-        that changes from one sample to the next (events, checkpoints and the rest come with
-        the driver's less frequent ``poll``)."""
-        host = self.host
-        if host is None:
-            return msgpack.packb({"log_scales": None})
-        return msgpack.packb({
+    def _sample(self, host: ShardHost) -> dict[str, Any]:
+        """What changes from one sample to the next: own log-scales (host order), counters."""
+        return {
             "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
             "generation": host.generation,
             "unit_updates": host.unit_updates(),
             "counters": {**host.counters, **self._transport_counters(),
                          "loop_turns": self.loop_turns},
-        }, use_bin_type=True)
+        }
+
+    def _monitor_state(self) -> bytes:
+        """The driver's monitor link asks for the sample at every sample; events, checkpoints
+        and the rest come with its less frequent ``poll``."""
+        host = self.host
+        return msgpack.packb({"log_scales": None} if host is None else self._sample(host),
+                             use_bin_type=True)
 
     async def poll(self, with_checkpoints: bool) -> dict[str, Any]:
-        """Own log-scales (host order), counters, events, and fresh checkpoints if asked."""
+        """The sample, events, and fresh checkpoints if asked."""
         host = self.host
         if host is None:
             return {"log_scales": None}
         return {
-            "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
-            "generation": host.generation,
+            **self._sample(host),
             "restarts": host.epochs(),
-            "unit_updates": host.unit_updates(),
-            "counters": {**host.counters, **self._transport_counters(),
-                         "loop_turns": self.loop_turns},
             "events": host.take_events(),
             "crash_log": [record.as_dict() for record in host.crash_log],
             "checkpoints": host.take_checkpoints() if with_checkpoints else {},

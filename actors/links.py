@@ -126,10 +126,12 @@ class _Inbound(_Connection):
 
 
 class _Peer(_Connection):
-    """The sending side of one link: its socket, the send times of unacknowledged frames."""
+    """The sending side of the link to ``host``: its socket, the send times of
+    unacknowledged frames."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, host: int):
         super().__init__(sock)
+        self.host = host
         self.sent_at: deque[float] = deque()
 
 
@@ -294,7 +296,7 @@ class StreamLinks:
             peer.write(_LENGTH.pack(len(payload)) + payload)
             self._watch_write(peer)
         except _Broken:
-            self._broken(host, peer)
+            self._broken(peer)
 
     def in_flight(self) -> int:
         return sum(len(peer.sent_at) for peer in self.peers.values())
@@ -304,8 +306,8 @@ class StreamLinks:
         calls this between shard moves)."""
         for connection in list(self.inbound):
             self._read_inbound(connection)
-        for host, peer in list(self.peers.items()):
-            self._read_acks(host, peer)
+        for peer in list(self.peers.values()):
+            self._read_acks(peer)
 
     async def _dial(self, host: int) -> None:
         address = self.addresses[host]
@@ -318,10 +320,10 @@ class StreamLinks:
             if self.addresses.get(host) != address:
                 sock.close()  # the peer moved while we dialled
                 return
-            peer = _Peer(sock)
+            peer = _Peer(sock, host)
             peer.write(_HELLO.pack(MAGIC, self.token, self.host_id))
             self.peers[host] = peer
-            self._loop().add_reader(sock.fileno(), self._read_acks, host, peer)
+            self._loop().add_reader(sock.fileno(), self._read_acks, peer)
             self._watch_write(peer)
         except (OSError, TimeoutError, _Broken):
             sock.close()
@@ -334,13 +336,13 @@ class StreamLinks:
             self.dialing.discard(host)
             self.on_progress()
 
-    def _read_acks(self, host: int, peer: _Peer) -> None:
+    def _read_acks(self, peer: _Peer) -> None:
         if peer.closed:
             return
         try:
             peer.read()
         except _Broken:
-            self._broken(host, peer)
+            self._broken(peer)
             return
         if not peer.inbox:
             return
@@ -351,10 +353,10 @@ class StreamLinks:
         peer.inbox.clear()
         self.on_progress()
 
-    def _broken(self, host: int, peer: _Peer) -> None:
-        if self.peers.get(host) is peer:
-            self._drop(host)
-            self.retry_after[host] = time.perf_counter() + RETRY_SECONDS
+    def _broken(self, peer: _Peer) -> None:
+        if self.peers.get(peer.host) is peer:
+            self._drop(peer.host)
+            self.retry_after[peer.host] = time.perf_counter() + RETRY_SECONDS
             self.on_progress()
         else:
             peer.closed = True
@@ -388,15 +390,10 @@ class StreamLinks:
             connection.flush()
             self._watch_write(connection)
         except _Broken:
-            if isinstance(connection, _Inbound):
+            if isinstance(connection, _Peer):
+                self._broken(connection)
+            elif isinstance(connection, _Inbound):
                 self._close_inbound(connection)
-            else:
-                for host, peer in list(self.peers.items()):
-                    if peer is connection:
-                        self._broken(host, peer)
-                        return
-                connection.closed = True
-                self._forget(connection)
 
     def _forget(self, connection: _Connection) -> None:
         """Stop watching a connection and close its socket."""
