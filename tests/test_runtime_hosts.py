@@ -305,6 +305,49 @@ def test_ray_free_running_hosts_converge(tmp_path, ray_session):
 
 
 @pytest.mark.ray
+def test_a_monitor_sample_and_a_ray_poll_of_quiet_hosts_agree(ray_session):
+    # Most samples come over the monitor links, a Ray poll only every 0.25 s: a run whose
+    # monitor samples were wrong (another host's state, a stale one) would still stop at a
+    # correct Ray poll, so the two are compared here directly, at a converged quiet state.
+    from actors.backend import RayBackend
+    from asyncbalance.runtime.coordinator import prepare
+    from asyncbalance.runtime.events import EventWriter
+
+    scenario = scenario_from_mapping({
+        "name": "monitor", "backend": "ray", "seed": 1, "record_events": False,
+        "network": {"kind": "mlp", "sizes": [16, 64, 64, 64, 8], "unit_spread": 1.0,
+                    "seed": 3},
+        "partition": {"granularity": "shard", "shards_per_layer": 4},
+        "ray": {"clock": "free", "sample_seconds": 0.01}})
+    problem = prepare(scenario)
+    backend = RayBackend(problem.specs, scenario, EventWriter(None))
+    try:
+        assert backend.n_hosts == 2 and len(backend.monitors) == 2
+        backend.start()
+        u_star = problem.optimum.log_scales
+        error = math.inf
+        # Until the hosts are quiet: moves below the 1e-13 send threshold stop the traffic.
+        for step in range(1, 2000):
+            backend.advance(step * 1.0)
+            u = gather_log_scales(problem.graph.n_units, problem.specs,
+                                  backend.owned_log_scales())
+            error = float(np.max(np.abs(u - u_star)))
+            if error <= 1e-12:
+                break
+        assert error <= 1e-12
+        assert backend._fast_poll()
+        by_monitor = gather_log_scales(problem.graph.n_units, problem.specs,
+                                       backend.owned_log_scales())
+        backend.final_poll()
+        by_poll = gather_log_scales(problem.graph.n_units, problem.specs,
+                                    backend.owned_log_scales())
+        assert np.max(np.abs(by_monitor - u_star)) <= TOL
+        np.testing.assert_allclose(by_monitor, by_poll, rtol=0, atol=1e-12)
+    finally:
+        backend.close()
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_500_neuron_shards_converge(tmp_path, ray_session):
     summary = ray_run(tmp_path, "neurons",
