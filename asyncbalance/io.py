@@ -4,13 +4,20 @@ Outputs are written to a temporary file beside their target and renamed into pla
 failed command leaves no partial file. ``tempfile`` creates files 0600 and directories 0700;
 every output is given the mode the umask asks for (or, when it replaces a file, that file's
 mode), as ``open`` and ``mkdir`` would have.
+
+An output path is followed as ``open`` would follow it: through a symbolic link the file the
+link names is replaced (the link stays a link); an existing character device or FIFO (such as
+``/dev/null``) is written into, never replaced by a regular file; a block device or a socket is
+refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,10 +57,54 @@ def _final_mode(target: Path) -> int:
         return new_file_mode()
 
 
+def output_target(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Where an output named ``path`` really goes: ``(file, False)`` for a regular file or a
+    new name, reached through any symbolic links (the file to replace atomically);
+    ``(path, True)`` for an existing character device or FIFO, which is written into.
+
+    A directory, a block device, a socket or a loop of links is refused (``OSError`` naming
+    ``path``): replacing any of them with a regular file would destroy what was there.
+    """
+    target = Path(path)
+    try:
+        info = os.stat(target)  # follows links, as open() would
+    except (FileNotFoundError, NotADirectoryError):
+        # A new name, or a link to a missing file: the link's target is created.
+        return Path(os.path.realpath(target)), False
+    if stat.S_ISREG(info.st_mode):
+        return Path(os.path.realpath(target)), False
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISFIFO(info.st_mode):
+        return target, True
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory; give a file name", str(path))
+    kind = "a block device" if stat.S_ISBLK(info.st_mode) else "a socket or other special file"
+    raise OSError(errno.EPERM, f"is {kind}; refusing to write over it", str(path))
+
+
+def _copy_into(source: IO, target: Path, mode: str) -> None:
+    """Write what ``source`` holds into the existing special file ``target``."""
+    source.seek(0)
+    with open(target, "w" if "b" not in mode else "wb") as out:
+        shutil.copyfileobj(source, out)
+
+
+def _spool_mode(mode: str) -> str:
+    return "w+b" if "b" in mode else "w+"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temporary file beside ``path`` and rename it into place on success only."""
-    target = Path(path)
+    """Write to a temporary file beside ``path`` and rename it into place on success only.
+
+    Through a symbolic link the linked file is replaced; an existing character device or FIFO
+    gets the bytes written into it once they are complete (see ``output_target``).
+    """
+    target, in_place = output_target(path)
+    if in_place:
+        with tempfile.TemporaryFile(_spool_mode(mode)) as spool:
+            yield spool
+            _copy_into(spool, target, mode)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -85,11 +136,19 @@ class StagedFiles:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
+        self._in_place: list[tuple[Path, Path, str]] = []
         self._made_dirs: list[Path] = []
 
     @contextlib.contextmanager
     def open(self, target: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-        final = Path(target)
+        final, in_place = output_target(target)
+        if in_place:
+            # A device or FIFO cannot be renamed over: spool, then write into it on commit.
+            fd, spool = tempfile.mkstemp(prefix=".asyncbalance-spool-", suffix=".tmp")
+            self._in_place.append((Path(spool), final, mode))
+            with os.fdopen(fd, _spool_mode(mode)) as handle:
+                yield handle
+            return
         self._make_parents(final.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         self._staged.append((Path(tmp), final))
@@ -115,11 +174,21 @@ class StagedFiles:
             os.replace(tmp, final)
         self._staged = []
         self._made_dirs = []
+        in_place, self._in_place = self._in_place, []
+        for spool, final, mode in in_place:
+            try:
+                with open(spool, _spool_mode(mode).replace("w", "r")) as source:
+                    _copy_into(source, final, mode)
+            finally:
+                spool.unlink(missing_ok=True)
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        for spool, _, _ in self._in_place:
+            spool.unlink(missing_ok=True)
+        self._in_place = []
         for path in reversed(self._made_dirs):
             with contextlib.suppress(OSError):
                 path.rmdir()
@@ -143,11 +212,17 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     target = Path(path)
     if str(path) == "" or target.name in ("", ".", ".."):
         raise InvalidInputError(option, f"{str(path)!r} is not a file name")
-    if target.is_dir():
-        raise InvalidInputError(option, f"{target} is a directory; give a file name")
+    try:
+        final, in_place = output_target(target)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidInputError(option, f"{target} is a loop of symbolic links") from None
+        raise InvalidInputError(option, f"{target} {exc.strerror}") from None
     if target.exists() and not os.access(target, os.W_OK):
         raise InvalidInputError(option, f"{target} is not writable")
-    check_writable_dir(nearest_existing(target.parent), option)
+    if not in_place:
+        # The file is created beside the one the path (or its link) names.
+        check_writable_dir(nearest_existing(final.parent), option)
     return target
 
 
