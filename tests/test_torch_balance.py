@@ -112,9 +112,20 @@ def test_function_kept_to_float32_rounding(name: str, device: str) -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_rel(outputs(model, fresh), before_out, FLOAT32_RTOL, f"{name} float32 outputs")
     assert report.function_change <= FLOAT32_RTOL
-    # The float64 account of the same rescaling is exact; the float32 one shows the rounding.
+    # The float64 account of the same rescaling is exact. Whether the float32 outputs move
+    # at all depends on one CPU's kernels (a rounding below half an ulp of the output leaves
+    # it bit-identical), so the rounding is shown on the stored parameters instead: each is
+    # the float32 rounding of its exact float64 product (IEEE multiplication, the same on
+    # every CPU), and the rescaling did round some of them.
     assert report.function_change_float64 <= FUNCTION_RTOL
-    assert report.function_change > report.function_change_float64
+    rounded = 0
+    stored_now = model.state_dict()
+    for key, factor in report.factors.items():
+        original = report.originals[key]
+        exact = original.double() * factor.to(original.device, torch.float64)
+        assert torch.equal(stored_now[key], exact.to(torch.float32)), key
+        rounded += int((stored_now[key].double() != exact).sum())
+    assert rounded > 0
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0, 0.7])
