@@ -1,0 +1,276 @@
+"""A block of logical shards as arrays: the state machine of many shards moved at once.
+
+``ShardBlock`` is what a process holds for every logical shard it runs (single neurons or layer
+slices), with the semantics of the per-shard reference ``Shard`` and none of its per-object
+cost. Like ``Shard`` it is pure: no clock (times are arguments) and no I/O.
+
+- ``wake(shards, now)`` applies the rule to the shards among ``shards`` that have news (all of
+  them in one array computation, colour by colour for shards with internal edges), then
+  decides which of them send: those whose state moved by more than ``send_threshold`` since
+  their last send, or whose anti-entropy timer is due. It returns the senders.
+- ``outgoing(senders)`` gathers what each sender's links carry: one entry per directed link
+  (its version and the values of the units the receiver needs).
+- ``deliver(links, versions, values, value_ptr)`` applies link deliveries in the given order
+  with the reference's rule (a delivery is applied when its version is newer than every
+  version seen on its link) and marks receivers whose view changed.
+- ``checkpoint``/``restore`` save and reload a shard's own values, halo view and link versions.
+
+Versions are ``epoch * 2**32 + seq``: the same order as the reference's ``(epoch, seq)`` pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from .layout import BlockLayout, expand_ranges
+from .shard import Rule
+
+SEQ_BITS = 32
+
+
+def version_of(epoch: np.ndarray | int, seq: np.ndarray | int) -> np.ndarray:
+    return (np.asarray(epoch, dtype=np.int64) << SEQ_BITS) + np.asarray(seq, dtype=np.int64)
+
+
+class ShardBlock:
+    """The mutable state of every shard of ``layout``; see the module docstring."""
+
+    def __init__(self, layout: BlockLayout, rule: Rule, resend_interval: float,
+                 send_threshold: float = 0.0, epochs: np.ndarray | None = None):
+        self.layout = layout
+        self.rule = rule
+        self.resend_interval = resend_interval
+        self.send_threshold = send_threshold
+        n_shards, n_own = layout.n_shards, layout.n_own
+        # [own log-scales | halo slots | the constant 0 of dead neighbours]
+        self.values = np.zeros(n_own + layout.n_slots + 1)
+        self.link_version = np.full(layout.n_links, -1, dtype=np.int64)
+        self.epoch = (np.zeros(n_shards, dtype=np.int64) if epochs is None
+                      else np.asarray(epochs, dtype=np.int64).copy())
+        self.seq = np.zeros(n_shards, dtype=np.int64)
+        self.dirty = np.ones(n_shards, dtype=bool)
+        self.last_send_time = np.full(n_shards, -np.inf)
+        self.last_sent = np.full(n_own, np.nan)
+        self.unit_updates = np.zeros(n_shards, dtype=np.int64)
+        self._fast_exact = (layout.n_terms == 1 and not layout.self_cost.any())
+
+    @property
+    def own(self) -> np.ndarray:
+        """The owned log-scales (a view), in layout position order."""
+        return self.values[:self.layout.n_own]
+
+    @property
+    def halo(self) -> np.ndarray:
+        return self.values[self.layout.n_own:self.layout.zero_index]
+
+    # -- moves ------------------------------------------------------------------------------
+
+    def _flows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B), each (T, len(positions)): incoming and outgoing flows on the current view."""
+        lay = self.layout
+        values = self.values
+        n = positions.shape[0]
+        u = values[positions]
+        out = []
+        for table, visible in ((lay.incoming, lay.visible_in), (lay.outgoing, lay.visible_out)):
+            index, segment = expand_ranges(table.ptr[positions], table.ptr[positions + 1])
+            neighbour = values[table.value_index[index]]
+            sums = np.empty((lay.n_terms, n))
+            for t in range(lay.n_terms):
+                terms = table.cost[t, index] * np.exp(table.rate[t, index] * neighbour)
+                sums[t] = visible[t, positions] + np.bincount(segment, terms, minlength=n)
+            out.append(sums)
+        c = lay.degrees[positions]
+        p = lay.powers[:, None]
+        return out[0] * np.exp(p * u[None, :]), out[1] * np.exp(-p * c[None, :] * u[None, :])
+
+    def _exact_moves(self, positions: np.ndarray) -> np.ndarray:
+        lay = self.layout
+        incoming, outgoing = self._flows(positions)
+        c = lay.degrees[positions]
+        if self._fast_exact:
+            return (np.log(c * outgoing[0]) - np.log(incoming[0])) / (lay.powers[0] * (1.0 + c))
+        u = self.values[positions]
+        p = lay.powers[:, None]
+        loops = lay.self_cost[:, positions] * np.exp(p * (1.0 - c)[None, :] * u[None, :])
+        has_loop = (lay.self_cost[:, positions] > 0).any(axis=0)
+        closed = (lay.n_terms == 1) & (~has_loop | (c == 1.0))
+        moves = np.zeros(positions.shape[0])
+        if closed.any():
+            a = incoming[0, closed] - loops[0, closed]
+            b = outgoing[0, closed] - loops[0, closed]
+            cc = c[closed]
+            moves[closed] = (np.log(cc * b) - np.log(a)) / (lay.powers[0] * (1.0 + cc))
+        if (~closed).any():
+            sel = ~closed
+            coef = lay.coefs[:, None]
+            weights = np.concatenate([
+                coef * np.maximum(incoming[:, sel] - loops[:, sel], 0.0),
+                coef * np.maximum(outgoing[:, sel] - loops[:, sel], 0.0),
+                coef * loops[:, sel]]).T
+            cs = c[sel][None, :]
+            shape = loops[:, sel].shape
+            rates = np.concatenate([np.broadcast_to(p, shape), -cs * p, p * (1.0 - cs)]).T
+            moves[sel] = kernels.solve_exp_sum(weights, rates)
+        return moves
+
+    def _move(self, shards: np.ndarray) -> None:
+        lay = self.layout
+        positions, owner_index = lay.shard_positions(shards)
+        before = self.values[positions].copy()
+        if self.rule.name == "gradient":
+            incoming, outgoing = self._flows(positions)
+            drive = (lay.coefs[:, None] * (incoming - lay.degrees[positions] * outgoing)
+                     ).sum(axis=0)
+            self.values[positions] -= self.rule.eta * drive
+        else:
+            alpha = 1.0 if self.rule.name == "exact" else self.rule.alpha
+            colors = lay.color[positions]
+            for c in range(int(colors.max()) + 1 if colors.size else 0):
+                group = positions[colors == c]
+                if group.size:
+                    self.values[group] += alpha * self._exact_moves(group)
+        np.add.at(self.unit_updates, shards[owner_index], 1)
+        step = np.abs(self.values[positions] - before)
+        big = np.zeros(shards.shape[0], dtype=bool)
+        np.logical_or.at(big, owner_index, step > self.send_threshold)
+        # After an exact move of a single colour, every owned unit is balanced against the
+        # current view: nothing changes until news arrives.
+        keeps_moving = (lay.n_colors[shards] > 1) | (self.rule.name != "exact")
+        self.dirty[shards] = big & keeps_moving
+
+    def wake(self, shards: np.ndarray, now: np.ndarray | float) -> np.ndarray:
+        """Move the dirty ones among ``shards`` and return those that send (in input order)."""
+        shards = np.asarray(shards, dtype=np.int64)
+        now = np.broadcast_to(np.asarray(now, dtype=np.float64), shards.shape)
+        moving = shards[self.dirty[shards]]
+        if moving.size:
+            self._move(moving)
+        positions, owner_index = self.layout.shard_positions(shards)
+        # NaN before the first send compares as changed.
+        same = np.abs(self.values[positions] - self.last_sent[positions]) <= self.send_threshold
+        changed = np.zeros(shards.shape[0], dtype=bool)
+        np.logical_or.at(changed, owner_index, ~same)
+        due = now - self.last_send_time[shards] >= self.resend_interval
+        sends = changed | due
+        senders = shards[sends]
+        self.seq[senders] += 1
+        self.last_send_time[senders] = now[sends]
+        sent_positions, _ = self.layout.shard_positions(senders)
+        self.last_sent[sent_positions] = self.values[sent_positions]
+        return senders
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def outgoing(self, senders: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     np.ndarray]:
+        """``(links, versions, values, value_ptr)`` of every link of ``senders``: link i
+        carries ``values[value_ptr[i]:value_ptr[i+1]]`` for the slots it fills."""
+        lay = self.layout
+        links, owner_index = expand_ranges(lay.out_link_ptr[senders],
+                                           lay.out_link_ptr[senders + 1])
+        versions = version_of(self.epoch[senders], self.seq[senders])[owner_index]
+        slots, _ = expand_ranges(lay.link_slot_ptr[links], lay.link_slot_ptr[links + 1])
+        counts = lay.link_slot_ptr[links + 1] - lay.link_slot_ptr[links]
+        value_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return links, versions, self.values[lay.slot_sender_pos[slots]], value_ptr
+
+    def deliver(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
+                value_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply deliveries in order; ``(applied, changed)``: per delivery, whether it was newer
+        than everything seen on its link, and whether it changed the receiver's view."""
+        lay = self.layout
+        m = links.shape[0]
+        if m == 0:
+            empty = np.zeros(0, dtype=bool)
+            return empty, empty
+        # Applied iff newer than the link's version and every earlier delivery on the link:
+        # a running maximum within each link's deliveries (stable order = delivery order).
+        order = np.argsort(links, kind="stable")
+        sorted_links = links[order]
+        sorted_versions = versions[order]
+        start = np.ones(m, dtype=bool)
+        start[1:] = sorted_links[1:] != sorted_links[:-1]
+        seg = np.cumsum(start) - 1
+        # A running maximum within each link's segment: versions replaced by their ranks
+        # (order kept, small integers), each segment shifted above the ones before it.
+        base = self.link_version[sorted_links]
+        _, ranks = np.unique(np.concatenate([sorted_versions, base]), return_inverse=True)
+        rank_v, rank_b = ranks[:m].astype(np.int64), ranks[m:].astype(np.int64)
+        offset = seg.astype(np.int64) * (2 * m + 2)
+        running = np.maximum.accumulate(rank_v + offset) - offset
+        previous = np.empty(m, dtype=np.int64)
+        previous[start] = rank_b[start]
+        previous[~start] = np.maximum(running[:-1][~start[1:]], rank_b[~start])
+        applied_sorted = rank_v > previous
+        applied = np.empty(m, dtype=bool)
+        applied[order] = applied_sorted
+        changed = np.zeros(m, dtype=bool)
+        if not applied.any():
+            return applied, changed
+        # The last applied delivery of each link holds the newest state: write it.
+        last = np.zeros(m, dtype=bool)
+        idx_applied = np.nonzero(applied_sorted)[0]
+        seg_applied = seg[idx_applied]
+        is_last = np.ones(idx_applied.shape[0], dtype=bool)
+        is_last[:-1] = seg_applied[1:] != seg_applied[:-1]
+        last[order[idx_applied[is_last]]] = True
+        winners = np.nonzero(last)[0]
+        win_links = links[winners]
+        self.link_version[win_links] = versions[winners]
+        slots, _ = expand_ranges(lay.link_slot_ptr[win_links], lay.link_slot_ptr[win_links + 1])
+        source, _ = expand_ranges(value_ptr[winners], value_ptr[winners + 1])
+        new = values[source]
+        target = lay.n_own + slots
+        differs = self.values[target] != new
+        self.values[target] = new
+        if differs.any():
+            counts = lay.link_slot_ptr[win_links + 1] - lay.link_slot_ptr[win_links]
+            link_changed = np.zeros(winners.shape[0], dtype=bool)
+            np.logical_or.at(link_changed, np.repeat(np.arange(winners.shape[0]), counts),
+                             differs)
+            changed[winners[link_changed]] = True
+            self.dirty[lay.link_dst[win_links[link_changed]]] = True
+        return applied, changed
+
+    # -- checkpoints and restarts ---------------------------------------------------------
+
+    def checkpoint(self, shards: np.ndarray) -> dict[str, np.ndarray]:
+        """Own values, halo view and incoming link versions of ``shards`` (copies)."""
+        lay = self.layout
+        positions, _ = lay.shard_positions(shards)
+        slots = lay.shard_slots(shards)
+        links = lay.shard_in_links(shards)
+        return {"positions": positions, "own": self.values[positions].copy(),
+                "slots": slots, "halo": self.values[lay.n_own + slots].copy(),
+                "links": links, "versions": self.link_version[links].copy()}
+
+    def restore(self, shard: int, epoch: int, saved: dict[str, np.ndarray] | None) -> None:
+        """Restart ``shard`` in ``epoch``: from ``saved`` (its checkpoint) or from u = 0 with
+        an empty view, exactly like ``Shard.restore``."""
+        lay = self.layout
+        one = np.array([shard], dtype=np.int64)
+        positions, _ = lay.shard_positions(one)
+        slots = lay.shard_slots(one)
+        links = lay.shard_in_links(one)
+        if saved is None:
+            self.values[positions] = 0.0
+            self.values[lay.n_own + slots] = 0.0
+            self.link_version[links] = -1
+        else:
+            self.values[positions] = saved["own"]
+            self.values[lay.n_own + slots] = saved["halo"]
+            self.link_version[links] = saved["versions"]
+        self.epoch[shard] = epoch
+        self.seq[shard] = 0
+        self.dirty[shard] = True
+        self.last_send_time[shard] = -np.inf
+        self.last_sent[positions] = np.nan
+        self.unit_updates[shard] = 0
+
+    def owned_log_scales(self) -> np.ndarray:
+        """Global log-scale vector from the owners' own values (unowned units stay 0)."""
+        u = np.zeros(self.layout.n_units_global)
+        u[self.layout.units] = self.own
+        return u
