@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..network import scale_network
 from ..optimum import solve_optimum
 from ..schedules import ScheduleResult, run_schedule
 from .bridge import layout_network, model_layout, write_network
+from .models import BalanceLayout
 from .rescaling import rescale_optimizer_state
 
 
@@ -47,6 +49,11 @@ class BalanceEvent:
     # Background balancing: gradient steps between the weights whose costs the shards were
     # balancing and the weights the log-scales were applied to (None for other kinds).
     staleness_steps: int | None = None
+    # Wall seconds of the monitors (float64 function check, central optimum), apart from
+    # ``seconds``; ``checked`` is False at a boundary where the schedule skipped them (then
+    # the function errors and the distance are NaN).
+    monitor_seconds: float = 0.0
+    checked: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +82,9 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
                   async_shards: int = 1, async_backend: str = "sim",
                   optimizer: torch.optim.Optimizer | None = None,
                   optimizer_state: str = "transform",
-                  balancer: AsyncBalancer | None = None, step: int = 0) -> BalanceEvent:
+                  balancer: AsyncBalancer | None = None, step: int = 0,
+                  rescale_state: Callable[[BalanceLayout, np.ndarray], None] | None = None,
+                  ) -> BalanceEvent:
     """Balance ``model`` in place under L_p: ``kind`` is ``partial`` (one layer-wise sweep),
     ``full`` (to the optimum with ``full_method``, max log-imbalance <= tol) or ``async``
     (the runtime for ``async_budget`` scenario time units: through ``balancer``, which keeps
@@ -83,8 +92,12 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     With an ``optimizer``, its state for the rescaled parameters follows ``optimizer_state``
     (transform / keep / reset, see ``asyncbalance.optim_state``).
 
+    ``rescale_state(layout, u)``, when given, replaces that (an ensemble's optimiser holds
+    the stacked parameters, not the member's).
+
     With a ``probe`` batch, the function change is measured on a float64 copy of the model
     (the balancing's own error) and on the model itself (float32 rounding of the new weights).
+    Their cost and the optimum's are ``monitor_seconds``, apart from ``seconds``.
     """
     start = time.perf_counter()
     layout = model_layout(model)
@@ -106,6 +119,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     u = result.log_scales
     balanced = scale_network(network, u)
     seconds = time.perf_counter() - start
+    monitor_start = time.perf_counter()
     cost_opt, distance = float("nan"), float("nan")
     if with_optimum:
         # The reference optimum comes from another algorithm than the result, so that the
@@ -126,15 +140,21 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         write_network(model_layout(twin), balanced)
         err64 = relative_change(reference, _outputs(twin, probe64))
         before32 = _outputs(model, probe)
+    monitor_seconds = time.perf_counter() - monitor_start
     start_write = time.perf_counter()
     write_network(layout, balanced)
-    rescale_optimizer_state(optimizer, layout, u, optimizer_state)
+    if rescale_state is not None:
+        rescale_state(layout, u)
+    else:
+        rescale_optimizer_state(optimizer, layout, u, optimizer_state)
     if kind == "background" and balancer is not None:
         # The shards go on from the weights as they are now, every few boundaries.
         balancer.refresh(build_cost_graph(balanced, p), step)
     seconds += time.perf_counter() - start_write
     if probe is not None:
+        monitor_start = time.perf_counter()
         err32 = relative_change(before32.double(), _outputs(model, probe).double())
+        monitor_seconds += time.perf_counter() - monitor_start
     return BalanceEvent(
         kind=kind, iterations=int(result.iterations), function_rel_error=err64,
         function_rel_error_float32=err32, cost_before=float(kernels.total_cost(graph, u0)),
@@ -142,7 +162,8 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         max_log_imbalance_before=float(imbalance_before.max()) if u.size else 0.0,
         max_log_imbalance_after=float(result.max_log_imbalance),
         median_log_imbalance_before=float(np.median(imbalance_before)) if u.size else 0.0,
-        seconds=seconds, staleness_steps=staleness if kind == "background" else None)
+        seconds=seconds, staleness_steps=staleness if kind == "background" else None,
+        monitor_seconds=monitor_seconds, checked=probe is not None or with_optimum)
 
 
 class AsyncBalancer:

@@ -251,6 +251,11 @@ class MonitorConfig:
     solves the central optimum at every interleave (distance max|u - u*|); ``alignment``
     measures the angle between the trainer's update and the backprop gradient;
     ``unit_norms`` records per-unit in/out norms every epoch (small networks only).
+
+    ``check_every`` samples the boundary monitors (the float64 function check on the probe
+    and the central optimum): they run at every k-th balancing boundary of the run (the
+    first one included; 0: never by count), and at the last boundary of every epoch when
+    ``check_epoch_end``. 1 (the default) checks every boundary.
     """
 
     probe_size: int = 256
@@ -261,8 +266,13 @@ class MonitorConfig:
     alignment_batch: int = 256
     # evaluate and record a row every k epochs (and at the last epoch)
     eval_every: int = 1
+    check_every: int = 1
+    check_epoch_end: bool = True
 
     def __post_init__(self) -> None:
+        if self.check_every < 0:
+            raise InvalidInputError("monitor.check_every",
+                                    f"must be >= 0, got {self.check_every}")
         if self.eval_every < 1:
             raise InvalidInputError("monitor.eval_every", f"must be >= 1, got {self.eval_every}")
         if self.probe_size < 1:
