@@ -38,7 +38,7 @@ def _record(job: Job, curve: list[float]) -> dict:
             "provenance": {"git_commit": "abc"}}
 
 
-def _write(tmp_path: Path, flat: bool) -> str:
+def _write(tmp_path: Path, flat: bool, rising: str = "") -> str:
     study = _study()
     root = record_root(tmp_path / "rec", study, "cpu")
     rng = np.random.default_rng(3)
@@ -51,7 +51,7 @@ def _write(tmp_path: Path, flat: bool) -> str:
             level += 0.03 + rng.normal(0, 0.002)
         if job.arm == "same":
             level += rng.normal(0, 0.02)
-        rise = np.linspace(0.1, level, 11) if not flat else \
+        rise = np.linspace(0.1, level, 11) if not flat or job.arm == rising else \
             np.concatenate([np.linspace(0.1, level, 6), np.full(5, level)])
         write_record(root / job.relpath(), _record(job, [float(v) for v in rise]))
     out = tmp_path / "claims.md"
@@ -66,7 +66,26 @@ def test_verdicts_follow_the_intervals(tmp_path: Path) -> None:
     assert "partial vs plain" not in text.split("**Verdicts**")[1]
     assert "pending (seeds missing)" in text
     assert "**partial** (18/20 runs" in text
-    assert "curve has flattened" in text
+    assert "Every arm has settled" in text
+    # Holm over the claim's complete tests; the minimal detectable effect beside "same"
+    assert "over the claim's 4 tests" in text
+    same = next(line for line in text.splitlines()
+                if line.startswith("- [paper] same vs plain, final accuracy"))
+    assert "minimal detectable effect ±" in same
+
+
+def test_an_arm_still_rising_blocks_final(tmp_path: Path) -> None:
+    """The baseline has settled but one compared arm still rises: its comparison is "at
+    epoch 10", the other's stays "final"."""
+    text = _write(tmp_path, flat=True, rising="better")
+    verdicts = text.split("**Verdicts**")[1]
+    assert "better vs plain, accuracy at epoch 10: higher" in verdicts
+    assert "better vs plain, final accuracy" not in verdicts
+    assert "same vs plain, final accuracy" in verdicts
+    assert "Not settled at epoch 10" in text and "better (still rising" in text
+    # every directional verdict has its own line in the summary
+    summary = text.split("## Summary")[1].split("## Claim C")[0]
+    assert "  - [paper] better vs plain, accuracy at epoch 10: higher" in summary
 
 
 def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
@@ -74,7 +93,7 @@ def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
     verdicts = text.split("**Verdicts**")[1]
     assert "final accuracy" not in verdicts
     assert "better vs plain, accuracy at epoch 10: higher" in verdicts
-    assert "still improving at epoch 10" in text
+    assert "Not settled at epoch 10" in text and "plain (still rising" in text
 
 
 def test_a_diverged_run_is_recorded_and_never_rerun(tmp_path: Path) -> None:

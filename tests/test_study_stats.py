@@ -17,9 +17,17 @@ from asyncbalance.study.speed import (
 )
 from asyncbalance.study.stats import (
     Interval,
+    PairedTest,
+    apply_holm,
     bootstrap_interval,
+    diverging,
+    holm,
+    median_interval,
+    minimal_detectable_effect,
     paired_interval,
+    sentence,
     t_interval,
+    t_test_p,
     verdict,
 )
 
@@ -121,11 +129,94 @@ def test_speed_metrics_by_hand() -> None:
     assert epochs_to_threshold(epochs, linear, 0.35) == 4.0
     assert epochs_to_threshold(epochs, linear, 1.5) is None
     assert epochs_to_threshold([0, 1], [0.9, 0.1], 0.5) is None  # epoch 0 does not count
-    assert not has_flattened(epochs, linear)               # +0.2 over the last 2 epochs
+    assert not has_flattened(epochs, linear)               # +0.5 over the last 5 epochs
     flat = [0.5] * 8 + [0.501, 0.502, 0.503]
     assert has_flattened(epochs, flat)
     gain, span = recent_gain(epochs, flat)
-    assert gain == pytest.approx(0.002) and span == 2.0   # 0.503 - 0.501 (epoch 8)
+    # the window: 20 % of 10 epochs is 2, raised to the minimum of 5 epochs: 0.503 - 0.5
+    assert gain == pytest.approx(0.003) and span == 5.0
     falling = [0.5] * 8 + [0.49, 0.45, 0.40]
     assert not has_flattened(epochs, falling)             # -0.09: not settled either
+    # a run shorter than twice the minimum window never settles, however flat
+    assert not has_flattened(list(range(6)), [0.5] * 6)
+    assert has_flattened(list(range(11)), [0.5] * 11)
+    # 100 epochs: the window is 20 epochs; +0.4 points over them is settled, +0.6 is not
+    long = list(range(101))
+    assert has_flattened(long, [0.5] * 80 + list(np.linspace(0.5, 0.504, 21)))
+    assert not has_flattened(long, [0.5] * 80 + list(np.linspace(0.5, 0.506, 21)))
     assert epochs_to_threshold(epochs, [None] * 11, 0.1) is None
+
+
+# t_{0.80, df} from a printed table (3 decimals): df 4 -> 0.941, df 9 -> 0.883
+T80 = {4: 0.941, 9: 0.883}
+T80_RTOL = 1e-3   # the printed table's 3 decimals
+
+
+def test_minimal_detectable_effect_by_hand() -> None:
+    # d = 1..5: sd = sqrt(2.5), n = 5: (t_{0.975,4} + t_{0.80,4}) * sqrt(2.5) / sqrt(5)
+    hand = (T975[4] + T80[4]) * math.sqrt(0.5)          # 3.7174 * 0.70711 = 2.6286
+    assert minimal_detectable_effect(math.sqrt(2.5), 5) == pytest.approx(hand, rel=T80_RTOL)
+    test = PairedTest("", "a", "b", "q", (1.0, 2.0, 3.0, 4.0, 5.0), 1.0, "")
+    assert test.mde == pytest.approx(hand, rel=T80_RTOL)
+    # 10 seeds, sd 1: (2.262 + 0.883) / sqrt(10)
+    assert minimal_detectable_effect(1.0, 10) == pytest.approx((2.262157 + T80[9])
+                                                               / math.sqrt(10), rel=T80_RTOL)
+    assert minimal_detectable_effect(1.0, 1) == math.inf
+    # the sentence of a "no detectable difference" carries it (d in accuracy, shown in points)
+    same = PairedTest("[p] ", "a", "b", "final accuracy", (0.01, -0.02, 0.03, 0.0, -0.01),
+                      paper_effect=1.1)
+    sd = float(np.std([0.01, -0.02, 0.03, 0.0, -0.01], ddof=1))
+    mde_points = 100 * (T975[4] + T80[4]) * sd / math.sqrt(5)      # 2.30 points
+    text = sentence(same)
+    assert "no detectable difference" in text
+    assert f"minimal detectable effect ±{mde_points:.2f} points" in text
+    assert "the paper's +1.10 points below it: these seeds cannot test it" in text
+
+
+def test_holm_by_hand() -> None:
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04): 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])       # capped at 1
+    assert holm([0.2]) == [0.2]
+
+
+def test_a_verdict_that_survives_uncorrected_but_not_corrected() -> None:
+    # p = 0.01 survives both; the weaker one (p about 0.02 uncorrected) does not survive x3
+    strong = PairedTest("", "s", "base", "q", (0.050, 0.052, 0.049, 0.051, 0.050))
+    weak = PairedTest("", "w", "base", "q", (0.01, 0.03, 0.002, 0.02, 0.015))
+    null = PairedTest("", "n", "base", "q", (0.01, -0.01, 0.02, -0.02, 0.0))
+    assert weak.p < 0.05 and weak.iv.sign == 1           # uncorrected: a direction
+    apply_holm([strong, weak, null])
+    assert weak.p_holm == pytest.approx(min(1.0, 2 * weak.p))  # second smallest of 3: x2
+    assert weak.p_holm >= 0.05 and not weak.survives
+    assert strong.survives and strong.short() == "higher"
+    assert weak.short() == "higher uncorrected only (not after Holm)"
+    text = sentence(weak)
+    assert "higher uncorrected only, not after Holm's correction" in text
+    assert "over the claim's 3 tests" in text
+    assert sentence(strong).startswith("s vs base, q: higher (")
+    assert "no detectable difference" in sentence(null)
+
+
+def test_t_test_p_matches_the_interval() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        d = rng.normal(rng.uniform(-1, 1), 1.0, 5)
+        assert (t_test_p(d) < 0.05) == (t_interval(d).sign != 0)
+    assert t_test_p([0.0, 0.0, 0.0]) == 1.0 and t_test_p([0.1, 0.1]) == 0.0
+
+
+def test_robust_companion_for_a_diverging_seed() -> None:
+    d = [-0.509, 0.071, 0.025, 0.062, -0.025]            # one collapsed seed, as in table 3
+    assert diverging(d) == [0]
+    assert diverging([0.01, 0.012, 0.011, 0.013, 0.009]) == []
+    med = median_interval(d)
+    # sorted: -0.509, -0.025, 0.025, 0.062, 0.071; n = 5 -> [min, max] at 1 - 2/32
+    assert med.median == 0.025 and (med.low, med.high) == (-0.509, 0.071)
+    assert med.coverage == pytest.approx(1 - 2 / 32)
+    ten = median_interval(list(range(10)))               # k = 2: 1 - 2 * 11/1024
+    assert (ten.low, ten.high) == (1, 8) and ten.coverage == pytest.approx(1 - 22 / 1024)
+    text = sentence(PairedTest("", "a", "b", "q", tuple(d), seeds=(0, 1, 2, 3, 4)))
+    assert "seed 0 diverges (paired difference -50.90)" in text
+    assert "median of the paired differences +2.50 [-50.90, +7.10]" in text
+    assert "93.8 % coverage" in text

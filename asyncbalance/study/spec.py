@@ -3,7 +3,9 @@
 A study file (TOML) holds:
 
 * top level: ``name``, ``description``, ``validation_fraction`` (held-out share of the
-  training set for learning-rate selection), ``[base]`` (a training configuration mapping
+  training set for learning-rate selection), ``validation_resplit`` (true: tuning seed k
+  also draws its own held-out split, ``data.split_seed = k``, so the choice averages over
+  as many random splits as there are tuning seeds), ``[base]`` (a training configuration mapping
   shared by every run, see ``asyncbalance/training/config.py``);
 * ``[budgets.<smoke|cpu|full>]``: ``seeds``, ``tune_seeds``, ``note``, ``verdicts`` (whether
   verdicts may be written from these records), ``set`` (dotted overrides applied to every
@@ -16,7 +18,10 @@ A study file (TOML) holds:
   ``[claim.settings.<label>]`` (``source``, ``set``, ``tune`` = dotted key = candidate
   values, chosen per arm on the validation split), ``[claim.arms.<label>]``
   (``description``, ``set``) and ``[claim.budget.<name>]`` (``set``, ``sweep``, ``seeds``,
-  ``settings`` = the settings to run, ``skip``).
+  ``settings`` = the settings to run, ``skip``); for the report: ``paper_epochs`` (the
+  length of the paper's runs), ``paper_effects`` ("arm-against" = the paper's difference in
+  points), ``summary_note`` (one sentence the summary line must carry),
+  ``validation_fraction`` (the claim's held-out share for tuning, over the study's).
 
 Overrides apply in this order: base, claim, sweep point, setting, arm, budget, claim budget,
 the tuned values, then ``epochs``.
@@ -39,10 +44,12 @@ from ..training.config import TrainConfig
 
 BUDGETS = ("smoke", "cpu", "full")
 KINDS = ("comparison", "balance_vs_lr", "decay_fit", "alignment")
-STUDY_KEYS = ("name", "description", "validation_fraction", "base", "budgets", "claim")
+STUDY_KEYS = ("name", "description", "validation_fraction", "validation_resplit", "base",
+              "budgets", "claim")
 BUDGET_KEYS = ("seeds", "tune_seeds", "note", "verdicts", "set")
 CLAIM_KEYS = ("id", "title", "priority", "kind", "paper", "baseline", "epochs", "set", "sweep",
-              "settings", "arms", "budget", "notes", "compare")
+              "settings", "arms", "budget", "notes", "compare", "paper_epochs",
+              "paper_effects", "summary_note", "validation_fraction")
 SETTING_KEYS = ("source", "set", "tune")
 ARM_KEYS = ("description", "set")
 CLAIM_BUDGET_KEYS = ("set", "sweep", "seeds", "settings", "skip", "epochs")
@@ -89,6 +96,14 @@ class Claim:
     arms: tuple[Arm, ...]
     budget: Mapping[str, Mapping[str, Any]]
     compare: tuple[tuple[str, str], ...] = ()
+    paper_epochs: int | None = None
+    paper_effects: Mapping[str, float] = field(default_factory=dict)
+    summary_note: str = ""
+    validation_fraction: float | None = None
+
+    def epochs_for(self, budget: str) -> int | None:
+        value = self.for_budget(budget).get("epochs", self.epochs.get(budget))
+        return None if value is None else int(value)
 
     def for_budget(self, budget: str) -> Mapping[str, Any]:
         return self.budget.get(budget, {})
@@ -111,6 +126,7 @@ class Study:
     budgets: Mapping[str, Budget]
     claims: tuple[Claim, ...]
     path: str = ""
+    validation_resplit: bool = False
 
     def claim(self, claim_id: str) -> Claim:
         for claim in self.claims:
@@ -268,13 +284,27 @@ def _claim(index: int, table: Any) -> Claim:
             raise InvalidInputError(f"{where}.compare", f"{pair!r} is not a pair of arms",
                                     labels)
         compare.append((str(pair[0]), str(pair[1])))
+    effects = {}
+    for key, value in _table(table.get("paper_effects"), f"{where}.paper_effects").items():
+        if key.count("-") != 1 or any(p not in labels for p in key.split("-")):
+            raise InvalidInputError(f"{where}.paper_effects.{key}", "must name a pair of "
+                                    "arms as \"arm-against\"", labels)
+        effects[key] = float(value)
+    fraction = table.get("validation_fraction")
+    if fraction is not None and not 0 < float(fraction) < 1:
+        raise InvalidInputError(f"{where}.validation_fraction",
+                                f"must be in (0, 1), got {fraction}")
+    paper_epochs = table.get("paper_epochs")
+    extra = {"paper_epochs": None if paper_epochs is None else int(paper_epochs),
+             "paper_effects": effects, "summary_note": str(table.get("summary_note", "")),
+             "validation_fraction": None if fraction is None else float(fraction)}
     return Claim(str(table["id"]), str(table.get("title", table["id"])),
                  int(table.get("priority", 9)), kind, str(table.get("paper", "")).strip(),
                  str(table.get("notes", "")).strip(), baseline,
                  {k: int(v) for k, v in epochs.items()},
                  flatten_table(_table(table.get("set"), f"{where}.set")),
                  _grid(table.get("sweep"), f"{where}.sweep"), tuple(settings), tuple(arms),
-                 budget, tuple(compare))
+                 budget, tuple(compare), **extra)
 
 
 def parse_study(data: Mapping[str, Any], path: str = "") -> Study:
@@ -296,7 +326,8 @@ def parse_study(data: Mapping[str, Any], path: str = "") -> Study:
         raise InvalidInputError("validation_fraction", f"must be in (0, 1), got {fraction}")
     return Study(str(data.get("name", Path(path).stem or "study")),
                  str(data.get("description", "")).strip(), fraction,
-                 _table(data.get("base"), "base"), budgets, claims, str(path))
+                 _table(data.get("base"), "base"), budgets, claims, str(path),
+                 bool(data.get("validation_resplit", False)))
 
 
 def load_study(path: str | Path) -> Study:
@@ -320,11 +351,16 @@ def validate_mapping(mapping: Mapping[str, Any], where: str) -> TrainConfig:
 
 def cell_mapping(study: Study, claim: Claim, setting: Setting, point: Mapping[str, Any],
                  arm: Arm, budget: Budget, tuned: Mapping[str, Any] | None = None,
-                 validation: bool = False) -> dict[str, Any]:
-    """The training configuration mapping of one cell (validated before it is returned)."""
+                 validation: bool = False, split: int | None = None) -> dict[str, Any]:
+    """The training configuration mapping of one cell (validated before it is returned);
+    a tuning run holds out the claim's (else the study's) validation share, drawn with
+    ``data.split_seed = split`` when the study re-splits per tuning seed."""
     extra: dict[str, Any] = dict(tuned or {})
     if validation:
-        extra["data.validation_fraction"] = study.validation_fraction
+        extra["data.validation_fraction"] = (claim.validation_fraction
+                                             or study.validation_fraction)
+        if split is not None:
+            extra["data.split_seed"] = int(split)
     epochs = claim.for_budget(budget.name).get("epochs", claim.epochs.get(budget.name))
     if epochs is None:
         raise InvalidInputError(f"claim.{claim.id}.epochs", f"has no {budget.name!r} entry")
@@ -368,9 +404,11 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
                 for arm_index, arm in enumerate(claim.arms):
                     if setting.tune:
                         for candidate in points(setting.tune):
-                            mapping = cell_mapping(study, claim, setting, point, arm, budget,
-                                                   candidate, validation=True)
                             for seed in range(budget.tune_seeds):
+                                mapping = cell_mapping(
+                                    study, claim, setting, point, arm, budget, candidate,
+                                    validation=True,
+                                    split=seed if study.validation_resplit else None)
                                 key = (claim.priority, 1, order, seed, setting.label,
                                        point_index, arm_index, tuned_label(candidate))
                                 jobs.append((key, Job(claim.id, setting.label, label, arm.label,

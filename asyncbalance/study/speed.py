@@ -7,10 +7,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: A curve has flattened when it changed by less than this (accuracy, 0.5 points) either way
-#: over the last FLAT_WINDOW share of its epochs.
+#: A mean curve has settled when it changed by less than FLAT_TOLERANCE (accuracy, 0.5
+#: points) either way over its last FLAT_WINDOW share of the epochs, that window being at
+#: least MIN_WINDOW_EPOCHS epochs and at most half the run (a run of fewer than
+#: 2 * MIN_WINDOW_EPOCHS epochs never settles: too short to tell a plateau from a pause).
 FLAT_TOLERANCE = 0.005
 FLAT_WINDOW = 0.2
+MIN_WINDOW_EPOCHS = 5.0
 
 
 def _arrays(epochs: Sequence[float], values: Sequence[float | None]
@@ -40,14 +43,22 @@ def area_under_curve(epochs: Sequence[float], values: Sequence[float | None]) ->
     return float(np.sum((v[1:] + v[:-1]) / 2 * np.diff(e)) / (e[-1] - e[0]))
 
 
+def window_epochs(span: float, window: float = FLAT_WINDOW,
+                  min_epochs: float = MIN_WINDOW_EPOCHS) -> float:
+    """The settling window of a run spanning ``span`` epochs."""
+    return max(window * span, min_epochs)
+
+
 def recent_gain(epochs: Sequence[float], values: Sequence[float | None],
-                window: float = FLAT_WINDOW) -> tuple[float, float]:
-    """(gain, span): the value's change over the last ``window`` share of the epochs, and
-    that span in epochs (the row nearest to E - window*E is the reference)."""
+                window: float = FLAT_WINDOW, min_epochs: float = MIN_WINDOW_EPOCHS
+                ) -> tuple[float, float]:
+    """(gain, span): the value's change over the settling window (the last ``window`` share
+    of the epochs, at least ``min_epochs``), and that span in epochs (the recorded row
+    nearest to the window's start is the reference)."""
     e, v = _arrays(epochs, values)
     if e.size < 2:
         return float("nan"), 0.0
-    start = e[-1] - window * (e[-1] - e[0])
+    start = e[-1] - window_epochs(e[-1] - e[0], window, min_epochs)
     ref = int(np.argmin(np.abs(e - start)))
     if ref == e.size - 1:
         ref -= 1
@@ -55,8 +66,14 @@ def recent_gain(epochs: Sequence[float], values: Sequence[float | None],
 
 
 def has_flattened(epochs: Sequence[float], values: Sequence[float | None],
-                  tolerance: float = FLAT_TOLERANCE, window: float = FLAT_WINDOW) -> bool:
-    """Changed by less than ``tolerance`` either way over the last ``window`` share of the
-    epochs (a curve still rising, or falling, has not settled)."""
-    gain, _ = recent_gain(epochs, values, window)
-    return bool(np.isfinite(gain) and abs(gain) < tolerance)
+                  tolerance: float = FLAT_TOLERANCE, window: float = FLAT_WINDOW,
+                  min_epochs: float = MIN_WINDOW_EPOCHS) -> bool:
+    """Settled: changed by less than ``tolerance`` either way over the settling window, and
+    the run at least twice that window long (a curve still rising, or falling, or a run too
+    short to show a plateau, has not settled)."""
+    e, _ = _arrays(epochs, values)
+    if e.size < 2:
+        return False
+    gain, span = recent_gain(epochs, values, window, min_epochs)
+    long_enough = (e[-1] - e[0]) >= 2 * window_epochs(e[-1] - e[0], window, min_epochs)
+    return bool(long_enough and np.isfinite(gain) and abs(gain) < tolerance)
