@@ -48,6 +48,14 @@ _EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_t
 # check that each host is alive) at most this often: a Ray call costs the driver 0.6 - 0.8 ms
 # of CPU, which on a small machine slows the host it shares a core with.
 FULL_POLL_SECONDS = 0.25
+# A lost host gets at most this long to come back; never past the run's wall budget.
+RECOVERY_SECONDS = 120.0
+# A host still pending after this long waits for CPUs no live node has free (its node went
+# away with them): a replacement that reserves none takes it over, sharing a core.
+PENDING_SECONDS = 5.0
+# Even a run whose wall budget is spent gives a lost host this long, so that its last
+# sample can include it when it comes back quickly.
+MIN_RECOVERY_SECONDS = 2.0
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -174,6 +182,8 @@ class RayBackend:
         self.crash_logs: list[list[dict]] = [[] for _ in range(self.n_hosts)]
         self.retired_crash_logs: list[dict] = []
         self.host_losses: list[dict] = []
+        self.abandoned: set[int] = set()  # lost hosts that could not be brought back
+        self._recovery_window = RECOVERY_SECONDS
         self.queue_max = [0] * self.n_hosts
         self.resident: list[int | None] = [None] * self.n_hosts
         self.nodes: list[str | None] = [None] * self.n_hosts
@@ -182,9 +192,10 @@ class RayBackend:
         self.last_checkpoint_poll = -np.inf
         self.checkpoint_sink: Callable[[dict[int, bytes]], None] | None = None
 
-    def _create(self, host: int) -> Any:
+    def _create(self, host: int, cpus: float | None = None) -> Any:
         cfg = self.scenario.ray
-        options: dict[str, Any] = {"num_cpus": cfg.actor_cpus, "max_restarts": cfg.max_restarts,
+        options: dict[str, Any] = {"num_cpus": cfg.actor_cpus if cpus is None else cpus,
+                                   "max_restarts": cfg.max_restarts,
                                    "max_task_retries": 0, "max_concurrency": 1000}
         if cfg.placement:
             # Explicit placement: a sliver of the node's custom resource pins the host to it.
@@ -261,12 +272,16 @@ class RayBackend:
         self.last_full_poll = now
         if with_checkpoints:
             self.last_checkpoint_poll = now
-        refs = [a.poll.remote(with_checkpoints) for a in self.actors]
+        live = [h for h in range(self.n_hosts) if h not in self.abandoned]
+        refs = {h: self.actors[h].poll.remote(with_checkpoints) for h in live}
         fresh: dict[int, bytes] = {}
-        for host, ref in enumerate(refs):
+        for host, ref in refs.items():
             try:
-                reply = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+                # Bounded: a host whose process is being restarted where no CPU is free
+                # would otherwise keep this call (and the run) waiting for ever.
+                reply = ray.get(ref, timeout=PENDING_SECONDS)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+                    ray.exceptions.GetTimeoutError):
                 reply = {"log_scales": None}
             if reply["log_scales"] is None:
                 # Its process or node died (or Ray already restarted it, empty): resume it.
@@ -320,46 +335,111 @@ class RayBackend:
         for sid in members:
             self.events.write("crash", lost_at * self.time_unit, sid)
         state = {sid: self.saved[sid] for sid in members}
-        deadline = time.perf_counter() + 120.0
-        while True:
+        deadline = self._recovery_deadline()
+        shared = False  # whether the host now runs without reserved CPUs
+        address = None
+        resumed = False
+        unreachable_since: float | None = None
+        while (left := deadline - time.perf_counter()) > 0:
             try:
                 address = ray.get(self.actors[host].setup.remote(
                     [self.plan_refs[host]], self.peers, self.addresses, self.origin,
-                    self.generation, state, {sid: self.restarts[sid] for sid in members}))
+                    self.generation, state, {sid: self.restarts[sid] for sid in members}),
+                    timeout=min(left, PENDING_SECONDS))
+                resumed = True
                 break
+            except ray.exceptions.GetTimeoutError:
+                # Still pending: its restart or replacement waits for CPUs that no live
+                # node has free. One that reserves none can be placed at once.
+                if self.scenario.ray.actor_cpus > 0 and not shared:
+                    shared = True
+                    self._replace(host, cpus=0.0)
             except ray.exceptions.ActorUnavailableError:
                 # Restarting a process takes a moment; setup is idempotent, so ask again.
-                if time.perf_counter() > deadline:
-                    raise
-                time.sleep(0.05)
+                # Unreachable for longer, its node is most likely gone, which the control
+                # store declares only after its health checks fail (~15 s): replace it now.
+                now = time.perf_counter()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since < PENDING_SECONDS:
+                    time.sleep(0.05)
+                    continue
+                unreachable_since = None
+                shared = shared or not self._cpus_free(self.scenario.ray.actor_cpus)
+                self._replace(host, cpus=0.0 if shared else None)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
-                # Restarts used up, or its node is gone: a fresh actor takes the host over.
-                if time.perf_counter() > deadline:
-                    raise
-                self._replace(host)
+                # Restarts used up, or its node is gone: a fresh actor takes the host over,
+                # reserving CPUs only where one is free.
+                shared = shared or not self._cpus_free(self.scenario.ray.actor_cpus)
+                self._replace(host, cpus=0.0 if shared else None)
         self._close_monitor(host)
+        loss = {"host": host, "shards": len(members), "lost_at": lost_at,
+                "resumed_at": None, "real_down_for": None,
+                "cpus": 0.0 if shared else self.scenario.ray.actor_cpus}
+        if not resumed:
+            # Not back by the deadline: the run goes on without it (its shards keep their
+            # checkpointed values) and the record says so; it ends at its wall budget.
+            self.abandoned.add(host)
+            loss["outcome"] = (f"not resumed within {self._recovery_window:.0f} s "
+                               "(no live node could place a replacement host)")
+            self.host_losses.append(loss)
+            self._set_latest_from_saved(host)
+            return
         if address is not None:
             # A restarted process listens on a new port: every host must dial it there.
             self.addresses[host] = tuple(address)
-            ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
+            self._tell_hosts(lambda a: a.connect.remote(self.peers, self.addresses))
         back_at = self.elapsed()
         for sid in members:
             self.events.write("restart", back_at * self.time_unit, sid, "checkpoint",
                               self.restarts[sid])
-        self.host_losses.append({"host": host, "shards": len(members), "lost_at": lost_at,
-                                 "resumed_at": back_at, "real_down_for": back_at - lost_at})
+        loss.update(resumed_at=back_at, real_down_for=back_at - lost_at,
+                    outcome="resumed from checkpoints" + (
+                        " on a shared CPU (no CPU was free)" if shared else ""))
+        self.host_losses.append(loss)
+        self._set_latest_from_saved(host)
+
+    def _set_latest_from_saved(self, host: int) -> None:
         # Latest state of a lost host: what it resumed from.
         self.latest[host] = np.concatenate(
             [Shard.restore(self.specs[sid], self.rule, self.scenario.links.resend_interval, 0,
-                           self.saved[sid]).log_scales for sid in members])
+                           self.saved[sid]).log_scales for sid in self.members[host]])
 
-    def _replace(self, host: int) -> None:
+    def _recovery_deadline(self) -> float:
+        """When a lost host must be back: within ``RECOVERY_SECONDS``, and not past the run's
+        ``stop.max_wall_seconds`` (but at least ``MIN_RECOVERY_SECONDS`` from now)."""
+        now = time.perf_counter()
+        run_end = self.started + self.scenario.stop.max_wall_seconds
+        deadline = min(now + RECOVERY_SECONDS, max(run_end, now + MIN_RECOVERY_SECONDS))
+        self._recovery_window = deadline - now
+        return deadline
+
+    def _wait_seconds(self, at_most: float) -> float:
+        """How long a call to a host may take: ``at_most``, less near the end of the run."""
+        run_end = self.started + self.scenario.stop.max_wall_seconds
+        return max(min(at_most, run_end - time.perf_counter()), MIN_RECOVERY_SECONDS)
+
+    def _cpus_free(self, cpus: float) -> bool:
+        """Whether the cluster has ``cpus`` CPUs unreserved now (0 always fits)."""
+        return cpus <= 0 or float(ray.available_resources().get("CPU", 0.0)) + 1e-9 >= cpus
+
+    def _tell_hosts(self, call: Callable[[Any], Any], skip: int | None = None) -> None:
+        """Make ``call`` on every live host, bounded: one that does not answer is lost and is
+        recovered at the next poll."""
+        refs = [call(a) for h, a in enumerate(self.actors)
+                if h != skip and h not in self.abandoned]
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.wait(refs, num_returns=len(refs), timeout=self._wait_seconds(PENDING_SECONDS))
+
+    def _replace(self, host: int, cpus: float | None = None) -> None:
+        """A fresh actor for ``host``; ``cpus`` overrides ``ray.actor_cpus`` (0: shared)."""
         with contextlib.suppress(ray.exceptions.RayError):
             ray.kill(self.actors[host], no_restart=True)
-        self.node_slots = _node_slots()
-        self.actors[host] = self._create(host)
+        # Not on the node the host was lost with: the control store may still count it alive.
+        slots = _node_slots()
+        self.node_slots = [n for n in slots if n != self.nodes[host]] or slots
+        self.actors[host] = self._create(host, cpus)
         self.peers[host] = self.actors[host]
-        ray.get([a.connect.remote(self.peers) for h, a in enumerate(self.actors) if h != host])
+        self._tell_hosts(lambda a: a.connect.remote(self.peers), skip=host)
 
     def reload(self, specs: Sequence[ShardSpec]) -> None:
         """New costs for the same shards (training): every shard restarts at u = 0."""
@@ -394,7 +474,8 @@ class RayBackend:
             unit_updates=self.retired_updates + sum(self.updates),
             crashes=len(crashes) + sum(loss["shards"] for loss in self.host_losses),
             restarts=sum(r["restarted_at"] is not None for r in crashes)
-            + sum(loss["shards"] for loss in self.host_losses))
+            + sum(loss["shards"] for loss in self.host_losses
+                  if loss["resumed_at"] is not None))
 
     def crash_records(self) -> list[dict]:
         return self.retired_crash_logs + [r for log in self.crash_logs for r in log]

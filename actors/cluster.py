@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -228,7 +230,13 @@ def check_address(address: str, timeout: float = 10.0) -> None:
 
 @dataclass
 class NodeRemoval:
-    """Remove the worker node hosting the most live shard hosts after ``after_samples``."""
+    """Remove the worker node hosting the most live shard hosts after ``after_samples``.
+
+    ``done_at_sample``: the sample after which the removal began; ``wall_seconds``: when
+    (seconds since the run began); ``declared_dead_seconds``: how long the control store
+    took to declare the node dead (None if it had not within 30 s); ``error``: why the
+    removal failed, if it did.
+    """
 
     after_samples: int
     done_at_sample: int | None = None
@@ -236,6 +244,8 @@ class NodeRemoval:
     node_id: str | None = None
     actors_on_node: int = 0
     wall_seconds: float | None = None
+    declared_dead_seconds: float | None = None
+    error: str | None = None
 
 
 def run_on_local_cluster(scenario_path: str, out_dir: str, nodes: int = 3,
@@ -281,14 +291,21 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
     began = time.perf_counter()
     seen = {"samples": 0}
 
+    remover: threading.Thread | None = None
+
     def progress(sample: Any, scenario: Any) -> None:
+        nonlocal remover
         seen["samples"] += 1
         if removal is None or removal.done_at_sample is not None:
             return
         if seen["samples"] >= removal.after_samples:
-            _remove_busiest_worker(cluster, removal)
             removal.done_at_sample = seen["samples"]
             removal.wall_seconds = time.perf_counter() - began
+            # In its own thread: the run keeps sampling while the node goes away, so its
+            # record shows the outage as it happened rather than a gap.
+            remover = threading.Thread(target=_remove_busiest_worker, args=(cluster, removal),
+                                       name="node-removal", daemon=True)
+            remover.start()
 
     run: dict[str, Any] = {"out": out_dir}
     try:
@@ -302,7 +319,16 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
     except Exception as exc:  # reported to the caller, which decides what it means
         run["summary"] = None
         run["error"] = f"{type(exc).__name__}: {exc}"
+    if remover is not None:
+        remover.join(timeout=60.0)
     run["seconds"] = time.perf_counter() - began
+    if removal is not None and run["error"] is None:
+        if removal.done_at_sample is None:
+            run["error"] = (f"the run ended after {seen['samples']} samples, before the node "
+                            f"removal planned after {removal.after_samples}; nothing was "
+                            "removed (lower --removal-run or tighten stop.tol)")
+        elif removal.error is not None:
+            run["error"] = f"the node removal failed: {removal.error}"
     index = {node_id: i for i, node_id in cluster.node_ids().items()}
     placements = [p for p in actor_placement("HostActor") if p.actor_id not in before]
     run["actors"] = [{"actor_id": p.actor_id, "node": index.get(p.node_id), "state": p.state,
@@ -313,6 +339,13 @@ def _one_run(cluster: LocalCluster, point: Any, out_dir: str,
 
 
 def _remove_busiest_worker(cluster: LocalCluster, removal: NodeRemoval) -> None:
+    try:
+        _remove_busiest(cluster, removal)
+    except Exception as exc:  # noqa: BLE001 - reported in the run's report
+        removal.error = f"{type(exc).__name__}: {exc}"
+
+
+def _remove_busiest(cluster: LocalCluster, removal: NodeRemoval) -> None:
     live = [p for p in actor_placement("HostActor") if p.state == "ALIVE"]
     counts: dict[int, int] = {}
     for placement in live:
@@ -332,10 +365,17 @@ def _remove_busiest_worker(cluster: LocalCluster, removal: NodeRemoval) -> None:
     # run sees next is a lost node, not one whose processes are still winding down.
     import ray
 
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline and any(
-            n["NodeID"] == removal.node_id and n.get("Alive") for n in ray.nodes()):
+    removed_at = time.monotonic()
+    deadline = removed_at + 30.0
+    while time.monotonic() < deadline:
+        if not any(n["NodeID"] == removal.node_id and n.get("Alive") for n in ray.nodes()):
+            removal.declared_dead_seconds = time.monotonic() - removed_at
+            return
         time.sleep(0.1)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,10 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--removal-run", type=int, action="append", default=[], metavar="K",
                         help="after the undisturbed run, run again and kill the worker node "
                              "with the most shard actors after K samples (repeatable)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the undisturbed run (only the --removal-run runs)")
     parser.add_argument("--report", metavar="FILE", help="also write the report here")
     args = parser.parse_args(argv)
+    if args.no_baseline and not args.removal_run:
+        parser.error("--no-baseline needs at least one --removal-run")
+    # A termination ends like Ctrl-C: the cluster is torn down and its directory removed,
+    # and a run in progress leaves a record marked incomplete.
+    signal.signal(signal.SIGTERM, _interrupt)
+    runs = tuple(args.removal_run) if args.no_baseline else (None, *args.removal_run)
     report = run_on_local_cluster(args.scenario, args.out, args.nodes, tuple(args.overrides),
-                                  args.cpus_per_node, (None, *args.removal_run))
+                                  args.cpus_per_node, runs)
     text = json.dumps(report, indent=1, default=str)
     if args.report:
         with open(args.report, "w") as handle:

@@ -1,0 +1,118 @@
+"""A node lost when no CPU is free: the run still ends within its wall budget, with a record
+that says what happened.
+
+Three local nodes of one CPU each, three shard hosts that reserve one CPU each
+(``ray.actor_cpus = 1``, as ``scenarios/cluster.toml`` ships): when a worker node is killed,
+its host cannot be placed again with a CPU of its own. Before the fix the driver waited for
+that placement for ever (``summary.json`` stayed ``running``). Now the lost host is replaced
+by one that reserves no CPU (it shares a core) or, failing that, the run goes on without it
+and stops at ``stop.max_wall_seconds``; either way the record's ``transport.host_losses``
+says which host was lost, when, and how it ended.
+
+The cluster runs in a subprocess (``python -m actors.cluster``), killed as a whole if it
+outlives its bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_scaleout_cluster import _cluster_processes, _kill_session
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_WALL_SECONDS = 30.0
+# Beyond the wall budget a run may take: building the hosts (~5 s on 2 loaded cores), one
+# bounded poll (5 s), the shortest recovery window (2 s), closing the hosts (<= 10 s) and
+# writing the record.
+MARGIN_SECONDS = 30.0
+# The subprocess as a whole also starts and stops 3 nodes (<= 60 s each way on 2 cores).
+PROCESS_TIMEOUT_S = 60 + MAX_WALL_SECONDS + MARGIN_SECONDS + 60
+
+SCENARIO = f"""
+name = "nofreecpu"
+seed = 1
+backend = "ray"
+[network]
+kind = "mlp"
+sizes = [6, 10, 10, 10, 3]
+unit_spread = 1.0
+seed = 3
+[partition]
+granularity = "shard"
+shards_per_layer = 2          # 6 shards on 3 hosts, one per node
+[links]
+delay = "exponential"
+mean = 0.5
+[stop]
+tol = 1e-8
+max_wall_seconds = {MAX_WALL_SECONDS}
+function_check = "final"
+[ray]
+time_unit = 0.05              # slow enough that the loss is noticed before convergence
+sample_seconds = 0.1
+actor_cpus = 1.0              # no CPU is free once a node is gone
+"""
+
+
+@pytest.fixture(scope="module")
+def loss_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    work = tmp_path_factory.mktemp("nodeloss")
+    scenario = work / "nofreecpu.toml"
+    scenario.write_text(SCENARIO)
+    report_file = work / "report.json"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "actors.cluster", str(scenario), "--out",
+               str(work / "runs"), "--nodes", "3", "--no-baseline", "--removal-run", "3",
+               "--report", str(report_file)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=PROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        pytest.fail(f"a node loss with no free CPU kept the run going past "
+                    f"{PROCESS_TIMEOUT_S} s; killed it")
+    if not report_file.is_file():
+        pytest.fail(f"no report (exit {proc.returncode}):\n{output[-4000:]}")
+    report = json.loads(report_file.read_text())
+    report["exit_code"] = proc.returncode
+    report["work"] = str(work)
+    return report
+
+
+def test_node_loss_without_free_cpu_ends_within_budget_with_a_record(loss_report: dict) -> None:
+    run = loss_report["runs"][0]
+    assert run["removal"]["done_at_sample"] == 3 and run["removal"]["error"] is None, run
+    assert run["error"] is None, run["error"]
+    assert run["seconds"] <= MAX_WALL_SECONDS + MARGIN_SECONDS, run["seconds"]
+    summary = json.loads((Path(run["out"]) / "summary.json").read_text())
+    assert summary["status"] == "complete", summary["status"]
+    losses = summary["transport"]["host_losses"]
+    assert losses, "the removed node's host was never noticed as lost"
+    for loss in losses:
+        assert loss["outcome"].startswith(("resumed from checkpoints", "not resumed"))
+        if loss["resumed_at"] is None:
+            assert summary["stop_reason"] == "max_wall_seconds"
+        else:
+            # Its own CPU was gone with the node: it was replaced on a shared one.
+            assert loss["cpus"] == 0.0 and "shared CPU" in loss["outcome"]
+            assert loss["resumed_at"] >= loss["lost_at"]
+    if summary["converged"]:
+        assert summary["max_abs_log_scale_error"] <= 1e-8
+        assert summary["restarts"] == sum(loss["shards"] for loss in losses)
+    assert loss_report["exit_code"] == 0
+
+
+def test_node_loss_run_leaves_no_cluster_behind(loss_report: dict) -> None:
+    assert not Path(loss_report["temp_dir"]).exists()
+    assert not _cluster_processes(loss_report["temp_dir"])
