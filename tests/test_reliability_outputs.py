@@ -172,3 +172,12 @@ def test_library_writers_keep_links_and_devices(tmp_path: Path) -> None:
     assert link.is_symlink() and '"b": 2' in target.read_text()
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "null", "t.json"]
+
+
+def test_convergence_plot_breaks_at_a_pause_in_sampling() -> None:
+    from asyncbalance.runtime.record import break_gaps
+
+    times = [0.0, 1.0, 2.0, 3.0, 50.0, 51.0, 52.0]
+    t, v = break_gaps(times, [1.0] * len(times))
+    assert len(t) == len(times) + 1 and np.isnan(v[4]) and 3.0 < t[4] < 50.0
+    assert np.isfinite(break_gaps(times[:4], [1.0] * 4)[1]).all()

@@ -68,15 +68,39 @@ def _pyplot():
     return plt
 
 
+#: A pause between two samples longer than this many typical intervals is drawn as a gap.
+GAP_FACTOR = 5.0
+
+
+def break_gaps(times: Sequence[float], values: Sequence[float]
+               ) -> tuple[list[float], list[float]]:
+    """``times, values`` with a NaN point inside every pause longer than ``GAP_FACTOR``
+    median sample intervals (no samples were taken there, e.g. while a lost host was
+    being resumed), so that a plotted line breaks instead of bridging it."""
+    steps = sorted(b - a for a, b in zip(times[:-1], times[1:], strict=True))
+    typical = steps[len(steps) // 2] if steps else 0.0
+    out_t: list[float] = []
+    out_v: list[float] = []
+    for i, (t, v) in enumerate(zip(times, values, strict=True)):
+        if i and typical > 0 and t - times[i - 1] > GAP_FACTOR * typical:
+            out_t.append((t + times[i - 1]) / 2)
+            out_v.append(float("nan"))
+        out_t.append(t)
+        out_v.append(v)
+    return out_t, out_v
+
+
 def plot_convergence(path: Path, samples: Sequence[Sample], tol: float, time_label: str,
                      title: str) -> None:
-    """max |u - u*| and (R - R*)/R* against time, log scale, with the tolerance line."""
+    """max |u - u*| and (R - R*)/R* against time, log scale, with the tolerance line; a
+    pause in the sampling is left as a gap (``break_gaps``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     times = [s.time for s in samples]
     floor = 1e-17  # exact zeros cannot be drawn on a log axis
-    ax.semilogy(times, [max(s.max_abs_error, floor) for s in samples], label="max |u - u*|")
-    ax.semilogy(times, [max(abs(s.relative_cost_gap), floor) for s in samples],
+    ax.semilogy(*break_gaps(times, [max(s.max_abs_error, floor) for s in samples]),
+                label="max |u - u*|")
+    ax.semilogy(*break_gaps(times, [max(abs(s.relative_cost_gap), floor) for s in samples]),
                 label="|R - R*| / R*", linestyle="--")
     ax.axhline(tol, color="grey", linewidth=0.8, linestyle=":", label=f"tolerance {tol:g}")
     ax.set_xlabel(time_label)
