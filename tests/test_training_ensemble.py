@@ -123,3 +123,49 @@ def test_fallback_reasons() -> None:
         "model.kind": "cnn"}))
     assert "background" in ensemble_fallback_reason(_config("backprop", **{
         "balancing.mode": "background"}))
+
+
+def test_study_runner_batches_seeds_by_default_and_falls_back(tmp_path) -> None:
+    from asyncbalance.study.records import iter_records
+    from asyncbalance.study.runner import record_root, run_study
+    from asyncbalance.study.spec import parse_study
+
+    study = parse_study({
+        "name": "e", "base": {"data": {"name": "digits", "batch_size": 32}, "device": "cpu",
+                              "model": {"widths": [0, 16, 0]},
+                              "monitor": {"probe_size": 32, "alignment": False}},
+        "budgets": {"smoke": {"seeds": 3, "tune_seeds": 2}},
+        "claim": [{"id": "c", "epochs": {"smoke": 2}, "baseline": "plain",
+                   "arms": {"plain": {},
+                            "l1_nb": {"set": {"balancing.mode": "partial", "balancing.p": 1.0}},
+                            "wild": {"set": {"optimizer.lr": 1e30}},
+                            "rnn": {"set": {"model.kind": "rnn", "model.hidden": 8}}},
+                   "settings": {"paper": {},
+                                "tuned": {"tune": {"optimizer.lr": [1e-2, 1e-1]}}}}]})
+    logs: list[str] = []
+    batched = run_study(study, "smoke", tmp_path / "a", log=logs.append)
+    single = run_study(study, "smoke", tmp_path / "b", log=lambda _: None, ensemble=False)
+    assert batched.ran == single.ran == batched.planned
+    a = {r["_path"].split("/smoke/")[1]: r for r in iter_records(
+        record_root(tmp_path / "a", study, "smoke"))}
+    b = {r["_path"].split("/smoke/")[1]: r for r in iter_records(
+        record_root(tmp_path / "b", study, "smoke"))}
+    assert sorted(a) == sorted(b) and len(a) == batched.planned
+    for key, rec in a.items():
+        other = b[key]
+        assert "ensemble" not in other
+        if rec["arm"] == "rnn":
+            assert "ensemble" not in rec  # fell back to separate runs
+        else:
+            assert rec["ensemble"]["seeds"] == list(range(len(rec["ensemble"]["seeds"])))
+            assert len(rec["ensemble"]["seeds"]) == (2 if rec["phase"] == "tune" else 3)
+        assert rec["config_hash"] == other["config_hash"] and rec["tuned"] == other["tuned"]
+        if rec["arm"] == "wild" and rec["setting"] == "paper":  # tuning replaces its lr
+            assert "diverged" in rec and "diverged" in other
+            continue
+        s1, s2 = rec["summary"], other["summary"]
+        assert abs(s1["test_accuracy"] - s2["test_accuracy"]) <= 1.0 / s2["n_test"] + 1e-12
+        for l1, l2 in zip(rec["curves"]["train_loss"][1:], other["curves"]["train_loss"][1:],
+                          strict=True):
+            assert _close(l1, l2, LOSS_RTOL), key
+    assert run_study(study, "smoke", tmp_path / "a", log=lambda _: None).ran == 0

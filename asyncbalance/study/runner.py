@@ -94,11 +94,20 @@ def preflight(jobs: list[Job], data_dir: str | None) -> None:
 
 def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ...] = (),
               device: str = "cpu", data_dir: str | None = None, threads: int = 1,
-              max_runs: int | None = None, log: Callable[[str], None] = print) -> RunStats:
+              max_runs: int | None = None, log: Callable[[str], None] = print,
+              ensemble: bool = True) -> RunStats:
     """Run every job of ``budget`` not yet recorded under ``root``; ``max_runs`` stops after
-    that many new runs (the rest is picked up by the next call)."""
+    that many new runs (the rest is picked up by the next call).
+
+    With ``ensemble`` (the default), the pending seeds of a cell (same claim, setting,
+    point, arm, phase and configuration) train together as one ensemble of stacked models
+    (``training.ensemble``) when the configuration allows it, else one by one. Each seed's
+    record is the one its separate run writes (to float32 rounding), with ``ensemble``
+    naming the seeds that trained together.
+    """
     import torch
 
+    from ..training.ensemble import ensemble_fallback_reason, train_ensemble
     from ..training.loop import train_run
 
     if threads > 0:
@@ -110,7 +119,9 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
     cache = DataCache(data_dir)
     code_commit = provenance().get("git_commit")
     started = time.perf_counter()
-    for index, job in enumerate(jobs, 1):
+
+    def prepare(job: Job) -> tuple[Path, Mapping[str, Any], dict[str, Any], str] | None:
+        """Path, configuration, tuned values and hash of a job; None when recorded."""
         path = base / job.relpath()
         mapping: Mapping[str, Any] = job.mapping
         tuned: dict[str, Any] = dict(job.tuned)
@@ -122,35 +133,79 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
         digest = config_hash(mapping)
         existing = read_record(path)
         if existing is not None and existing.get("config_hash") == digest:
+            return None
+        return path, mapping, tuned, digest
+
+    def cell_key(job: Job, digest: str) -> tuple:
+        return (job.claim, job.setting, job.point, job.arm, job.phase, digest)
+
+    def write(index: int, job: Job, path: Path, mapping: Mapping[str, Any],
+              tuned: dict[str, Any], digest: str, outcome: Any, seconds: float,
+              extra: dict[str, Any]) -> None:
+        prov = provenance()
+        prov["git_commit"] = code_commit  # the code this process loaded, not today's HEAD
+        fields = job_fields(study, budget, job)
+        fields["tuned"] = tuned
+        fields.update(extra)
+        if isinstance(outcome, DivergedError):
+            # a diverged run is a result (recorded, never re-run), not a failure of the study
+            fields["diverged"] = str(outcome)
+            write_record(path, make_record(fields, digest, mapping, {"test_accuracy": None},
+                                           [], finish(prov)))
+            log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
+                f"{job.arm} seed {job.seed}: diverged")
+        else:
+            write_record(path, make_record(fields, digest, mapping, outcome.summary,
+                                           outcome.rows, finish(prov)))
+            acc = outcome.summary["test_accuracy"]
+            log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
+                f"{job.arm}{' ' + tuned_label(tuned) if tuned else ''} seed {job.seed}: "
+                f"{outcome.summary.get('evaluated_on', 'test')} accuracy {100 * acc:.2f}% "
+                f"({seconds:.1f}s)")
+        stats.ran += 1
+
+    taken: set[int] = set()  # jobs already run as members of an ensemble
+    for index, job in enumerate(jobs, 1):
+        if index in taken:
+            continue
+        prepared = prepare(job)
+        if prepared is None:
             stats.skipped += 1
             continue
         if max_runs is not None and stats.ran >= max_runs:
             break
+        path, mapping, tuned, digest = prepared
         config = from_mapping(TrainConfig, dict(mapping))
-        prov = provenance()
-        prov["git_commit"] = code_commit  # the code this process loaded, not today's HEAD
-        t0 = time.perf_counter()
-        fields = job_fields(study, budget, job)
-        fields["tuned"] = tuned
-        try:
-            result = train_run(config, job.seed, device, data=cache.get(config, job.seed),
-                               data_dir=data_dir)
-        except DivergedError as exc:
-            # a diverged run is a result (recorded, never re-run), not a failure of the study
-            fields["diverged"] = str(exc)
-            write_record(path, make_record(fields, digest, mapping, {"test_accuracy": None},
-                                           [], finish(prov)))
-            stats.ran += 1
-            log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
-                f"{job.arm} seed {job.seed}: diverged")
+        group = [(index, job, prepared)]
+        if ensemble and ensemble_fallback_reason(config) is None:
+            room = None if max_runs is None else max_runs - stats.ran
+            for later, other in enumerate(jobs[index:], index + 1):
+                if room is not None and len(group) >= room:
+                    break
+                if later in taken or (other.claim, other.setting, other.point, other.arm,
+                                      other.phase) != cell_key(job, digest)[:5]:
+                    continue
+                other_prepared = prepare(other)
+                if other_prepared is not None and other_prepared[3] == digest:
+                    group.append((later, other, other_prepared))
+        if len(group) > 1:
+            t0 = time.perf_counter()
+            seeds = [member.seed for _, member, _ in group]
+            datas = [cache.get(config, seed) for seed in seeds]
+            outcomes = train_ensemble(config, seeds, datas, device)
+            share = (time.perf_counter() - t0) / len(group)
+            for (i, member, (m_path, _, m_tuned, _)), outcome in zip(group, outcomes,
+                                                                     strict=True):
+                taken.add(i)
+                write(i, member, m_path, mapping, m_tuned, digest, outcome, share,
+                      {"ensemble": {"seeds": seeds}})
             continue
-        write_record(path, make_record(fields, digest, mapping, result.summary, result.rows,
-                                       finish(prov)))
-        stats.ran += 1
-        acc = result.summary["test_accuracy"]
-        log(f"[{index}/{len(jobs)}] {job.claim} {job.phase} {job.setting} {job.point} "
-            f"{job.arm}{' ' + tuned_label(tuned) if tuned else ''} seed {job.seed}: "
-            f"{result.summary.get('evaluated_on', 'test')} accuracy {100 * acc:.2f}% "
-            f"({time.perf_counter() - t0:.1f}s)")
+        t0 = time.perf_counter()
+        try:
+            outcome: Any = train_run(config, job.seed, device,
+                                     data=cache.get(config, job.seed), data_dir=data_dir)
+        except DivergedError as exc:
+            outcome = exc
+        write(index, job, path, mapping, tuned, digest, outcome, time.perf_counter() - t0, {})
     stats.seconds = time.perf_counter() - started
     return stats
