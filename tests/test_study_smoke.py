@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import asyncbalance.training.ensemble as ensemble_module
 import asyncbalance.training.loop as loop_module
 from asyncbalance.cli import main
 from asyncbalance.study.report import SUMMARY_BEGIN, SUMMARY_END
@@ -31,24 +32,30 @@ def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     claims_in_plan = {job.claim for job in planned}
     assert claims_in_plan == {c.id for c in load_study(STUDY).claims}
 
-    # an interruption in the fourth run: three records, nothing half-written
+    # an interruption in the fourth training call (a separate run or an ensemble of seeds):
+    # the records of the first three calls, nothing half-written
     real_train_run = loop_module.train_run
+    real_train_ensemble = ensemble_module.train_ensemble
     calls = {"n": 0}
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_train_run(*args, **kwargs)
+    def interrupting(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(loop_module, "train_run", interrupted)
+    monkeypatch.setattr(loop_module, "train_run", interrupting(real_train_run))
+    monkeypatch.setattr(ensemble_module, "train_ensemble", interrupting(real_train_ensemble))
     args = ["study", "run", str(STUDY), "--budget", "smoke", "--records", str(records),
             "--quiet"]
     assert main(args) == 130
     first = _records(root)
-    assert len(first) == 3
+    assert 3 <= len(first) < len(planned)      # three calls of one seed or more each
     assert not [p for p in root.rglob("*") if p.name.startswith(".")]
     monkeypatch.setattr(loop_module, "train_run", real_train_run)
+    monkeypatch.setattr(ensemble_module, "train_ensemble", real_train_ensemble)
 
     # a stray temporary file from a killed write is ignored, never read as a record
     stray = root / next(iter(first))
@@ -56,7 +63,7 @@ def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert f"{len(planned) - 3} runs done, 3 already recorded" in err
+    assert f"{len(planned) - len(first)} runs done, {len(first)} already recorded" in err
     after = _records(root)
     assert len(after) == len(planned)
     assert all(after[k] == v for k, v in first.items())  # finished runs were not re-run

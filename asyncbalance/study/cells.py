@@ -22,9 +22,17 @@ class Cell:
     point: str
     runs: dict[str, dict[int, dict]] = field(default_factory=lambda: defaultdict(dict))
     expected: dict[str, int] = field(default_factory=dict)
+    #: seeds an arm needs before its comparisons are verdicts: the budget's seed count (a
+    #: claim that plans more seeds reports verdicts from the first ones, saying so, and
+    #: tightens them as the rest arrive)
+    minimum: dict[str, int] = field(default_factory=dict)
 
     def complete(self) -> bool:
         return all(len(self.runs.get(arm, {})) >= n for arm, n in self.expected.items())
+
+    def enough(self, arm: str) -> bool:
+        need = self.minimum.get(arm, self.expected.get(arm, 0))
+        return len(self.runs.get(arm, {})) >= need
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -50,11 +58,13 @@ def curve(record: dict, key: str = "test_accuracy") -> tuple[list[float], list[f
 
 def group_cells(study: Study, claim: Claim, budget: str, records: list[dict]) -> list[Cell]:
     cells: dict[tuple[str, str], Cell] = {}
+    base_seeds = study.budgets[budget].seeds
     for job in plan(study, budget, (claim.id,)):
         if job.phase != "run":
             continue
         cell = cells.setdefault((job.setting, job.point), Cell(job.setting, job.point))
         cell.expected[job.arm] = cell.expected.get(job.arm, 0) + 1
+        cell.minimum[job.arm] = min(cell.expected[job.arm], base_seeds)
     for record in records:
         if record.get("claim") != claim.id or record.get("phase") != "run":
             continue

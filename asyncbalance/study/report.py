@@ -33,7 +33,7 @@ from .cells import (
 from .figures import cell_figure, gap_figure
 from .records import iter_records
 from .runner import record_root
-from .spec import Claim, Study, validate_mapping
+from .spec import Claim, Job, Study, config_hash, plan, validate_mapping
 from .speed import (
     FLAT_TOLERANCE,
     FLAT_WINDOW,
@@ -177,8 +177,12 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool
         aa, ab = paired(cell, arm, against, auc_acc)
         auc = PairedTest(_tag(cell), arm, against, "area under the accuracy curve",
                          tuple(x - y for x, y in zip(aa, ab, strict=True)), seeds=tuple(seeds))
-        complete = (len(cell.runs.get(arm, {})) >= cell.expected.get(arm, 0)
-                    and len(cell.runs.get(against, {})) >= cell.expected.get(against, 0))
+        complete = cell.enough(arm) and cell.enough(against)
+        planned = min(cell.expected.get(arm, 0), cell.expected.get(against, 0))
+        if complete and len(a) < planned:
+            # verdicts from the budget's seeds while the claim's extra seeds are pending
+            for test in (acc, auc):
+                test.tag = test.tag[:-2] + f"; {len(a)} of {planned} planned seeds] "
         if allow_verdicts and complete:
             pairs.append(PairRow(arm, against, len(a), [acc, auc], "verdict"))
         elif not allow_verdicts:
@@ -225,12 +229,35 @@ def _length(claim: Claim, budget: str) -> str:
     return f"{ours} epochs here vs {claim.paper_epochs} in the paper's runs{share}"
 
 
-def _tuning_lines(claim: Claim, records: list[dict]) -> list[str]:
+def _tuning_lines(study: Study, claim: Claim, budget: str, records: list[dict]) -> list[str]:
+    """Validation accuracy per candidate, current tuning records and superseded ones (made
+    under an earlier tuning design) apart."""
+    planned = {job.relpath(): config_hash(job.mapping)
+               for job in plan(study, budget, (claim.id,)) if job.phase == "tune"}
+    current, old = [], []
+    for r in records:
+        if r.get("claim") != claim.id or r.get("phase") != "tune":
+            continue
+        path = Job(claim.id, r["setting"], r["point"], r["arm"], int(r["seed"]), "tune", {},
+                   r["tuned"]).relpath()
+        (current if planned.get(path) == r.get("config_hash") else old).append(r)
+    lines: list[str] = []
+    if current:
+        lines += _tuning_table(current, "Tuning")
+    if old:
+        lines += _tuning_table(old, "Tuning records of an earlier design, superseded by the "
+                               "study file's (their tuned runs stand until the new tuning "
+                               "runs; a tuned run is re-run only where the new choice "
+                               "differs)")
+    done = len(current)
+    if planned and done < len(planned):
+        lines += [f"Tuning runs of the current design: {done}/{len(planned)} recorded.", ""]
+    return lines
+
+
+def _tuning_table(tune: list[dict], title: str) -> list[str]:
     """Validation accuracy per candidate (mean ± sd over the tuning seeds, with the number
     of validation samples) and whether the choice sits at the edge of the grid."""
-    tune = [r for r in records if r.get("claim") == claim.id and r.get("phase") == "tune"]
-    if not tune:
-        return []
     grid: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     sizes: dict[tuple, set] = defaultdict(set)
     for r in tune:
@@ -240,7 +267,7 @@ def _tuning_lines(claim: Claim, records: list[dict]) -> list[str]:
         grid[key][label].append(float("nan") if value is None else float(value))
         sizes[key].add(r["summary"].get("n_test"))
     candidates = sorted({c for v in grid.values() for c in v}, key=_candidate_key)
-    lines = ["Tuning (validation accuracy, %, mean ± sd over the tuning seeds; the chosen "
+    lines = [f"{title} (validation accuracy, %, mean ± sd over the tuning seeds; the chosen "
              "value in bold; \"edge\" when the choice is the grid's first or last value, so "
              "the grid may be too short):", "",
              "| setting | arm | validation samples | " + " | ".join(candidates) + " | edge |",
@@ -285,7 +312,7 @@ def claim_section(study: Study, claim: Claim, budget: str, records: list[dict],
     if claim.notes:
         lines += [" ".join(claim.notes.split()), ""]
     lines += _our_setting(study, claim, budget, cells)
-    lines += _tuning_lines(claim, records)
+    lines += _tuning_lines(study, claim, budget, records)
     tests: list[PairedTest] = []        # the claim's family for Holm's correction
     texts: list[str] = []               # verdicts that are not paired tests (fits)
     interim: list[str] = []
