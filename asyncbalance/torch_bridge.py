@@ -21,15 +21,17 @@ from torch import nn
 
 from . import kernels
 from .activations import Activation, parse_activation
-from .errors import InvalidInputError, NotHomogeneousError
+from .errors import BalanceError, InvalidInputError, NotHomogeneousError
 from .graph import build_cost_graph
 from .network import Connection, Network, UnitGroup, layered_network
-from .optim_state import check_mode, transform_optimizer_state_
+from .optim_state import check_mode
 from .regularisers import Regulariser, as_regulariser
 from .schedules import run_schedule
+from .torch_optim_state import StatePlan, plan_state_transform
 from .torch_symmetry import (
     FIXED,
     SUPPORTED,
+    TRANSPOSED_MODULES,
     Boundary,
     Symmetry,
     SymmetryGroup,
@@ -38,6 +40,17 @@ from .torch_symmetry import (
 
 HOMOGENEOUS_MODULES = ("Linear", "ReLU", "LeakyReLU", "Identity", "PowerReLU", "Flatten")
 PROBE_SEED = 0
+# The float64 function check's default bound. An exact rescaling in float64 moves the
+# outputs by rounding only: a few unit roundoffs (1.1e-16) per multiply-add along the
+# longest path, i.e. below 1e-12 relative to the largest output for networks of thousands of
+# sums per output, unless outputs cancel far below their parts. 1e-8 leaves four orders of
+# magnitude for that; a wrong tie changes the outputs by 1e-3 and more.
+FUNCTION_TOL = 1e-8
+
+
+class FunctionChangeError(BalanceError, RuntimeError):
+    """The rescaling ``balance_`` found would change the model's function (measured in
+    float64 on the probe batch); nothing was changed."""
 
 
 class PowerReLU(nn.Module):
@@ -116,25 +129,39 @@ def _degree_activation(degree: float) -> Activation:
 
 @dataclass(frozen=True, eq=False)
 class _Sides:
-    """Per weight column (out, in_per_group): class and degree of the source, per output
-    row: class of the destination."""
+    """Per entry of the weight's first two dims: class of the destination unit, class and
+    degree of the source; per bias entry: class of the unit."""
 
     dst: torch.Tensor
     src: torch.Tensor
     src_degree: torch.Tensor
+    bias_dst: torch.Tensor
 
 
 def _layer_sides(symmetry: Symmetry, layer_index: int, device: torch.device) -> _Sides:
     layer = symmetry.layers[layer_index]
     weight = layer.module.weight
-    out, in_per_group = weight.shape[0], weight.shape[1]
     groups = getattr(layer.module, "groups", 1)
-    out_per_group = out // groups
-    rows = np.arange(out)[:, None] // out_per_group * in_per_group + np.arange(in_per_group)
-    atoms = layer.in_atoms[rows]
-    return _Sides(torch.as_tensor(symmetry.unit_class[layer.units], device=device),
+    if isinstance(layer.module, TRANSPOSED_MODULES):
+        # weight (in, out / groups, k...): input channel i of group i // (in / groups)
+        # feeds that group's outputs.
+        n_in, out_per_group = weight.shape[0], weight.shape[1]
+        in_per_group = n_in // groups
+        outs = np.arange(n_in)[:, None] // in_per_group * out_per_group + np.arange(
+            out_per_group)
+        dst_units = layer.units[outs]
+        atoms = np.broadcast_to(layer.in_atoms[:, None], outs.shape)
+    else:
+        # weight (out, in / groups, k...): output o reads the inputs of its group.
+        out, in_per_group = weight.shape[0], weight.shape[1]
+        out_per_group = out // groups
+        rows = np.arange(out)[:, None] // out_per_group * in_per_group + np.arange(in_per_group)
+        atoms = layer.in_atoms[rows]
+        dst_units = np.broadcast_to(layer.units[:, None], rows.shape)
+    return _Sides(torch.as_tensor(symmetry.unit_class[dst_units], device=device),
                   torch.as_tensor(symmetry.atom_class(atoms), device=device),
-                  torch.as_tensor(symmetry.atom_degree[atoms], device=device))
+                  torch.as_tensor(symmetry.atom_degree[atoms], device=device),
+                  torch.as_tensor(symmetry.unit_class[layer.units], device=device))
 
 
 def symmetry_network(symmetry: Symmetry, p: float) -> Network:
@@ -143,6 +170,8 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
 
     Costs ``sum |w|**p`` are aggregated per (class, class) pair on the parameters' device in
     float64; the engine gets their p-th roots, so that its own ``|w|**p`` gives them back.
+    Entries between two pinned sides never move and are left out, and each tensor is
+    counted once, so the engine's cost is the cost of what the rescaling can move.
     """
     n_groups = len(symmetry.groups)
     sizes = [g.size for g in symmetry.groups]
@@ -163,6 +192,8 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
         for k in torch.unique(key).tolist():
             d, s = divmod(int(k), n_groups + 1)
             d, s = d - 1, s - 1
+            if d == FIXED and s == FIXED:
+                continue
             n_dst, n_src = (sizes[d] if d >= 0 else 1), (sizes[s] if s >= 0 else 1)
             mask = key == k
             pair = di[mask] * n_src + si[mask]
@@ -171,19 +202,29 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
             acc = acc.reshape(n_dst, n_src).cpu()
             totals[(d, s)] = totals[(d, s)] + acc if (d, s) in totals else acc
 
+    counted: set[int] = set()
+
+    def first_time(tensor: torch.Tensor | None) -> bool:
+        if tensor is None or id(tensor) in counted:
+            return False
+        counted.add(id(tensor))
+        return True
+
     with torch.no_grad():
         for index, layer in enumerate(symmetry.layers):
             weight = layer.module.weight.detach()
             sides = _layer_sides(symmetry, index, weight.device)
-            cost = weight.to(torch.float64).abs().pow(p).reshape(*sides.src.shape, -1).sum(-1)
-            add(sides.dst[:, None].expand_as(sides.src), sides.src, cost)
+            if first_time(layer.module.weight):
+                cost = weight.to(torch.float64).abs().pow(p).reshape(*sides.src.shape, -1
+                                                                      ).sum(-1)
+                add(sides.dst, sides.src, cost)
             bias = layer.module.bias
-            if bias is not None:
-                add(sides.dst, torch.full_like(sides.dst, FIXED),
+            if first_time(bias):
+                add(sides.bias_dst, torch.full_like(sides.bias_dst, FIXED),
                     bias.detach().to(torch.float64).abs().pow(p))
         for shift in symmetry.shifts:
             beta = shift.module.bias
-            if beta is not None:
+            if first_time(beta):
                 dst = torch.as_tensor(symmetry.atom_class(shift.atoms), device=beta.device)
                 add(dst, torch.full_like(dst, FIXED), beta.detach().to(torch.float64).abs().pow(p))
     names = [g.name for g in symmetry.groups]
@@ -211,10 +252,21 @@ def class_log_scales(symmetry: Symmetry, network: Network, unit_log_scales: np.n
 def scale_factors(model: nn.Module, symmetry: Symmetry, class_u: np.ndarray
                   ) -> dict[str, torch.Tensor]:
     """``{name: s}`` (float64, on the tensor's device) with ``balanced = s * old`` for every
-    parameter and buffer the symmetry rescales (BatchNorm shifts included)."""
-    names = {id(t): name for name, t in model.named_parameters(remove_duplicate=False)}
-    names.update({id(t): name for name, t in model.named_buffers(remove_duplicate=False)})
+    parameter and buffer the symmetry rescales (BatchNorm shifts included), each tensor under
+    its first name only, so a tensor with two names is rescaled once."""
+    names: dict[int, str] = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
     factors: dict[str, torch.Tensor] = {}
+
+    def put(tensor: torch.Tensor, factor: torch.Tensor) -> None:
+        name = names[id(tensor)]
+        if name in factors and not torch.equal(factors[name], factor):
+            # Discovery pins every tensor reached twice; two different factors for one
+            # tensor would mean one of its uses is silently changed.
+            raise RuntimeError(f"internal error: {name} would be rescaled in two ways")
+        factors[name] = factor
 
     def log_of(classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.where(classes >= 0, u[classes.clamp(min=0)], 0.0)
@@ -224,20 +276,19 @@ def scale_factors(model: nn.Module, symmetry: Symmetry, class_u: np.ndarray
         device = weight.device
         u = torch.as_tensor(class_u, dtype=torch.float64, device=device)
         sides = _layer_sides(symmetry, index, device)
-        dst = log_of(sides.dst, u)
-        log_factor = dst[:, None] - sides.src_degree * log_of(sides.src, u)
+        log_factor = log_of(sides.dst, u) - sides.src_degree * log_of(sides.src, u)
         shape = (*log_factor.shape, *([1] * (weight.ndim - 2)))
-        factors[names[id(weight)]] = torch.exp(log_factor).reshape(shape).expand(weight.shape)
+        put(weight, torch.exp(log_factor).reshape(shape).expand(weight.shape))
         if layer.module.bias is not None:
-            factors[names[id(layer.module.bias)]] = torch.exp(dst)
+            put(layer.module.bias, torch.exp(log_of(sides.bias_dst, u)))
     for shift in symmetry.shifts:
         mean = shift.module.running_mean
         u = torch.as_tensor(class_u, dtype=torch.float64, device=mean.device)
         classes = torch.as_tensor(symmetry.atom_class(shift.atoms), device=mean.device)
         factor = torch.exp(log_of(classes, u))
-        factors[names[id(mean)]] = factor
+        put(mean, factor)
         if shift.module.bias is not None:
-            factors[names[id(shift.module.bias)]] = factor
+            put(shift.module.bias, factor)
     return factors
 
 
@@ -354,12 +405,13 @@ class TorchBalanceReport:
     def undo(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
              optimizer_state: str = "transform") -> None:
         """Restore the parameters and buffers exactly as they were before ``balance_`` (and
-        the optimiser state by the inverse factors)."""
+        the optimiser state by the inverse factors). A state that cannot be transformed is
+        refused before anything changes."""
+        plan = _plan_state(model, optimizer, {n: 1.0 / f for n, f in self.factors.items()},
+                           optimizer_state)
         for name, value in self.originals.items():
             _tensor(model, name).copy_(value)
-        if optimizer is not None:
-            _transform_state(model, optimizer, {n: 1.0 / f for n, f in self.factors.items()},
-                             optimizer_state)
+        plan.apply()
 
     def summary(self) -> str:
         """A plain-text account: groups balanced, boundaries met, costs, function change."""
@@ -408,15 +460,14 @@ def unbalance_(model: nn.Module, report: TorchBalanceReport,
     report.undo(model, optimizer, optimizer_state)
 
 
-def _transform_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     factors: Mapping[str, torch.Tensor], mode: str) -> None:
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+def _plan_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                factors: Mapping[str, torch.Tensor], mode: str) -> StatePlan:
     scales = {}
     for name, factor in factors.items():
         tensor = _tensor(model, name)
-        if isinstance(tensor, nn.Parameter) and id(tensor) in owned:
-            scales[tensor] = factor.to(device=tensor.device, dtype=tensor.dtype)
-    transform_optimizer_state_(optimizer, scales, mode)
+        if isinstance(tensor, nn.Parameter):
+            scales[tensor] = factor.to(device=tensor.device)
+    return plan_state_transform(optimizer, scales, mode)
 
 
 def _model_cost(model: nn.Module, p: float) -> float:
@@ -443,27 +494,55 @@ def _as_example(example: object, device: torch.device, dtype: torch.dtype
                  for t in items)
 
 
+def _check_model(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    params = list(model.parameters())
+    if not params:
+        raise InvalidInputError("model", f"{type(model).__name__} has no parameters")
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise InvalidInputError("model", f"{meta[0]} is on the meta device (no values to "
+                                "balance); materialise the model first, e.g. "
+                                "model.to_empty(device='cpu') and load its weights")
+    return params[0].device, params[0].dtype
+
+
+def _no_units_message(model: nn.Module, symmetry: Symmetry) -> str:
+    if symmetry.boundaries:
+        return "; ".join(str(b) for b in symmetry.boundaries)
+    if symmetry.n_units == 0:
+        return ("no Linear, Conv or ConvTranspose module is called in its forward; balance_ "
+                "rescales the output units of such modules, and weights used in functional "
+                "calls (F.linear(x, self.w)) are not units")
+    return "every unit reaches a model output directly"
+
+
 @torch.no_grad()
 def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
              example: torch.Tensor | Sequence[torch.Tensor] | None = None,
              strict: bool = False, optimizer: torch.optim.Optimizer | None = None,
              optimizer_state: str = "transform", method: str = "exact", tol: float = 1e-10,
-             seed: int = 0, check_function: bool = True) -> TorchBalanceReport:
+             seed: int = 0, check_function: bool = True,
+             function_tol: float = FUNCTION_TOL) -> TorchBalanceReport:
     """Balance every rescalable unit of ``model`` in place under ``sum |w|**p``.
 
     ``example`` is a probe batch (a tensor or a tuple of the forward's positional inputs);
     it may be omitted for a Sequential that starts with a Linear. Units whose paths meet a
     non-homogeneous operation are left alone and listed in ``report.boundaries``;
     ``strict=True`` refuses such a model instead (nothing is changed). ``optimizer``'s
-    per-parameter state follows the rescaling (``optimizer_state``: transform, keep, reset).
+    per-parameter state follows the rescaling (``optimizer_state``: transform, keep, reset;
+    see ``torch_optim_state``).
+
+    All or nothing: every check (the optimiser state can be transformed; with
+    ``check_function``, the same rescaling of a float64 copy changes the outputs by at most
+    ``function_tol`` relative, else ``FunctionChangeError``) happens before the first
+    parameter is written.
     """
     start = time.perf_counter()
     power = _single_power(p)
     check_mode(optimizer_state, "optimizer_state")
-    params = list(model.parameters())
-    if not params:
-        raise InvalidInputError("model", f"{type(model).__name__} has no parameters")
-    device, dtype = params[0].device, params[0].dtype
+    if not function_tol >= 0:
+        raise InvalidInputError("function_tol", f"must be >= 0, got {function_tol!r}")
+    device, dtype = _check_model(model)
     example = default_example(model, device, dtype) if example is None \
         else _as_example(example, device, dtype)
     symmetry = discover(model, example)
@@ -471,26 +550,38 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
         raise NotHomogeneousError("model", "strict=True and the rescaling stops at: " + "; ".join(
             str(b) for b in symmetry.boundaries), SUPPORTED)
     if symmetry.n_classes == 0:
-        met = "; ".join(str(b) for b in symmetry.boundaries) or "no hidden units"
         raise NotHomogeneousError("model", f"{type(model).__name__} has no rescalable units "
-                                  f"({met})", SUPPORTED)
+                                  f"({_no_units_message(model, symmetry)})", SUPPORTED)
     network = symmetry_network(symmetry, power)
     graph = build_cost_graph(network, power)
     cost_before = kernels.total_cost(graph, np.zeros(graph.n_units))
     result = run_schedule(graph, method=method, tol=tol, seed=seed)
     class_u = class_log_scales(symmetry, network, result.log_scales)
-    factors = scale_factors(model, symmetry, class_u)
-    originals = {name: _tensor(model, name).detach().clone() for name in factors}
-    model_cost_before = _model_cost(model, power)
+    # Tensors whose factor is 1 everywhere (pinned on every side) are not rewritten.
+    factors = {name: f for name, f in scale_factors(model, symmetry, class_u).items()
+               if not bool(torch.all(f == 1.0))}
+    plan = _plan_state(model, optimizer, factors, optimizer_state)
     change = change64 = None
     if check_function:
         before = probe(model, example)
         change64 = _float64_change(model, example, factors)
-    apply_factors_(model, factors)
+        if not change64 <= function_tol:
+            raise FunctionChangeError(
+                f"model: the rescaling found would change the float64 outputs by "
+                f"{change64:.2e} (relative) > function_tol {function_tol:.0e}; nothing was "
+                "changed. An operation was taken for positively homogeneous that is not "
+                "(a module's homogeneity_degree?); report it with the model")
+    originals = {name: _tensor(model, name).detach().clone() for name in factors}
+    model_cost_before = _model_cost(model, power)
+    try:
+        apply_factors_(model, factors)
+        plan.apply()
+    except BaseException:
+        for name, value in originals.items():
+            _tensor(model, name).copy_(value)
+        raise
     if check_function:
         change = relative_change(before, probe(model, example))
-    if optimizer is not None:
-        _transform_state(model, optimizer, factors, optimizer_state)
     offsets = network.hidden_offsets()
     log_scales = {g.name: result.log_scales[slice(*offsets[g.name])].copy()
                   for g in symmetry.groups}

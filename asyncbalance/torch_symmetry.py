@@ -41,18 +41,23 @@ from .errors import InvalidInputError
 
 FIXED = -1  # class index of units pinned to scale 1
 
-WEIGHTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
+TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_MODULES)
+# Positively homogeneous of degree 1 elementwise: f(s x) = s f(x) for s > 0. PReLU keeps its
+# (per-channel) slope: max(0, sx) + a min(0, sx) = s (max(0, x) + a min(0, x)).
+ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
                        nn.Dropout2d, nn.Dropout3d)
+ZERO_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                    nn.ConstantPad2d, nn.ConstantPad3d)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                 nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 ELEMENTWISE_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.dropout,
                          F.dropout1d, F.dropout2d, F.dropout3d, torch.neg, operator.neg,
-                         operator.pos)
-ELEMENTWISE_METHODS = ("relu", "relu_", "neg", "contiguous", "clone", "detach", "to", "float",
-                       "double", "half", "bfloat16", "type_as")
+                         operator.pos, torch.abs, torch.abs_, operator.abs, F.prelu)
+ELEMENTWISE_METHODS = ("relu", "relu_", "neg", "abs", "abs_", "contiguous", "clone", "detach",
+                       "to", "float", "double", "half", "bfloat16", "type_as")
 ADD_FUNCTIONS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
                  torch.sub)
 ADD_METHODS = ("add", "add_", "sub", "sub_")
@@ -70,12 +75,14 @@ SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose,
 SHAPE_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze",
                  "chunk", "split", "narrow", "expand", "repeat", "movedim", "unflatten", "t",
                  "view_as", "reshape_as", "expand_as")
-REDUCE_FUNCTIONS = (torch.mean, torch.sum)
-REDUCE_METHODS = ("mean", "sum")
+# max and min of elements that share one scale s > 0 are scaled by s too.
+REDUCE_FUNCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin)
+REDUCE_METHODS = ("mean", "sum", "amax", "amin")
+PAD_FUNCTIONS = (F.pad,)
 
-SUPPORTED = ("Linear", "Conv1d/2d/3d", "ReLU", "LeakyReLU", "Identity", "Dropout",
-             "MaxPool", "AvgPool", "AdaptiveAvgPool/MaxPool", "Upsample",
-             "eval-mode BatchNorm", "Flatten",
+SUPPORTED = ("Linear", "Conv1d/2d/3d", "ConvTranspose1d/2d/3d", "ReLU", "LeakyReLU", "PReLU",
+             "abs", "Identity", "Dropout", "MaxPool", "AvgPool", "AdaptiveAvgPool/MaxPool",
+             "Upsample", "eval-mode BatchNorm", "Flatten", "zero padding", "amax/amin",
              "reshape/permute/cat/slicing", "addition", "product with a constant",
              "modules with a homogeneity_degree")
 
@@ -299,7 +306,7 @@ class _Discovery(fx.Interpreter):
         self.shifts: list[ChannelShift] = []
         self.boundaries: list[Boundary] = []
         self.called: dict[int, WeightedLayer] = {}
-        self.attributes: set[str] = set()  # parameters and buffers read outside their module
+        self.shift_calls: dict[int, ChannelShift] = {}
 
     # -- atoms and units -------------------------------------------------------------------
     def atom(self, unit: int, degree: float) -> int:
@@ -359,7 +366,6 @@ class _Discovery(fx.Interpreter):
         if n.op == "placeholder":
             return _zeros_like(value)
         if n.op == "get_attr":
-            self.attributes.add(str(n.target))
             return None
         if n.op == "output":
             # The model's outputs must not change: units reaching them keep scale 1.
@@ -400,6 +406,8 @@ class _Discovery(fx.Interpreter):
             return self.batchnorm(n, module, path, x, value)
         if isinstance(module, SHAPE_MODULES):
             return self.on_labels(n, value, path, kind, lambda *a, **k: module(*a, **k))
+        if isinstance(module, ZERO_PAD_MODULES) and module.value == 0:
+            return self.padded(n, value, path, kind, x, module.padding, "constant")
         reason = BOUNDARY_REASONS.get(kind, f"{kind} is not a known positively homogeneous "
                                             "module")
         return self.stop(n, value, path, kind, reason)
@@ -412,8 +420,14 @@ class _Discovery(fx.Interpreter):
         if (method and target in ELEMENTWISE_METHODS) or (
                 not method and target in ELEMENTWISE_FUNCTIONS):
             x = self.arg_label(n.args[0])
-            if isinstance(x, torch.Tensor) and isinstance(value, torch.Tensor):
+            # prelu's slope must not depend on the input (then it is a product of two).
+            slope_is_data = target is F.prelu and any(
+                self.is_data(a) for a in (*n.args[1:], *n.kwargs.values()))
+            if isinstance(x, torch.Tensor) and isinstance(value, torch.Tensor) and not \
+                    slope_is_data:
                 return x
+        elif not method and target in PAD_FUNCTIONS:
+            return self.pad(n, value, path, str(name))
         elif (method and target in ADD_METHODS) or (not method and target in ADD_FUNCTIONS):
             return self.add(n, value, path, str(name))
         elif (method and target in SCALE_METHODS) or (
@@ -479,6 +493,37 @@ class _Discovery(fx.Interpreter):
                              "units (or returns indices)")
         return _channel_label(channels, value.shape, 1)
 
+    def pad(self, n: fx.Node, value: object, path: str, op: str) -> object:
+        args = fx.node.map_arg(n.args, lambda a: self.env.get(a))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env.get(a))
+        names = ("input", "pad", "mode", "value")
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+        x = self.arg_label(n.args[0]) if n.args else None
+        fill = given.get("value")
+        if given.get("mode", "constant") == "constant" and fill not in (None, 0, 0.0):
+            return self.stop(n, value, path, op, "pads with a nonzero constant")
+        return self.padded(n, value, path, op, x, given.get("pad"),
+                           given.get("mode", "constant"))
+
+    def padded(self, n: fx.Node, value: object, path: str, op: str, x: object, pad: object,
+               mode: str) -> object:
+        """Zero padding: the new elements are 0, which any scale keeps, so they take the
+        label of their nearest element (the channel's own unit when a spatial dim is
+        padded). Reflect, replicate and circular padding copy elements: the labels are
+        padded the same way."""
+        label = None
+        if isinstance(x, torch.Tensor) and isinstance(value, torch.Tensor):
+            try:
+                if mode == "constant":
+                    label = _nearest_pad(x, tuple(int(v) for v in pad))
+                else:
+                    label = F.pad(x.double(), tuple(pad), mode=mode).long()
+            except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+                label = None
+        if label is None or label.shape != value.shape:
+            return self.stop(n, value, path, op, "a padding the labels cannot follow")
+        return label
+
     def batchnorm(self, n: fx.Node, module: nn.Module, path: str, x: torch.Tensor,
                   value: torch.Tensor) -> object:
         kind = type(module).__name__
@@ -493,7 +538,26 @@ class _Discovery(fx.Interpreter):
             self.boundary(path, kind, "its input has homogeneity degree != 1, so its shift "
                           "cannot follow the scale", nonunit)
             return _zeros_like(value)
-        self.shifts.append(ChannelShift(path, module, channels.numpy()))
+        first = self.shift_calls.get(id(module))
+        if first is not None:
+            # One shift (beta, running_mean) serves both calls: the units feeding channel c
+            # in the two calls must share one scale. Tie them; pin a channel where one side
+            # is not rescaled.
+            pinned: set[int] = set()
+            for a, b in zip(first.atoms.tolist(), channels.tolist(), strict=True):
+                if a == b:
+                    continue
+                if self.atoms[a][0] == 0 or self.atoms[b][0] == 0:
+                    pinned |= {a, b}
+                else:
+                    self.units.union(self.atoms[a][0], self.atoms[b][0])
+            if pinned:
+                self.boundary(path, kind, "is applied twice, once to channels that are not "
+                              "rescaled", pinned)
+            return x
+        shift = ChannelShift(path, module, channels.numpy())
+        self.shifts.append(shift)
+        self.shift_calls[id(module)] = shift
         return x
 
     def add(self, n: fx.Node, value: object, path: str, op: str) -> object:
@@ -542,6 +606,9 @@ class _Discovery(fx.Interpreter):
             return self.stop(n, value, path, op, "reduces over every dimension, batch "
                              "included")
         dims = [d % x.ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+        if not dims:
+            return self.stop(n, value, path, op, "reduces over every dimension, batch "
+                             "included")
         if 0 in dims:
             return self.stop(n, value, path, op, "reduces over the batch")
         lo, hi = x.amin(dim=dims, keepdim=keepdim), x.amax(dim=dims, keepdim=keepdim)
@@ -564,6 +631,22 @@ class _Discovery(fx.Interpreter):
         return result
 
 
+def _nearest_pad(label: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
+    """``F.pad``'s (left, right) pairs from the last dim, applied with each new element
+    taking its nearest old element's label (negative pads crop)."""
+    if len(pad) % 2 or len(pad) // 2 > label.ndim:
+        raise ValueError("bad padding")
+    for i in range(len(pad) // 2):
+        dim = label.ndim - 1 - i
+        left, right = pad[2 * i], pad[2 * i + 1]
+        size = label.shape[dim]
+        if size == 0:
+            raise ValueError("empty dim")
+        index = torch.arange(-left, size + right).clamp(0, size - 1)
+        label = label.index_select(dim, index)
+    return label
+
+
 def _same_shapes(label: object, value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return isinstance(label, torch.Tensor) and label.shape == value.shape
@@ -573,35 +656,76 @@ def _same_shapes(label: object, value: object) -> bool:
     return True
 
 
-def _pin_attribute_reads(found: _Discovery) -> None:
-    """A rescaled parameter also read directly (``F.linear(x, self.fc.weight)``, weight
-    tying) would change that other use: its module's units and inputs keep scale 1."""
+def _tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) of a tensor's elements."""
+    size = t.element_size()
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    start = t.storage_offset() * size
+    return t.untyped_storage().data_ptr(), start, start + extent * size
+
+
+def _pin_shared_tensors(found: _Discovery, graph_module: fx.GraphModule) -> None:
+    """A rescaled parameter or buffer reached from another place too (another module
+    sharing it, weight tying with an Embedding, a direct read ``F.linear(x, self.fc.weight)``,
+    another tensor viewing the same memory) would change that other use: the units whose
+    scales it carries keep scale 1 (weights: both sides; biases and shifts: the units)."""
+    reach: dict[int, list[str]] = {}  # tensor id -> every place that reaches it
+    tensors: dict[int, torch.Tensor] = {}
+    seen_modules: set[int] = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            module = graph_module.get_submodule(str(node.target))
+            if id(module) in seen_modules:
+                continue  # a module called twice is one owner (the call rules handle it)
+            seen_modules.add(id(module))
+            for t in _tensors_of(module):
+                reach.setdefault(id(t), []).append(str(node.target))
+                tensors[id(t)] = t
+        elif node.op == "get_attr":
+            value = graph_module
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                reach.setdefault(id(value), []).append(f"a direct read of {node.target}")
+                tensors[id(value)] = value
+    # Distinct tensors over overlapping memory are one tensor reached twice.
+    spans = {k: _storage_span(t) for k, t in tensors.items() if t.numel() and not t.is_meta}
+    by_storage: dict[int, list[int]] = {}
+    for k, (ptr, _, _) in spans.items():
+        by_storage.setdefault(ptr, []).append(k)
+    for keys in by_storage.values():
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                (_, a0, a1), (_, b0, b1) = spans[a], spans[b]
+                if a0 < b1 and b0 < a1:
+                    reach[a] = reach[a] + reach[b]
+                    reach[b] = reach[b] + reach[a]
+
+    def others(tensor: torch.Tensor | None, owner: str) -> list[str]:
+        if tensor is None:
+            return []
+        return [r for r in dict.fromkeys(reach.get(id(tensor), [])) if r != owner]
+
     for layer in found.layers:
-        names = {f"{layer.path}.weight", f"{layer.path}.bias"} & found.attributes
-        if names:
-            atoms = set(layer.in_atoms.tolist()) | {found.atom(int(u), 1.0) for u in layer.units}
-            found.boundary(layer.path, type(layer.module).__name__, f"{sorted(names)[0]} is "
-                           "also used outside the module", atoms)
+        module = layer.module
+        outputs = {found.atom(int(u), 1.0) for u in layer.units}
+        for attr, atoms in (("weight", set(layer.in_atoms.tolist()) | outputs),
+                            ("bias", outputs)):
+            elsewhere = others(getattr(module, attr, None), layer.path)
+            if elsewhere:
+                found.boundary(layer.path, type(module).__name__, f"its {attr} is also "
+                               f"reached through {', '.join(elsewhere)}", atoms)
     for shift in found.shifts:
-        names = {f"{shift.path}.bias", f"{shift.path}.running_mean"} & found.attributes
-        if names:
-            found.boundary(shift.path, type(shift.module).__name__, f"{sorted(names)[0]} is "
-                           "also used outside the module", set(shift.atoms.tolist()))
-
-
-def _pin_shared_parameters(found: _Discovery) -> None:
-    """Modules sharing one weight tensor cannot be rescaled independently: pin both."""
-    owners: dict[int, list[WeightedLayer]] = {}
-    for layer in found.layers:
-        owners.setdefault(id(layer.module.weight), []).append(layer)
-    for layers in owners.values():
-        if len(layers) > 1:
-            for layer in layers:
-                atoms = set(layer.in_atoms.tolist()) | {found.atom(int(u), 1.0)
-                                                        for u in layer.units}
-                found.boundary(layer.path, type(layer.module).__name__,
-                               "shares its weight with " + ", ".join(
-                                   other.path for other in layers if other is not layer), atoms)
+        for attr in ("bias", "running_mean"):
+            elsewhere = others(getattr(shift.module, attr, None), shift.path)
+            if elsewhere:
+                found.boundary(shift.path, type(shift.module).__name__, f"its {attr} is also "
+                               f"reached through {', '.join(elsewhere)}",
+                               set(shift.atoms.tolist()))
 
 
 def _pin_mixed_degrees(found: _Discovery) -> dict[int, float]:
@@ -643,8 +767,7 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
         finally:
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
-    _pin_shared_parameters(found)
-    _pin_attribute_reads(found)
+    _pin_shared_tensors(found, graph_module)
     degrees = _pin_mixed_degrees(found)
     n_units = len(found.unit_paths)
     roots = np.array([found.units.find(k) for k in range(n_units)], dtype=np.int64)

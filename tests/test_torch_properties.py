@@ -3,6 +3,8 @@ negative test: a wrong tie must break the function check."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +16,7 @@ from tolerances import FUNCTION_RTOL, assert_rel
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from asyncbalance.torch_bridge import PowerReLU, balance_  # noqa: E402
+from asyncbalance.torch_bridge import FunctionChangeError, PowerReLU, balance_  # noqa: E402
 from asyncbalance.torch_symmetry import _Discovery  # noqa: E402
 
 
@@ -24,16 +26,28 @@ def _untied_add(self: _Discovery, n, value, path: str, op: str) -> torch.Tensor:
     return self.arg_label(n.args[0]).expand(value.shape).clone()
 
 
-def test_wrong_tie_breaks_the_function(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_tie_is_refused_and_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = build("resnet")
     reference = state_copy(model)
     right = balance_(model, p=2.0, example=x)
     assert right.function_change_float64 <= FUNCTION_RTOL
     model.load_state_dict(reference)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(x).square().sum().backward()
+    optimizer.step()
+    model.load_state_dict(reference)
+    adam_state = {k: v.clone() for k, v in optimizer.state[model.stem.weight].items()}
     monkeypatch.setattr(_Discovery, "add", _untied_add)
-    wrong = balance_(model, p=2.0, example=x)
-    # Untied, the residual stream's two branches are scaled independently: the function
-    # changes by far more than rounding, and the function check reports it.
+    # Untied, the residual stream's two branches are scaled independently: the float64
+    # check sees the function change and balance_ refuses before writing anything.
+    with pytest.raises(FunctionChangeError, match=r"would change the float64 outputs by"):
+        balance_(model, p=2.0, example=x, optimizer=optimizer)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    for key, value in optimizer.state[model.stem.weight].items():
+        assert torch.equal(value, adam_state[key]), key
+    # With the bound lifted the change is carried out and shown: far more than rounding.
+    wrong = balance_(model, p=2.0, example=x, function_tol=math.inf)
     assert len(wrong.groups) > len(right.groups)
     assert wrong.function_change_float64 > 1e-3
     assert wrong.function_change > 1e-3
