@@ -40,7 +40,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def run(tmp_path: Path, backend: str, name: str = "run", **sections) -> dict:
-    data = {"name": name, "backend": backend, "seed": 1, "ray": RAY,
+    # Per-message events: the assertions below read single deliveries.
+    data = {"name": name, "backend": backend, "seed": 1, "ray": RAY, "record_events": "messages",
             "links": {"delay": "exponential", "mean": 0.5},
             "stop": {"tol": TOL, "max_time": 20_000.0, "max_wall_seconds": 60.0,
                      "sample_interval": 2.0}}

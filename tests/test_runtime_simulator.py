@@ -19,33 +19,55 @@ FAULTY = {
 }
 
 
-def events_bytes(tmp_path: Path, name: str, seed: int) -> bytes:
-    summary = run_scenario(scenario_from_mapping({**FAULTY, "name": name, "seed": seed}),
-                           tmp_path / name)
+def events_bytes(tmp_path: Path, name: str, seed: int, level: str | bool = True) -> bytes:
+    summary = run_scenario(scenario_from_mapping({**FAULTY, "name": name, "seed": seed,
+                                                  "record_events": level}), tmp_path / name)
     # Loss, duplicates, a partition and a crash only slow it down.
     assert summary["converged"] and summary["function_exact"]
     return (tmp_path / name / "events.msgpack").read_bytes()
 
 
-def test_same_seed_gives_byte_identical_events(tmp_path):
-    first = events_bytes(tmp_path, "a", seed=7)
-    second = events_bytes(tmp_path, "b", seed=7)
-    other = events_bytes(tmp_path, "c", seed=8)
+def test_same_seed_gives_byte_identical_message_events(tmp_path):
+    first = events_bytes(tmp_path, "a", seed=7, level="messages")
+    second = events_bytes(tmp_path, "b", seed=7, level="messages")
+    other = events_bytes(tmp_path, "c", seed=8, level="messages")
     assert first == second
     assert first != other
-    kinds = {e["kind"] for e in read_events(tmp_path / "a" / "events.msgpack")}
+    events = list(read_events(tmp_path / "a" / "events.msgpack"))
+    kinds = {e["kind"] for e in events}
     # Every random path was exercised, so the comparison covers all of them.
     assert {"send", "deliver", "drop", "duplicate", "crash", "restart", "sample"} <= kinds
-    reasons = {e["reason"] for e in read_events(tmp_path / "a" / "events.msgpack")
-               if e["kind"] == "drop"}
+    reasons = {e["reason"] for e in events if e["kind"] == "drop"}
     assert {"loss", "partition"} <= reasons
+    # The per-batch records count the same messages as the per-message ones.
+    batches = [e for e in events if e["kind"] == "batch"]
+    assert sum(b["sent"] for b in batches) == sum(e["kind"] == "send" for e in events)
+    assert sum(b["delivered"] for b in batches) == sum(e["kind"] == "deliver" for e in events)
+    assert sum(b["duplicated"] for b in batches) == sum(e["kind"] == "duplicate"
+                                                        for e in events)
+
+
+def test_same_seed_gives_byte_identical_batch_events(tmp_path):
+    first = events_bytes(tmp_path, "a", seed=7)
+    assert first == events_bytes(tmp_path, "b", seed=7)
+    assert first != events_bytes(tmp_path, "c", seed=8)
+    events = list(read_events(tmp_path / "a" / "events.msgpack"))
+    kinds = {e["kind"] for e in events}
+    assert {"batch", "crash", "restart", "sample"} <= kinds
+    assert not kinds & {"send", "deliver", "drop", "duplicate"}
+    batches = [e for e in events if e["kind"] == "batch"]
+    last = [e for e in events if e["kind"] == "sample"][-1]
+    assert sum(b["sent"] for b in batches) == last["messages_sent"]
+    assert sum(b["delivered"] for b in batches) == last["messages_delivered"]
+    assert sum(b["dropped"] for b in batches) == last["messages_dropped"]
+    assert all(b["time"] <= b["until"] for b in batches)
 
 
 def test_soak_of_a_hundred_thousand_messages_keeps_memory_flat(tmp_path):
     # Neuron shards of a dense recurrent net message all their peers on every wake; a tiny
     # tolerance keeps the run going until the message budget ends it.
     scenario = scenario_from_mapping({
-        "name": "soak", "seed": 3,
+        "name": "soak", "seed": 3, "record_events": "messages",
         "network": {"kind": "recurrent", "hidden": 8, "seed": 1},
         "partition": {"granularity": "neuron"},
         "links": {"resend_interval": 0.5, "loss": 0.1, "duplication": 0.1},

@@ -30,6 +30,7 @@ from ..network import Network, scale_network
 from ..optimum import Certificate, gauge_components, project_gauge, solve_optimum
 from ..provenance import provenance, utc_now
 from ..regularisers import lp
+from .array_sim import ArraySimulator
 from .backends import Backend, backend_factory
 from .events import EventWriter
 from .partition import partition_units
@@ -88,6 +89,11 @@ def _check_fault_targets(scenario: Scenario, n_shards: int) -> None:
 def make_backend(problem: Problem, events: EventWriter, backend: str,
                  address: str | None) -> Backend:
     """The named backend (the simulator, or one registered by entry point such as Ray)."""
+    if backend == "sim":
+        if address:
+            raise InvalidInputError("--address", "applies to the Ray backend only, not to "
+                                    "'sim'")
+        return ArraySimulator(problem.specs, problem.scenario, events, problem.graph)
     return backend_factory(backend)(problem.specs, problem.scenario, events, address=address)
 
 

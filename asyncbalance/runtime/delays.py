@@ -45,6 +45,26 @@ class DelaySampler:
         scale = mean * (shape - 1.0) / shape
         return float(scale * (1.0 + rng.pareto(shape)))
 
+    def sample_many(self, rng: np.random.Generator, means: np.ndarray) -> np.ndarray:
+        """One delay per entry of ``means``, drawn as one vector (same distributions)."""
+        means = np.asarray(means, dtype=np.float64)
+        kind = self.distribution
+        positive = means > 0.0
+        if kind == "constant" or not positive.any():
+            return np.maximum(means, 0.0)
+        m = np.where(positive, means, 1.0)
+        if kind == "uniform":
+            draws = rng.uniform(m * (1.0 - self.spread), m * (1.0 + self.spread))
+        elif kind == "exponential":
+            draws = rng.exponential(m)
+        elif kind == "lognormal":
+            sigma = self.spread
+            draws = rng.lognormal(np.log(m) - 0.5 * sigma * sigma, sigma)
+        else:
+            shape = self.pareto_shape
+            draws = m * (shape - 1.0) / shape * (1.0 + rng.pareto(shape, size=m.shape))
+        return np.where(positive, draws, 0.0)
+
 
 def link_mean_factors(rng: np.random.Generator, links: list[tuple[int, int]],
                       heterogeneity: float) -> dict[tuple[int, int], float]:
@@ -70,6 +90,18 @@ class WakeSchedule:
         if self.kind == "poisson":
             return float(rng.exponential(self.period))
         return float(rng.uniform(0.0, self.period))
+
+    def first_many(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "poisson":
+            return rng.exponential(self.period, size=n)
+        return rng.uniform(0.0, self.period, size=n)
+
+    def interval_many(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "poisson":
+            return rng.exponential(self.period, size=n)
+        if self.jitter <= 0.0:
+            return np.full(n, self.period)
+        return self.period * (1.0 + self.jitter * rng.uniform(-1.0, 1.0, size=n))
 
     def interval(self, rng: np.random.Generator) -> float:
         if self.kind == "poisson":

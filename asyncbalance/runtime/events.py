@@ -11,7 +11,10 @@ message left ``src`` for ``dst``); ``deliver`` (it reached ``dst``; ``applied`` 
 the view already held a newer or equal version: a duplicate or a reordered message);
 ``drop`` (``reason`` is ``loss``, ``partition`` or ``down``); ``duplicate`` (the network will
 deliver an extra copy); ``crash`` and ``restart`` of a shard (``restore`` is ``checkpoint``
-or ``zero``; the restarted shard's ``epoch``); ``sample`` (a convergence sample:
+or ``zero``; the restarted shard's ``epoch``); ``batch`` (the array simulator's default
+record, one per window of simulated time from ``time`` to ``until``: shards woken, messages
+sent, delivered, applied, dropped and duplicated in it, mean and largest delay drawn);
+``sample`` (a convergence sample:
 ``max_abs_error`` = max |u - u*|, ``relative_cost_gap`` = (R - R*) / R*, the message
 counters and ``function_rel_error``, null when not checked at this sample).
 """
@@ -36,6 +39,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "duplicate": ("src", "dst", "epoch", "seq"),
     "crash": ("shard",),
     "restart": ("shard", "restore", "epoch"),
+    "batch": ("until", "wakes", "sent", "delivered", "applied", "dropped", "duplicated",
+              "mean_delay", "max_delay"),
     "sample": ("max_abs_error", "relative_cost_gap", "messages_sent", "messages_delivered",
                "messages_dropped", "function_rel_error"),
 }

@@ -30,8 +30,12 @@ from ..graph import CostGraph
 def expand_ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The concatenation of ``arange(starts[i], stops[i])`` and the segment index of each item."""
     lengths = np.maximum(stops - starts, 0)
+    n = starts.shape[0]
     total = int(lengths.sum())
-    segment = np.repeat(np.arange(starts.shape[0]), lengths)
+    if total == n and (lengths == 1).all():
+        # One item per range (every neuron, every link of one neuron): no expansion.
+        return starts.astype(np.int64, copy=False), np.arange(n)
+    segment = np.repeat(np.arange(n), lengths)
     if total == 0:
         return np.zeros(0, dtype=np.int64), segment
     first = np.cumsum(lengths) - lengths

@@ -260,7 +260,9 @@ class Scenario:
     description: str = ""
     seed: int = 0
     backend: Literal["sim", "ray"] = "sim"
-    record_events: bool = True
+    # true / "batches": one record per window of the array simulator (per message on Ray);
+    # "messages": one record per message everywhere; false: no event log.
+    record_events: bool | Literal["batches", "messages"] = True
     network: NetworkConfig = field(default_factory=NetworkConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

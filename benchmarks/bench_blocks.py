@@ -1,0 +1,102 @@
+"""The array simulator against the per-message simulator, side by side in one run.
+
+1. Neuron granularity on the quickstart net (32-96x4-10, 384 neuron shards, p = 1, the
+   quickstart's delays): time units and wall seconds to max |u - u*| <= 1e-8 on both engines;
+   delivered neighbour updates and unit moves per second of simulator time.
+2. Layer shards on the same net (4 shards): the same figures.
+3. The delay sweep of 784-512x3-10 (3 layer shards, p = 2): time units to 1e-8 against the
+   mean delay on both engines (the behaviour the array engine must keep).
+
+The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
+event); the array engine is ``array_sim.ArraySimulator`` (the ``sim`` backend).
+
+Usage: .venv/bin/python benchmarks/bench_blocks.py [--skip-reference-neuron]
+       [--delays 0,1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from asyncbalance.runtime.array_sim import ArraySimulator
+from asyncbalance.runtime.coordinator import prepare
+from asyncbalance.runtime.events import EventWriter
+from asyncbalance.runtime.scenario import load_scenarios, scenario_from_mapping
+from asyncbalance.runtime.shard import gather_log_scales
+from asyncbalance.runtime.simulator import Simulator
+
+TOL = 1e-8
+SAMPLE = 2.0
+
+
+def to_tolerance(problem, engine: str, max_time: float = 5_000.0) -> dict:
+    """Run ``engine`` on ``problem`` sampling every 2 units, as the coordinator does."""
+    s = problem.scenario
+    events = EventWriter(None)
+    sim = (ArraySimulator(problem.specs, s, events, problem.graph) if engine == "array"
+           else Simulator(problem.specs, s, events))
+    target = problem.optimum.log_scales
+    began = time.perf_counter()
+    clock = 0.0
+    error = np.inf
+    while clock < max_time:
+        clock += SAMPLE
+        sim.advance(clock)
+        u = gather_log_scales(problem.graph.n_units, problem.specs, sim.owned_log_scales())
+        error = float(np.abs(u - target).max())
+        if error <= TOL:
+            break
+    wall = time.perf_counter() - began
+    counters = sim.message_counters()
+    return {"time": clock, "wall": wall, "error": error, "sent": counters.sent,
+            "delivered": counters.delivered, "moves": counters.unit_updates,
+            "busy": sim.busy_seconds}
+
+
+def row(label: str, ref: dict | None, arr: dict) -> str:
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "not run | | "
+        return (f"{r['time']:.0f} | {r['wall']:.2f} | "
+                f"{r['delivered'] / r['busy']:.3g} / {r['moves'] / r['busy']:.3g}")
+    speed = f"{ref['wall'] / arr['wall']:.1f}x" if ref else "n/a"
+    units = f"{arr['time'] / ref['time']:.2f}" if ref else "n/a"
+    return f"| {label} | {cell(ref)} | {cell(arr)} | {speed} | {units} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-reference-neuron", action="store_true",
+                        help="skip the per-message engine at neuron granularity (~2 min)")
+    parser.add_argument("--delays", default="0,1,2,4,8")
+    args = parser.parse_args()
+    print("| case | per-message: units | wall s | delivered/s / moves/s "
+          "| array: units | wall s | delivered/s / moves/s | wall ratio | units ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for granularity in ("neuron", "shard"):
+        point = load_scenarios("scenarios/quickstart.toml",
+                               [f"partition.granularity={granularity}", "backend=\"sim\""])[0]
+        problem = prepare(point.scenario, point.base_dir)
+        arr = to_tolerance(problem, "array")
+        ref = None if (granularity == "neuron" and args.skip_reference_neuron) \
+            else to_tolerance(problem, "reference")
+        print(row(f"quickstart, {granularity} ({len(problem.specs)} shards)", ref, arr),
+              flush=True)
+    for mean in [float(d) for d in args.delays.split(",")]:
+        scenario = scenario_from_mapping({
+            "name": "sweep", "seed": 0,
+            "network": {"kind": "mlp", "sizes": [784, 512, 512, 512, 10],
+                        "unit_spread": 0.5, "seed": 0},
+            "balance": {"p": 2.0},
+            "links": {"delay": "exponential", "mean": mean}})
+        problem = prepare(scenario)
+        arr = to_tolerance(problem, "array")
+        ref = to_tolerance(problem, "reference")
+        print(row(f"784-512x3-10, 3 shards, mean delay {mean:g}", ref, arr), flush=True)
+
+
+if __name__ == "__main__":
+    main()
