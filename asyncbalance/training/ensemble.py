@@ -126,7 +126,8 @@ def ensemble_step(stack: StackedMLP, rule: str, feedback: list[torch.Tensor],
             deltas.append(torch.bmm(deltas[-1], b) * act_derivative(act, a))
         deltas.reverse()
     for w, b, delta, h in zip(stack.weights, stack.biases, deltas, inputs, strict=True):
-        w.grad = torch.bmm(delta.transpose(1, 2), h)
+        # a contiguous delta^T: MKL's batched product is ~1.5x slower on a transposed operand
+        w.grad = torch.bmm(delta.transpose(1, 2).contiguous(), h)
         if b is not None:
             b.grad = delta.sum(dim=1)
     log_probs = torch.log_softmax(logits, dim=2)
