@@ -31,8 +31,11 @@ from asyncbalance.torch_bridge import (  # noqa: E402
     unbalance_,
 )
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device: the CUDA runs of balance_ need a GPU"))
+# `pytest -m cuda` selects these (set up a CUDA torch with `bash scripts/bootstrap.sh --cuda`);
+# without a CUDA device they skip with this reason.
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA runs of balance_ need a GPU "
+    "and a CUDA build of torch (bash scripts/bootstrap.sh --cuda)")])
 DEVICES = ["cpu", CUDA]
 
 # Float32 stores every rescaled weight with a relative rounding of at most 2**-24 = 6e-8, and
