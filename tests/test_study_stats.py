@@ -144,6 +144,13 @@ def test_speed_metrics_by_hand() -> None:
     long = list(range(101))
     assert has_flattened(long, [0.5] * 80 + list(np.linspace(0.5, 0.504, 21)))
     assert not has_flattened(long, [0.5] * 80 + list(np.linspace(0.5, 0.506, 21)))
+    # a steady rise of 0.15 points per epoch whose last window happens to end on a dip: the
+    # window's change is +0.35 points, the trend over the last half projects +0.66 over the
+    # 5-epoch window (slope 0.0015 - 0.004 * 5 / 110 from the dip)
+    rising = [0.5 + 0.0015 * e for e in range(21)]
+    rising[-1] -= 0.004
+    assert abs(recent_gain(list(range(21)), rising)[0]) < 0.005
+    assert not has_flattened(list(range(21)), rising)
     assert epochs_to_threshold(epochs, [None] * 11, 0.1) is None
 
 

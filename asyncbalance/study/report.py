@@ -41,6 +41,7 @@ from .speed import (
     epochs_to_threshold,
     has_flattened,
     recent_gain,
+    trend,
 )
 from .stats import DIVERGE_SDS, PairedTest, apply_holm, format_interval, sentence
 
@@ -115,16 +116,21 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
             continue
         settled, gain, span, last = arm_settling(cell, arm)
         if not settled:
+            e, m, _ = mean_curve(cell.runs.get(arm, {}))
+            slope = trend(e, m)
+            drift = slope * span if math.isfinite(slope) else math.nan
+            rising = (gain if abs(gain) >= FLAT_TOLERANCE else drift) > 0
             what = ("too short to settle" if not math.isfinite(gain) or span * 2 > last
-                    else "still rising" if gain > 0 else "falling")
+                    else "still rising" if rising else "falling")
             moving.append(f"{arm} ({what}: {100 * gain:+.2f} points over its last "
-                          f"{span:.0f} epochs)")
+                          f"{span:.0f} epochs, trend {100 * drift:+.2f})")
     notes = []
     if any(cell.runs.get(arm) for arm in arms):
         rule = (f"a mean curve has settled when it changed by less than "
                 f"{100 * FLAT_TOLERANCE:.1f} points over its last {int(100 * FLAT_WINDOW)} % "
-                f"of the epochs (at least {MIN_WINDOW_EPOCHS:.0f} epochs, at most half the "
-                "run)")
+                f"of the epochs, at least {MIN_WINDOW_EPOCHS:.0f} epochs and at most half the "
+                "run, and its least-squares trend over the last half of the run projects less "
+                "than that over the window")
         if moving:
             notes.append(f"Not settled at epoch {last} ({rule}): " + "; ".join(moving)
                          + ". A comparison with any of these arms reads \"accuracy at epoch "
@@ -476,7 +482,9 @@ def write_report(study: Study, budget: str, records_root: Path, output: Path,
              "training). \"Final\": an arm's mean curve has settled when it changed by less "
              f"than {100 * FLAT_TOLERANCE:.1f} points either way over its last "
              f"{int(100 * FLAT_WINDOW)} % of the epochs, that window being at least "
-             f"{MIN_WINDOW_EPOCHS:.0f} epochs and at most half the run; a comparison says "
+             f"{MIN_WINDOW_EPOCHS:.0f} epochs and at most half the run, and its least-squares "
+             "trend over the last half of the run projects less than that over the window "
+             "(one noisy endpoint cannot make a rising curve look flat); a comparison says "
              "\"final accuracy\" only when both its arms have settled, otherwise \"accuracy "
              "at epoch N\". Every claim states its run length against the paper's.", ""]
     others = []

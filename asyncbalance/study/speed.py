@@ -65,15 +65,31 @@ def recent_gain(epochs: Sequence[float], values: Sequence[float | None],
     return float(v[-1] - v[ref]), float(e[-1] - e[ref])
 
 
+def trend(epochs: Sequence[float], values: Sequence[float | None]) -> float:
+    """Least-squares slope per epoch of the curve over the last half of its epochs (robust to
+    one noisy endpoint, which the window's change alone is not)."""
+    e, v = _arrays(epochs, values)
+    if e.size < 2:
+        return float("nan")
+    keep = e >= e[-1] - (e[-1] - e[0]) / 2
+    if keep.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(e[keep], v[keep], 1)[0])
+
+
 def has_flattened(epochs: Sequence[float], values: Sequence[float | None],
                   tolerance: float = FLAT_TOLERANCE, window: float = FLAT_WINDOW,
                   min_epochs: float = MIN_WINDOW_EPOCHS) -> bool:
-    """Settled: changed by less than ``tolerance`` either way over the settling window, and
-    the run at least twice that window long (a curve still rising, or falling, or a run too
-    short to show a plateau, has not settled)."""
+    """Settled: changed by less than ``tolerance`` either way over the settling window, the
+    trend over the last half of the run projects less than ``tolerance`` over that window
+    too, and the run is at least twice the window long (a curve still rising, or falling, or
+    a run too short to show a plateau, has not settled)."""
     e, _ = _arrays(epochs, values)
     if e.size < 2:
         return False
     gain, span = recent_gain(epochs, values, window, min_epochs)
-    long_enough = (e[-1] - e[0]) >= 2 * window_epochs(e[-1] - e[0], window, min_epochs)
-    return bool(long_enough and np.isfinite(gain) and abs(gain) < tolerance)
+    width = window_epochs(e[-1] - e[0], window, min_epochs)
+    long_enough = (e[-1] - e[0]) >= 2 * width
+    slope = trend(epochs, values)
+    return bool(long_enough and np.isfinite(gain) and abs(gain) < tolerance
+                and np.isfinite(slope) and abs(slope) * width < tolerance)
