@@ -86,3 +86,24 @@ def test_shipped_study_is_valid_for_every_budget() -> None:
         assert claim.paper, claim.id
         for setting in claim.settings:
             assert setting.source, (claim.id, setting.label)
+
+
+def test_tuning_resplits_per_seed_with_the_claims_validation_share() -> None:
+    data = _study(validation_fraction=0.2, paper_epochs=50,
+                  paper_effects={"nb-plain": 1.5})
+    data["validation_resplit"] = True
+    data["budgets"]["smoke"]["tune_seeds"] = 3
+    study = parse_study(data)
+    tune = [j for j in plan(study, "smoke") if j.phase == "tune"]
+    by_seed = {j.seed: j.mapping["data"] for j in tune}
+    assert sorted(by_seed) == [0, 1, 2]
+    assert [by_seed[k]["split_seed"] for k in (0, 1, 2)] == [0, 1, 2]   # one split per seed
+    assert all(m["validation_fraction"] == 0.2 for m in by_seed.values())
+    run = [j for j in plan(study, "smoke") if j.phase == "run"]
+    assert all("validation_fraction" not in j.mapping["data"] for j in run)  # test set kept
+    claim = study.claims[0]
+    assert claim.paper_epochs == 50 and claim.paper_effects == {"nb-plain": 1.5}
+    with pytest.raises(InvalidInputError, match="paper_effects"):
+        parse_study(_study(paper_effects={"nb-ghost": 1.0}))
+    with pytest.raises(InvalidInputError, match="validation_fraction"):
+        parse_study(_study(validation_fraction=1.5))
