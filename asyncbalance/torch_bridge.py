@@ -366,9 +366,11 @@ def default_example(model: nn.Module, device: torch.device, dtype: torch.dtype
 class TorchBalanceReport:
     """What ``balance_`` did to a torch model, and how to take it back.
 
-    Costs are ``sum |w|**p`` over every parameter the symmetry touches (weights and biases of
-    the Linear/Conv layers, BatchNorm shifts), in float64 from the engine (``cost_*``) and
-    over all the model's parameters as stored (``model_cost_*``). ``function_change`` is
+    Costs are ``sum |w|**p`` over every parameter entry the rescaling can move (weights and
+    biases of the Linear/Conv layers with a free unit on at least one side, BatchNorm
+    shifts; each tensor once, entries between two pinned sides left out), in float64 from
+    the engine (``cost_*``), and over all the model's parameters as stored
+    (``model_cost_*``), so ``cost_before <= model_cost_before``. ``function_change`` is
     ``max |y_after - y_before| / max |y_before|`` on the probe batch in the model's dtype,
     ``function_change_float64`` the same on a float64 copy balanced with the same factors.
     """
