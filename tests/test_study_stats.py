@@ -227,3 +227,10 @@ def test_robust_companion_for_a_diverging_seed() -> None:
     assert "seed 0 diverges (paired difference -50.90)" in text
     assert "median of the paired differences +2.50 [-50.90, +7.10]" in text
     assert "93.8 % coverage" in text
+    # without the diverging seed, by hand: d = 7.1, 2.5, 6.2, -2.5 points, mean 3.325, sd
+    # sqrt(57.1275 / 3) = 4.3638, half-width t_{0.975,3} * sd / 2 = 3.182446 * 2.1819 = 6.944
+    rest = text.split("without it: ")[1]
+    low, high = (float(x) for x in rest.split("[")[1].split("]")[0].split(", "))
+    assert low == pytest.approx(3.325 - 6.944, abs=0.006)   # printed to 2 decimals
+    assert high == pytest.approx(3.325 + 6.944, abs=0.006)
+    assert "4 seeds" in rest

@@ -312,4 +312,8 @@ def sentence(test: PairedTest) -> str:
                  + f"): median of the paired differences {test.scale * med.median:+.2f} "
                  f"[{test.scale * med.low:+.2f}, {test.scale * med.high:+.2f}] (sign-test "
                  f"interval, {100 * med.coverage:.1f} % coverage)")
+        rest = [v for i, v in enumerate(test.d) if i not in outliers]
+        if len(rest) >= 2:
+            text += ("; without " + ("it" if len(outliers) == 1 else "them") + ": "
+                     + format_interval(t_interval(rest), test.scale, test.unit))
     return text + "."
