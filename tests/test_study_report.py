@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from asyncbalance.study.records import write_record
 from asyncbalance.study.report import write_report
@@ -136,3 +137,31 @@ def test_tuning_picks_the_best_mean_validation_accuracy(tmp_path: Path) -> None:
     run_job = next(j for j in jobs if j.phase == "run")
     assert run_job.needs_tune
     assert select_tuned(study, "cpu", run_job, root) == {"optimizer.lr": 0.1}
+
+
+def test_gap_curve_by_hand(tmp_path: Path) -> None:
+    """The paired gap per epoch: mean of the per-seed differences with its t interval."""
+    import math
+
+    from asyncbalance.study.cells import Cell
+    from asyncbalance.study.figures import gap_curves, gap_figure
+
+    cell = Cell("paper", "")
+    base = {0: [0.5, 0.6, 0.7], 1: [0.4, 0.5, 0.6], 2: [0.6, 0.6, 0.6]}
+    gaps = {0: [0.0, 0.01, 0.02], 1: [0.0, 0.03, 0.04], 2: [0.0, 0.02, 0.06]}
+    for seed in base:
+        cell.runs["plain"][seed] = {"curves": {"epoch": [0, 1, 2],
+                                               "test_accuracy": base[seed]}}
+        cell.runs["nb"][seed] = {"curves": {"epoch": [0, 1, 2], "test_accuracy": [
+            b + g for b, g in zip(base[seed], gaps[seed], strict=True)]}}
+    e, mean, low, high = gap_curves(cell, "nb", "plain")
+    assert list(e) == [0.0, 1.0, 2.0]
+    # epoch 1: d = 0.01, 0.03, 0.02 -> mean 0.02, sd 0.01, half 4.302653 * 0.01 / sqrt(3)
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert mean[1] == pytest.approx(0.02, abs=1e-12)
+    assert (low[1], high[1]) == (pytest.approx(0.02 - half, rel=1e-6),
+                                 pytest.approx(0.02 + half, rel=1e-6))
+    # epoch 2: d = 0.02, 0.04, 0.06 -> mean 0.04, sd 0.02
+    assert high[2] - mean[2] == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-6)
+    assert gap_figure(cell, [("nb", "plain")], "t", tmp_path / "gap.png")
+    assert (tmp_path / "gap.png").stat().st_size > 0
