@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +145,13 @@ def test_duplication_and_reordering_change_nothing(tmp_path, backend):
                   partition=PER_LAYER, links=links)
     assert_converged_and_exact(summary, trace(tmp_path))
     assert summary["messages_duplicated"] > 0
-    stale = [e for e in read_events(tmp_path / "run" / "events.msgpack")
-             if e["kind"] == "deliver" and not e["applied"]]
-    assert stale, "no duplicate or out-of-order delivery happened; the test proves nothing"
+    # Reordering alone makes deliveries that are not applied; a duplicate is the same
+    # message (sender, receiver, epoch, seq) delivered twice, recorded on arrival.
+    deliveries = Counter((e["src"], e["dst"], e["epoch"], e["seq"])
+                         for e in read_events(tmp_path / "run" / "events.msgpack")
+                         if e["kind"] == "deliver")
+    assert any(n == 2 for n in deliveries.values()), \
+        "no message was delivered twice; the test proves nothing"
 
 
 def test_thirty_percent_loss_still_converges(tmp_path, backend):
@@ -161,7 +166,7 @@ def test_thirty_percent_loss_still_converges(tmp_path, backend):
 def test_crash_and_restart_still_converges(tmp_path, backend, restore):
     if backend == "ray" and restore == "zero":
         pytest.skip("the restore source is backend-independent shard logic; one Ray crash")
-    crash = {"shard": 1, "at": 8.0, "down_for": 20.0, "restore": restore}
+    crash = {"shard": 1, "at": 8.0, "down_for": 50.0, "restore": restore}
     summary = run(tmp_path, backend, network=LAYERED,
                   partition=PER_LAYER,
                   faults={"crashes": [crash], "checkpoint_interval": 3.0})
@@ -169,8 +174,14 @@ def test_crash_and_restart_still_converges(tmp_path, backend, restore):
     assert summary["crashes"] == 1 and summary["restarts"] == 1
     kinds = [e["kind"] for e in read_events(tmp_path / "run" / "events.msgpack")]
     assert "crash" in kinds and "restart" in kinds
-    # Time units on both backends: tolerance only after the restart at 8 + 20.
-    assert summary["time_to_tol"] >= 28.0
+    # Time units on both backends. The coordinator never stops before the faults have
+    # played out (8 + 50), so the time to tolerance alone proves nothing; the outage must
+    # hold the run back: undisturbed, this network reaches the tolerance at ~42 (simulator),
+    # yet no sample before the restart at 58 may be within it.
+    before_restart = [float(r["max_abs_error"]) for r in trace(tmp_path)
+                      if float(r[next(k for k in r if k.startswith("time"))]) < 58.0]
+    assert before_restart and min(before_restart) > TOL
+    assert summary["time_to_tol"] > 58.0
     # While the shard is down the record counts it with what it will restart from: its last
     # checkpoint (a few units old, near its balanced values) or zero. The two differ.
     problem = prepare(scenario_from_mapping({"network": LAYERED, "partition": PER_LAYER}))

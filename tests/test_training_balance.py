@@ -227,10 +227,13 @@ def test_background_balancing_keeps_the_function_and_tracks_the_optimum(
     first = summary["max_distance_to_optimum"]
     assert first > 0.1
     last = summary["last_balance"]["distance_to_optimum"]
-    assert np.isfinite(last)
+    # The shards did balance: the runtime reports unit updates (0 if its hosts never ran).
+    assert summary["last_balance"]["iterations"] > 0
     if backend == "sim":
         # The simulator runs 60 time units per boundary, the shards get well ahead of the
-        # gradient steps; on Ray they run only while the (fast) steps do, so no bound there.
+        # gradient steps. On Ray they run only while the (fast: ~1 ms) steps do, and how much
+        # they have applied by the last boundary depends on timing: measured last / first
+        # from 0.005 to 0.79 over four runs, so no distance bound holds there.
         assert last < 0.2 * first
 
 
