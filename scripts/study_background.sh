@@ -27,7 +27,7 @@ folder="$RECORDS/$name/$BUDGET"
 commit_records() {
     # finished records only: temporary files of a write in progress are dot-prefixed
     local paths=()
-    mapfile -t paths < <(git ls-files --others --modified --exclude-standard -- "$folder" \
+    mapfile -t paths < <(git ls-files --others --modified --exclude-standard -- "$folder" 2>/dev/null \
         | grep -E '/seed-[0-9]+\.json$')
     [ "${#paths[@]}" -eq 0 ] && return 0
     local try
