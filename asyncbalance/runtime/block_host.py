@@ -1,0 +1,563 @@
+"""A block host: the shards of one process as a ``ShardBlock``, with links, faults and frames.
+
+What ``host.ShardHost`` does with one Python object per shard and per message, done on
+arrays, on a clock its caller supplies (the simulator's, or the wall clock of a Ray
+process). Same model, per logical shard and per directed link: wake schedules and
+event-driven wakes, a delay draw per message on each link (the link's own mean), loss,
+duplication, partition windows, scripted crashes restarting from the last checkpoint or
+from u = 0, anti-entropy re-sends, generations for training.
+
+- **Sends leave once per destination host.** A shard that sends puts one entry (its version,
+  send time and own log-scales) in the frame of every other host that holds a neighbour, and
+  fans out locally to the links of this host's shards. The receiving host fans a frame's
+  entries out the same way, through index arrays: one link message per neighbour shard,
+  each with its own delay draw, loss, duplication and partition check, drawn where the
+  link ends (NEST's shape: one event per source per destination process, per-synapse delays
+  at the receiver). A frame not yet taken keeps only the newest entry per sender
+  (coalescing).
+- **Windows and a timing wheel.** Time is taken in windows of ``step`` units: the link
+  messages due in a window are applied first, in order of arrival, then every shard due in
+  it moves at once on the view at the window's end. Send and arrival times stay exact.
+  Messages in flight wait in a timing wheel, one bucket per window, each a list of ranges
+  of array chunks.
+- ``paced = False`` (free-running) draws no wake intervals and no delays: a shard acts as soon
+  as it has news, and link messages arrive when they are fanned out.
+
+Nothing here knows about Ray or asyncio; records go to ``events`` (lists, taken by the
+caller), ``batch`` records per window by default, per message on request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from .block import ShardBlock, version_of
+from .delays import DelaySampler, WakeSchedule
+from .frames import Frame
+from .host import EPOCH_STRIDE, CrashRecord, HostSettings
+from .layout import BlockLayout, expand_ranges
+
+CHECKPOINT_FORMAT = 2
+COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
+                 "stale", "frames", "frame_entries")
+
+
+@dataclass(frozen=True, eq=False)
+class _Chunk:
+    """Link messages fanned out together, sorted by arrival window; message i carries
+    ``values[ptr[i]:ptr[i + 1]]``."""
+
+    times: np.ndarray
+    links: np.ndarray
+    versions: np.ndarray
+    values: np.ndarray
+    ptr: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Routes:
+    """Index arrays from (sender shard, destination host) to the links it feeds there."""
+
+    n_hosts: int
+    shard_host: np.ndarray
+    pair_ptr: np.ndarray    # CSR over keys sender * n_hosts + host, into ``pair_links``
+    pair_links: np.ndarray  # links sorted by (sender, host of receiver, receiver)
+
+    @classmethod
+    def build(cls, layout: BlockLayout, shard_host: np.ndarray) -> Routes:
+        shard_host = np.asarray(shard_host, dtype=np.int64)
+        n_hosts = int(shard_host.max()) + 1 if shard_host.size else 1
+        keys = layout.link_src * n_hosts + shard_host[layout.link_dst]
+        order = np.lexsort((layout.link_dst, keys))
+        pair_ptr = np.searchsorted(keys[order], np.arange(layout.n_shards * n_hosts + 1))
+        return cls(n_hosts, shard_host, pair_ptr.astype(np.int64), order.astype(np.int64))
+
+    def links_to(self, senders: np.ndarray, host: int) -> tuple[np.ndarray, np.ndarray]:
+        """Links from each of ``senders`` to shards of ``host``, and the sender index of each."""
+        keys = senders * self.n_hosts + host
+        index, entry = expand_ranges(self.pair_ptr[keys], self.pair_ptr[keys + 1])
+        return self.pair_links[index], entry
+
+    def feeds(self, senders: np.ndarray, host: int) -> np.ndarray:
+        """Whether each sender has a neighbour on ``host``."""
+        keys = senders * self.n_hosts + host
+        return self.pair_ptr[keys + 1] > self.pair_ptr[keys]
+
+
+class BlockHost:
+    """The shards ``shard_host == host_id`` of ``layout``; see the module docstring."""
+
+    def __init__(self, host_id: int, layout: BlockLayout, shard_host: np.ndarray,
+                 settings: HostSettings, link_mean: np.ndarray, step: float,
+                 generation: int = 0, checkpoints: dict[int, bytes | None] | None = None,
+                 restarts: dict[int, int] | None = None, now: float = 0.0,
+                 level: str = "batches"):
+        self.host_id = host_id
+        self.settings = settings
+        self.step = step
+        self.level = level
+        self.routes = Routes.build(layout, shard_host)
+        self.link_mean = np.asarray(link_mean, dtype=np.float64)
+        self.rng = np.random.default_rng([settings.seed, host_id, generation])
+        self.sampler = DelaySampler(settings.delay, settings.delay_spread,
+                                    settings.pareto_shape)
+        self.wake = WakeSchedule(settings.wake_kind, settings.wake_period, settings.wake_jitter)
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.events: list[list] = []
+        self.crash_log: list[CrashRecord] = []
+        self.retired_updates = 0
+        self._install(layout, generation, checkpoints or {}, restarts or {}, now)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _install(self, layout: BlockLayout, generation: int,
+                 checkpoints: dict[int, bytes | None], restarts: dict[int, int],
+                 now: float) -> None:
+        s = self.settings
+        self.layout = lay = layout
+        self.generation = generation
+        n = lay.n_shards
+        self.local = self.routes.shard_host == self.host_id
+        self.order = [int(sid) for sid in np.nonzero(self.local)[0]]
+        self.restarts = np.zeros(n, dtype=np.int64)
+        for sid, count in restarts.items():
+            self.restarts[int(sid)] = int(count)
+        epochs = generation * EPOCH_STRIDE + self.restarts
+        self.block = ShardBlock(lay, s.rule, s.resend_interval, s.send_threshold, epochs)
+        for sid, raw in checkpoints.items():
+            if raw is not None and self.local[int(sid)]:
+                self.block.restore(int(sid), int(epochs[int(sid)]), decode_checkpoint(raw))
+        self.slot_count = np.diff(lay.link_slot_ptr)
+        # Only links into this host's shards are ever delivered here.
+        self.partitions = []
+        for start, stop, cut in s.partitions:
+            mask = np.zeros(n, dtype=bool)
+            mask[[c for c in cut if 0 <= c < n]] = True
+            self.partitions.append((start, stop, mask))
+        first = (now + self.wake.first_many(self.rng, n)) if s.paced else np.full(n, now)
+        self.next_tick = first.copy()
+        self.wake_at = np.where(self.local, first, np.inf)
+        self.alive = self.local.copy()
+        self.saved_values = self.block.values.copy()
+        self.saved_versions = self.block.link_version.copy()
+        self.saved_time = np.full(n, now)
+        self.fresh_checkpoints: set[int] = set(self.order)
+        self.restore_from: dict[int, dict[str, np.ndarray] | None] = {}
+        self.faults: list[tuple[float, int, int, int]] = []
+        for index, crash in enumerate(s.crashes):
+            if 0 <= crash.shard < n and self.local[crash.shard] and crash.at >= now:
+                heapq.heappush(self.faults, (crash.at, index, crash.shard, index))
+        self._fault_order = len(s.crashes)
+        self.buckets: dict[int, list[tuple[_Chunk, int, int]]] = {}
+        self.bucket_keys: list[int] = []
+        self.in_flight = 0
+        self.outbox: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.windows = 0
+
+    def reload(self, layout: BlockLayout, generation: int, now: float) -> None:
+        """New costs for the same shards: every shard restarts at u = 0 in ``generation``."""
+        if generation <= self.generation:
+            raise ValueError(f"generation {generation} is not newer than {self.generation}")
+        self.retired_updates += int(self.block.unit_updates.sum())
+        self._install(layout, generation, {}, {}, now)
+
+    # -- the clock --------------------------------------------------------------------------
+
+    def next_due(self) -> float:
+        """Start of the earliest window with anything in it (inf when none)."""
+        key = self._next_window()
+        return key * self.step if math.isfinite(key) else math.inf
+
+    def _next_window(self) -> float:
+        key: float = math.inf
+        while self.bucket_keys and self.bucket_keys[0] not in self.buckets:
+            heapq.heappop(self.bucket_keys)
+        if self.bucket_keys:
+            key = self.bucket_keys[0]
+        live = self.alive
+        if live.any():
+            soonest = float(self.wake_at[live].min())
+            if math.isfinite(soonest):
+                key = min(key, math.floor(soonest / self.step))
+        if self.faults:
+            key = min(key, math.floor(self.faults[0][0] / self.step))
+        return key
+
+    def advance(self, now: float, max_events: int | None = None) -> int:
+        """Play every window up to ``now`` (at most ``max_events`` windows); the work done."""
+        done = 0
+        windows = 0
+        while max_events is None or windows < max_events:
+            key = self._next_window()
+            if key * self.step > now:
+                break
+            limit = min((key + 1) * self.step, now)
+            work = self._window(int(key), key * self.step, limit)
+            windows += 1
+            done += work
+            if not work and limit == now:
+                break  # what is left in this window is due after ``now``
+        return done
+
+    def _window(self, k: int, start: float, limit: float) -> int:
+        self.windows += 1
+        before = dict(self.counters)
+        faults = 0
+        while self.faults and self.faults[0][0] <= limit:
+            at, _, shard, index = heapq.heappop(self.faults)
+            faults += 1
+            if index >= 0:
+                self._crash(at, shard, index)
+            else:
+                self._restart(at, shard, -index - 1)
+        delivered = self._deliver_due(k, limit)
+        woken, senders = self._wake_due(limit)
+        delays = self._send(senders)
+        if self.level != "none":
+            c = self.counters
+            self.events.append([
+                "batch", start, limit, int(woken.shape[0]),
+                *(c[name] - before[name] for name in ("sent", "delivered", "applied",
+                                                      "dropped", "duplicated")),
+                float(delays.mean()) if delays.size else 0.0,
+                float(delays.max()) if delays.size else 0.0])
+        return delivered + int(woken.shape[0]) + faults
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    def _deliver_due(self, k: int, limit: float) -> int:
+        ranges = self.buckets.pop(k, None)
+        if not ranges:
+            return 0
+        times = np.concatenate([c.times[lo:hi] for c, lo, hi in ranges])
+        links = np.concatenate([c.links[lo:hi] for c, lo, hi in ranges])
+        versions = np.concatenate([c.versions[lo:hi] for c, lo, hi in ranges])
+        # Each range's values are contiguous in its chunk: read just those.
+        pieces = [c.values[c.ptr[lo]:c.ptr[hi]] for c, lo, hi in ranges]
+        offsets = np.cumsum([0] + [p.shape[0] for p in pieces[:-1]])
+        starts = np.concatenate([c.ptr[lo:hi] - c.ptr[lo] + offset
+                                 for (c, lo, hi), offset in zip(ranges, offsets, strict=True)])
+        values = np.concatenate(pieces)
+        self.in_flight -= times.shape[0]
+        later = times > limit
+        if later.any():
+            # The caller stops inside this window: what is due after ``limit`` waits.
+            self._enqueue(times[later], links[later], versions[later], values, starts[later])
+            due = ~later
+            times, links, versions, starts = times[due], links[due], versions[due], starts[due]
+        if times.size == 0:
+            return 0
+        order = np.argsort(times, kind="stable")
+        times, links, versions, starts = times[order], links[order], versions[order], \
+            starts[order]
+        lay = self.layout
+        counts = self.slot_count[links]
+        receivers = lay.link_dst[links]
+        up = self.alive[receivers]
+        processed = int(times.shape[0])
+        if self.level == "messages":
+            for i in np.nonzero(~up)[0]:
+                self._message_record("drop", times[i], links[i], versions[i], "down")
+        self.counters["dropped"] += int((~up).sum())
+        times, links, versions, starts, counts, receivers = (
+            times[up], links[up], versions[up], starts[up], counts[up], receivers[up])
+        if times.size == 0:
+            return processed
+        index, _ = expand_ranges(starts, starts + counts)
+        value_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        applied, _ = self.block.deliver(links, versions, values[index], value_ptr)
+        self.counters["delivered"] += int(times.shape[0])
+        self.counters["applied"] += int(applied.sum())
+        if self.level == "messages":
+            for i in range(times.shape[0]):
+                self._message_record("deliver", times[i], links[i], versions[i],
+                                     bool(applied[i]))
+        # News wakes a shard at its next scheduled tick (not before the news arrived).
+        woke = applied & self.block.dirty[receivers]
+        if woke.any():
+            first = np.full(lay.n_shards, np.inf)
+            np.minimum.at(first, receivers[woke], times[woke])
+            hit = np.isfinite(first)
+            candidate = np.maximum(first[hit], self.next_tick[hit])
+            self.wake_at[hit] = np.minimum(self.wake_at[hit], candidate)
+        return processed
+
+    # -- wakes and sends --------------------------------------------------------------------
+
+    def _wake_due(self, limit: float) -> tuple[np.ndarray, np.ndarray]:
+        due = np.nonzero(self.alive & (self.wake_at <= limit))[0]
+        if due.size == 0:
+            return due, due
+        now = self.wake_at[due].copy()
+        block = self.block
+        senders = block.wake(due, now)
+        ripe = now - self.saved_time[due] >= self.settings.checkpoint_interval
+        if ripe.any():
+            self._save(due[ripe], now[ripe])
+        tick = now + (self.wake.interval_many(self.rng, due.shape[0]) if self.settings.paced
+                      else 0.0)
+        self.next_tick[due] = tick
+        resend = self.settings.resend_interval
+        self.wake_at[due] = np.where(block.dirty[due], tick,
+                                     np.maximum(tick, block.last_send_time[due] + resend))
+        return due, senders
+
+    def _send(self, senders: np.ndarray) -> np.ndarray:
+        if senders.size == 0:
+            return np.zeros(0)
+        block, lay = self.block, self.layout
+        versions = version_of(block.epoch[senders], block.seq[senders])
+        times = block.last_send_time[senders]
+        positions, _ = lay.shard_positions(senders)
+        values = block.values[positions]
+        routes = self.routes
+        for host in range(routes.n_hosts):
+            if host == self.host_id:
+                continue
+            feeds = routes.feeds(senders, host)
+            if feeds.any():
+                chosen = senders[feeds]
+                self.outbox.setdefault(host, []).append(
+                    (chosen, versions[feeds], times[feeds],
+                     block.values[lay.shard_positions(chosen)[0]]))
+        return self._fan_out(senders, versions, times, values)
+
+    def _fan_out(self, senders: np.ndarray, versions: np.ndarray, times: np.ndarray,
+                 values: np.ndarray) -> np.ndarray:
+        """Link messages from each sender's entry to this host's shards; their delays."""
+        lay = self.layout
+        links, entry = self.routes.links_to(senders, self.host_id)
+        m = links.shape[0]
+        if m == 0:
+            return np.zeros(0)
+        counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
+        value_ptr = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        link_versions = versions[entry]
+        sent_at = times[entry]
+        self.counters["sent"] += m
+        if self.level == "messages":
+            for i in range(m):
+                self._message_record("send", sent_at[i], links[i], link_versions[i],
+                                     int(self.slot_count[links[i]]), 0)
+        s = self.settings
+        keep = np.ones(m, dtype=bool)
+        for begin, end, cut in self.partitions:
+            active = (sent_at >= begin) & (sent_at < end)
+            if active.any():
+                down = active & (cut[lay.link_src[links]] != cut[lay.link_dst[links]])
+                self._drop(down & keep, sent_at, links, link_versions, "partition")
+                keep &= ~down
+        if s.loss > 0.0:
+            lost = keep & (self.rng.random(m) < s.loss)
+            self._drop(lost, sent_at, links, link_versions, "loss")
+            keep &= ~lost
+        twice = np.zeros(m, dtype=bool)
+        if s.duplication > 0.0:
+            twice = keep & (self.rng.random(m) < s.duplication)
+            self.counters["duplicated"] += int(twice.sum())
+            if self.level == "messages":
+                for i in np.nonzero(twice)[0]:
+                    self._message_record("duplicate", sent_at[i], links[i], link_versions[i])
+        copies = np.concatenate([np.nonzero(keep)[0], np.nonzero(twice)[0]])
+        if copies.size == 0:
+            return np.zeros(0)
+        delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
+                  if s.paced else np.zeros(copies.shape[0]))
+        # Each link's slots read the sender's values at the slot's unit.
+        slots, link_index = expand_ranges(lay.link_slot_ptr[links[copies]],
+                                          lay.link_slot_ptr[links[copies] + 1])
+        sender_of = senders[entry[copies]][link_index]
+        source = value_ptr[entry[copies]][link_index] + \
+            (lay.slot_sender_pos[slots] - lay.unit_ptr[sender_of])
+        link_counts = self.slot_count[links[copies]]
+        starts = np.concatenate([[0], np.cumsum(link_counts)[:-1]]).astype(np.int64)
+        self._enqueue(sent_at[copies] + delays, links[copies], link_versions[copies],
+                      values[source], starts)
+        return delays
+
+    # -- frames between hosts ---------------------------------------------------------------
+
+    def pending_hosts(self) -> list[int]:
+        return [dst for dst, entries in self.outbox.items() if entries]
+
+    def take_frame(self, dst_host: int) -> Frame:
+        """The entries waiting for ``dst_host``, newest per sender only (coalesced)."""
+        parts = self.outbox.pop(dst_host, [])
+        if not parts:
+            return Frame(self.host_id, self.generation, np.zeros(0, dtype=np.int64),
+                         np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+        senders = np.concatenate([p[0] for p in parts])
+        versions = np.concatenate([p[1] for p in parts])
+        times = np.concatenate([p[2] for p in parts])
+        values = np.concatenate([p[3] for p in parts])
+        lay = self.layout
+        counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # The last entry of each sender is its newest (entries are appended in time order).
+        _, last = np.unique(senders[::-1], return_index=True)
+        keep = np.sort(senders.shape[0] - 1 - last)
+        self.counters["coalesced"] += int(senders.shape[0] - keep.shape[0])
+        index, _ = expand_ranges(starts[keep], starts[keep] + counts[keep])
+        self.counters["frames"] += 1
+        self.counters["frame_entries"] += int(keep.shape[0])
+        return Frame(self.host_id, self.generation, senders[keep], versions[keep], times[keep],
+                     values[index])
+
+    def receive_frame(self, frame: Frame, now: float) -> None:
+        """Entries from another host: fanned out to this host's links (their delays drawn
+        here, counted from the send time: a frame later than its delay is due at once)."""
+        if frame.generation < self.generation:
+            self.counters["stale"] += frame.n_entries
+            return
+        if frame.n_entries == 0:
+            return
+        del now  # delivery times follow from the send times; the window clock does the rest
+        self._fan_out(frame.senders, frame.versions, frame.times, frame.values)
+
+    # -- the queue --------------------------------------------------------------------------
+
+    def _enqueue(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
+                 values: np.ndarray, starts: np.ndarray) -> None:
+        keys = np.floor(times / self.step).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        links = links[order]
+        counts = self.slot_count[links]
+        index, _ = expand_ranges(starts[order], starts[order] + counts)
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        chunk = _Chunk(times[order], links, versions[order], values[index], ptr)
+        bounds = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1, [keys.shape[0]]])
+        buckets = self.buckets
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            key = int(keys[lo])
+            entry = buckets.get(key)
+            if entry is None:
+                buckets[key] = [(chunk, lo, hi)]
+                heapq.heappush(self.bucket_keys, key)
+            else:
+                entry.append((chunk, lo, hi))
+        self.in_flight += keys.shape[0]
+
+    def queue_length(self) -> int:
+        return self.in_flight + sum(len(p[0]) for parts in self.outbox.values() for p in parts)
+
+    # -- faults and checkpoints -------------------------------------------------------------
+
+    def _drop(self, mask: np.ndarray, sent_at: np.ndarray, links: np.ndarray,
+              versions: np.ndarray, reason: str) -> None:
+        self.counters["dropped"] += int(mask.sum())
+        if self.level == "messages":
+            for i in np.nonzero(mask)[0]:
+                self._message_record("drop", sent_at[i], links[i], versions[i], reason)
+
+    def _save(self, shards: np.ndarray, now: np.ndarray) -> None:
+        lay = self.layout
+        positions, _ = lay.shard_positions(shards)
+        slots = lay.n_own + lay.shard_slots(shards)
+        links = lay.shard_in_links(shards)
+        values = self.block.values
+        self.saved_values[positions] = values[positions]
+        self.saved_values[slots] = values[slots]
+        self.saved_versions[links] = self.block.link_version[links]
+        self.saved_time[shards] = now
+        self.fresh_checkpoints.update(int(s) for s in shards)
+
+    def _saved(self, shard: int) -> dict[str, np.ndarray]:
+        lay = self.layout
+        one = np.array([shard])
+        positions, _ = lay.shard_positions(one)
+        slots = lay.shard_slots(one)
+        links = lay.shard_in_links(one)
+        return {"own": self.saved_values[positions].copy(),
+                "halo": self.saved_values[lay.n_own + slots].copy(),
+                "versions": self.saved_versions[links].copy()}
+
+    def _crash(self, now: float, shard: int, index: int) -> None:
+        crash = self.settings.crashes[index]
+        if not self.alive[shard]:
+            return
+        self.retired_updates += int(self.block.unit_updates[shard])
+        self.alive[shard] = False
+        self.restore_from[shard] = (self._saved(shard) if crash.restore == "checkpoint"
+                                    else None)
+        self.crash_log.append(CrashRecord(shard, crash.at, crash.down_for, crash.restore, now))
+        if self.level != "none":
+            self.events.append(["crash", now, shard])
+        self._fault_order += 1
+        heapq.heappush(self.faults, (crash.at + crash.down_for, self._fault_order, shard,
+                                     -len(self.crash_log)))
+
+    def _restart(self, now: float, shard: int, record_index: int) -> None:
+        record = self.crash_log[record_index]
+        self.restarts[shard] += 1
+        epoch = self.generation * EPOCH_STRIDE + int(self.restarts[shard])
+        self.block.restore(shard, epoch, self.restore_from.pop(shard, None))
+        self._save(np.array([shard]), np.array([now]))
+        record.restarted_at = now
+        if self.level != "none":
+            self.events.append(["restart", now, shard, record.restore, epoch])
+        tick = now + (float(self.wake.interval_many(self.rng, 1)[0]) if self.settings.paced
+                      else 0.0)
+        self.next_tick[shard] = tick
+        self.wake_at[shard] = tick
+        self.alive[shard] = True
+
+    def _message_record(self, kind: str, at: float, link: int, version: int,
+                        *extra: object) -> None:
+        lay = self.layout
+        epoch, seq = int(version) >> 32, int(version) & 0xFFFFFFFF
+        self.events.append([kind, float(at), int(lay.link_src[link]), int(lay.link_dst[link]),
+                            epoch, seq, *extra])
+
+    # -- what the caller reads ----------------------------------------------------------------
+
+    def owned_log_scales(self) -> np.ndarray:
+        """Own log-scales of this host's shards in ``order`` (a down shard: what it restarts
+        from)."""
+        lay = self.layout
+        own = self.block.own.copy()
+        for shard, saved in self.restore_from.items():
+            lo, hi = lay.unit_ptr[shard], lay.unit_ptr[shard + 1]
+            own[lo:hi] = 0.0 if saved is None else saved["own"]
+        positions, _ = lay.shard_positions(np.array(self.order, dtype=np.int64))
+        return own[positions]
+
+    def unit_updates(self) -> int:
+        return self.retired_updates + int(self.block.unit_updates[self.local].sum())
+
+    def epochs(self) -> dict[int, int]:
+        return {sid: int(self.restarts[sid]) for sid in self.order}
+
+    def take_events(self) -> list[list]:
+        events, self.events = self.events, []
+        return events
+
+    def take_checkpoints(self) -> dict[int, bytes]:
+        """Checkpoints taken since the last call, one msgpack payload per shard."""
+        fresh, self.fresh_checkpoints = self.fresh_checkpoints, set()
+        out = {}
+        for sid in sorted(fresh):
+            saved = self._saved(sid)
+            out[sid] = encode_checkpoint(sid, int(self.block.epoch[sid]), saved)
+        return out
+
+
+def encode_checkpoint(shard: int, epoch: int, saved: dict[str, np.ndarray]) -> bytes:
+    return msgpack.packb([CHECKPOINT_FORMAT, shard, epoch,
+                          saved["own"].astype("<f8").tobytes(),
+                          saved["halo"].astype("<f8").tobytes(),
+                          saved["versions"].astype("<i8").tobytes()], use_bin_type=True)
+
+
+def decode_checkpoint(raw: bytes) -> dict[str, np.ndarray]:
+    fmt, _, _, own, halo, versions = msgpack.unpackb(raw, raw=False)
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint format {fmt}, expected {CHECKPOINT_FORMAT}")
+    return {"own": np.frombuffer(own, dtype="<f8").copy(),
+            "halo": np.frombuffer(halo, dtype="<f8").copy(),
+            "versions": np.frombuffer(versions, dtype="<i8").copy()}
