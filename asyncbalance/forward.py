@@ -1,8 +1,12 @@
-"""Float64 forward passes of numpy networks, for checking that balancing preserves function."""
+"""Float64 forward passes of numpy networks, for checking that balancing preserves function.
+
+Layered networks may hold ``scipy.sparse`` (CSR) layer matrices.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from .activations import parse_activation
 from .errors import InvalidInputError
@@ -18,7 +22,9 @@ def forward(network: Network, inputs: np.ndarray) -> np.ndarray:
         n_layers = int(network.meta["n_layers"])
         hidden = network.hidden_groups
         for i in range(1, n_layers + 1):
-            h = h @ w[f"W{i}"].T
+            weight = w[f"W{i}"]
+            # A CSR layer: (W h^T)^T is a sparse-times-dense product, never a dense W.
+            h = np.asarray((weight @ h.T).T) if sp.issparse(weight) else h @ weight.T
             if f"b{i}" in w:
                 h = h + w[f"b{i}"]
             if i < n_layers:

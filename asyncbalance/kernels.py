@@ -4,6 +4,9 @@ Notation (DESIGN §1): log-scales ``u`` (one per hidden unit), degrees ``c``, te
 For term t the edge j -> i costs ``K_ij * exp(p (u_i - c_j u_j))``. ``incoming[t, k]`` (A_k)
 sums the costs of the edges into k, ``outgoing[t, k]`` (B_k) those out of k. Self-loops are in
 both. The gradient of the total cost is ``sum_t coef_t p_t (A_t - c B_t)``.
+
+A dense graph's costs are stacked arrays (batched matrix products); a sparse graph's are CSR
+blocks (``graph.sparse_blocks``), each taking two sparse matrix-vector products per pass.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def unit_flows(graph: CostGraph, log_scales: np.ndarray) -> tuple[np.ndarray, np
             k = st.costs[t]
             into[st.dst_start:st.dst_stop] += _stack_forward(st, k, down)
             out[st.src_start:st.src_stop] += _stack_backward(st, k, up)
+        for b in graph.sparse_blocks:
+            k = b.costs[t]
+            into[b.dst[0]:b.dst[1]] += k @ down[b.src[0]:b.src[1]]
+            out[b.src[0]:b.src[1]] += k.T @ up[b.dst[0]:b.dst[1]]
         incoming[t] = up * into
         outgoing[t] = down * out
     return incoming, outgoing
@@ -71,7 +78,10 @@ def unit_flows_range(graph: CostGraph, log_scales: np.ndarray, start: int, stop:
                 into[lo - start:hi - start] += k[lo - b.dst[0]:hi - b.dst[0]] @ \
                     down[b.src[0]:b.src[1]]
             lo, hi = max(b.src[0], start), min(b.src[1], stop)
-            if lo < hi:
+            if lo < hi and graph.sparse:
+                out[lo - start:hi - start] += k[:, lo - b.src[0]:hi - b.src[0]].T @ \
+                    up[b.dst[0]:b.dst[1]]
+            elif lo < hi:
                 out[lo - start:hi - start] += up[b.dst[0]:b.dst[1]] @ \
                     k[:, lo - b.src[0]:hi - b.src[0]]
         incoming[t, start:stop] = up[start:stop] * into
@@ -251,9 +261,11 @@ def single_precision_costs(graph: CostGraph) -> tuple[tuple[np.ndarray, ...], ..
     """float32 copies of the stacked costs, for Hessian products inside Newton's solver.
 
     The products are memory-bound; half the bytes per pass halves their time, and a Newton
-    direction accurate to ~1e-7 still converges (the gradient stays float64).
+    direction accurate to ~1e-7 still converges (the gradient stays float64). A sparse
+    graph's CSR blocks follow the stacks, in ``graph.sparse_blocks`` order.
     """
-    return tuple(tuple(k.astype(np.float32) for k in st.costs) for st in graph.stacks)
+    return (tuple(tuple(k.astype(np.float32) for k in st.costs) for st in graph.stacks)
+            + tuple(tuple(k.astype(np.float32) for k in b.costs) for b in graph.sparse_blocks))
 
 
 def hessian_vector_product(graph: CostGraph, log_scales: np.ndarray, vector: np.ndarray,
@@ -286,6 +298,10 @@ def hessian_vector_product(graph: CostGraph, log_scales: np.ndarray, vector: np.
             k = st.costs[t] if costs32 is None else costs32[s_index][t]
             pulled[st.dst_start:st.dst_stop] += _stack_forward(st, k, weighted_src)
             pushed[st.src_start:st.src_stop] += _stack_backward(st, k, weighted_dst)
+        for b_index, b in enumerate(graph.sparse_blocks, start=len(graph.stacks)):
+            k = b.costs[t] if costs32 is None else costs32[b_index][t]
+            pulled[b.dst[0]:b.dst[1]] += k @ weighted_src[b.src[0]:b.src[1]]
+            pushed[b.src[0]:b.src[1]] += k.T @ weighted_dst[b.dst[0]:b.dst[1]]
         term -= up * pulled + c * down * pushed
         result += graph.coefs[t] * p * p * term
     return np.where(graph.dead, 0.0, result)
@@ -339,4 +355,13 @@ def group_coupling(graph: CostGraph, log_scales: np.ndarray,
                 value = graph.coefs[t] * p * p * total
                 coarse[gd, gs] -= value
                 coarse[gs, gd] -= value
+        for b in graph.sparse_blocks:
+            gd, gs = group_index.get(b.dst), group_index.get(b.src)
+            if gd is None or gs is None:
+                continue
+            total = float((b.costs[t] @ c_down[b.src[0]:b.src[1]])
+                          @ up_free[b.dst[0]:b.dst[1]])
+            value = graph.coefs[t] * p * p * total
+            coarse[gd, gs] -= value
+            coarse[gs, gd] -= value
     return coarse

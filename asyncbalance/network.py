@@ -5,6 +5,9 @@ activation) and connections between them. Each connection says how its weight ar
 (destination unit, source unit) pairs: ``dense`` (out x in), ``bias`` (out,), ``conv``
 (out, in, kh, kw: units are channels) and ``flatten`` (out, in*positions: a Linear after a
 flatten of a conv, channel-major). That mapping is all the balancing math needs.
+
+A ``dense`` connection's weights may also be a ``scipy.sparse`` matrix (stored as CSR): a sparse
+net keeps only its synapses, so nets far too large for dense matrices still fit in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from .activations import Activation, parse_activation
 from .errors import InvalidInputError, ResultOverflowError
@@ -84,8 +88,11 @@ class Network:
             if conn.key not in self.weights:
                 raise InvalidInputError(conn.key, "weight array is missing")
             weight = self.weights[conn.key]
-            check_finite(conn.key, weight)
             n_dst, n_src = by_name[conn.dst].size, by_name[conn.src].size
+            if sp.issparse(weight):
+                _check_sparse_weight(conn, weight, n_dst, n_src)
+                continue
+            check_finite(conn.key, weight)
             shaped = conn.unit_axes(weight) if _layout_ok(conn, weight) else None
             if shaped is None or shaped.shape[0] != n_dst or shaped.shape[1] != n_src:
                 raise InvalidInputError(
@@ -122,6 +129,22 @@ class Network:
 
     def with_weights(self, weights: Mapping[str, np.ndarray]) -> Network:
         return Network(self.groups, self.connections, dict(weights), self.kind, self.meta)
+
+
+def is_sparse_weight(weight: object) -> bool:
+    """True for a ``scipy.sparse`` weight matrix (the CSR form of a sparse ``dense`` layout)."""
+    return sp.issparse(weight)
+
+
+def _check_sparse_weight(conn: Connection, weight: sp.sparray, n_dst: int, n_src: int) -> None:
+    if conn.layout != "dense" or weight.format != "csr":
+        raise InvalidInputError(conn.key, f"a sparse weight matrix must be CSR with layout "
+                                f"'dense', got {weight.format} with layout {conn.layout!r}")
+    check_finite(conn.key, weight.data)
+    if weight.shape != (n_dst, n_src):
+        raise InvalidInputError(
+            conn.key, f"shape {weight.shape} does not link {conn.src} ({n_src} units) to "
+            f"{conn.dst} ({n_dst} units) with layout 'dense'")
 
 
 def _layout_ok(conn: Connection, weight: np.ndarray) -> bool:
@@ -178,8 +201,20 @@ def _as_float_array(name: str, value: object) -> np.ndarray:
     return array
 
 
+def _as_float_matrix(name: str, value: object) -> np.ndarray | sp.csr_array:
+    """A float64 copy of a layer matrix: dense, or CSR (canonical, without stored zeros)."""
+    if not sp.issparse(value):
+        return _as_float_array(name, value)
+    check_weight_array(name, value.data if value.nnz else np.zeros(1, value.dtype))
+    matrix = sp.csr_array(value, dtype=np.float64, copy=True)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    check_finite(name, matrix.data)
+    return matrix
+
+
 def layered_network(
-    weights: Sequence[np.ndarray],
+    weights: Sequence[np.ndarray | sp.sparray],
     biases: Sequence[np.ndarray | None] | None = None,
     activation: str | Activation | Sequence[str | Activation] = "relu",
 ) -> Network:
@@ -187,6 +222,7 @@ def layered_network(
 
     Hidden units are the outputs of layers 1..L-1. ``activation`` is one activation for all
     hidden layers or one per hidden layer. ``biases`` may be None or contain None entries.
+    A layer matrix may be ``scipy.sparse`` (kept as CSR); biases are always dense.
     """
     if len(weights) < 1:
         raise InvalidInputError("weights", "needs at least one layer matrix")
@@ -194,7 +230,7 @@ def layered_network(
         biases = [None] * len(weights)
     if len(biases) != len(weights):
         raise InvalidInputError("biases", f"has {len(biases)} entries for {len(weights)} layers")
-    mats = [_as_float_array(f"W{i + 1}", w) for i, w in enumerate(weights)]
+    mats = [_as_float_matrix(f"W{i + 1}", w) for i, w in enumerate(weights)]
     for i, w in enumerate(mats):
         if w.ndim != 2:
             raise InvalidInputError(f"W{i + 1}", f"must be 2-D (out x in), got shape {w.shape}")
@@ -343,18 +379,64 @@ def scale_network(network: Network, log_scales: np.ndarray) -> Network:
         if not (dst.hidden or src.hidden):
             continue
         weight = network.weights[conn.key]
-        shaped = conn.unit_axes(weight)
         with np.errstate(over="ignore"):
             factor_dst = np.exp(log_scales[slice(*offsets[dst.name])]) if dst.hidden \
                 else np.ones(dst.size)
             factor_src = np.exp(-src.degree * log_scales[slice(*offsets[src.name])]) \
                 if src.hidden else np.ones(src.size)
         with np.errstate(over="ignore", invalid="ignore"):
-            scaled = shaped * factor_dst[:, None, None] * factor_src[None, :, None]
-        if not np.all(np.isfinite(scaled)):
+            if sp.issparse(weight):
+                rows = np.repeat(np.arange(weight.shape[0]), np.diff(weight.indptr))
+                data = weight.data * factor_dst[rows] * factor_src[weight.indices]
+                scaled = sp.csr_array((data, weight.indices.copy(), weight.indptr.copy()),
+                                      shape=weight.shape)
+                values = data
+            else:
+                shaped = conn.unit_axes(weight)
+                scaled = shaped * factor_dst[:, None, None] * factor_src[None, :, None]
+                values = scaled
+        if not np.all(np.isfinite(values)):
             raise ResultOverflowError(
                 conn.key, "the balanced weights overflow float64: the balanced network "
                 f"rescales hidden units by factors up to e^{float(np.max(np.abs(log_scales))):.0f}"
                 ", beyond the float64 range (1.8e308); it cannot be represented in float64")
-        new[conn.key] = scaled.reshape(weight.shape)
+        new[conn.key] = scaled if sp.issparse(scaled) else scaled.reshape(weight.shape)
     return network.with_weights(new)
+
+
+def random_sparse_layer(rng: np.random.Generator, n_out: int, n_in: int, fan_in: int,
+                        gain: float = 1.0, unit_spread: float = 0.0) -> sp.csr_array:
+    """An (n_out, n_in) CSR layer: each row links ``min(fan_in, n_in)`` distinct random inputs.
+
+    An input that no row drew is then linked to one random row, so every neuron of the layer
+    below has a reader (else a wide layer under a narrow one would be mostly dead units).
+    Weights are Gaussian with std ``gain / sqrt(links of the row)``, each row times
+    ``exp(unit_spread * N(0, 1))``. Memory and time are O(links): no dense matrix is made.
+    """
+    k = min(fan_in, n_in)
+    if 2 * k > n_in:
+        # Most inputs are linked: a per-row shuffle of all of them costs at most 2 k per row.
+        cols = np.sort(rng.permuted(np.broadcast_to(np.arange(n_in), (n_out, n_in)),
+                                    axis=1)[:, :k], axis=1)
+    else:
+        # Draw with replacement and redraw the repeats (few: about k^2 / 2 n_in per row).
+        cols = np.sort(rng.integers(0, n_in, size=(n_out, k)), axis=1)
+        while True:
+            repeat = np.zeros(cols.shape, dtype=bool)
+            repeat[:, 1:] = cols[:, 1:] == cols[:, :-1]
+            if not repeat.any():
+                break
+            cols[repeat] = rng.integers(0, n_in, size=int(repeat.sum()))
+            cols.sort(axis=1)
+    rows = np.repeat(np.arange(n_out), k)
+    unread = np.nonzero(np.bincount(cols.reshape(-1), minlength=n_in) == 0)[0]
+    rows = np.concatenate([rows, rng.integers(0, n_out, size=unread.size)])
+    cols = np.concatenate([cols.reshape(-1), unread])
+    counts = np.bincount(rows, minlength=n_out)
+    row_scale = gain / np.sqrt(np.maximum(counts, 1)) * np.exp(
+        unit_spread * rng.standard_normal(n_out))
+    data = rng.standard_normal(rows.size) * row_scale[rows]
+    layer = sp.csr_array((data, (rows, cols)), shape=(n_out, n_in))
+    layer.sum_duplicates()
+    layer.eliminate_zeros()
+    return layer

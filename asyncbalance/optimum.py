@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import kernels
 from .errors import InvalidInputError, NonConvergenceError
-from .graph import CostGraph
+from .graph import Block, CostGraph
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ def _unit_components(graph: CostGraph) -> np.ndarray:
     n = graph.n_units
     rows, cols = [np.arange(n)], [np.arange(n)]
     for b in graph.blocks:
-        i, j = np.nonzero(sum(b.costs))
+        if graph.sparse:
+            total = sum(b.costs).tocoo()
+            keep = total.data != 0
+            i, j = total.row[keep], total.col[keep]
+        else:
+            i, j = np.nonzero(sum(b.costs))
         rows.append(i + b.dst[0])
         cols.append(j + b.src[0])
     r, c = np.concatenate(rows), np.concatenate(cols)
@@ -158,9 +164,9 @@ def check_costs_finite(graph: CostGraph) -> None:
                     "p", f"the {name} costs |w|^p of hidden group {group!r} overflow float64 at "
                     f"p = {p:g} (|w|^p exceeds 1.8e308 once |w| > {_largest_weight(p):.3g}); "
                     "use a smaller p or rescale the weights")
-        for st in graph.stacks:
-            if not np.all(np.isfinite(st.costs[t])):
-                group = graph.group_names[graph.group_of(st.dst_start)]
+        for st in [*graph.stacks, *graph.sparse_blocks]:
+            if not np.all(np.isfinite(_cost_values(st.costs[t]))):
+                group = graph.group_names[graph.group_of(_dst_start(st))]
                 raise InvalidInputError(
                     "p", f"the costs |w|^p of the weights into hidden group {group!r} overflow "
                     f"float64 at p = {p:g} (|w|^p exceeds 1.8e308 once |w| > "
@@ -172,6 +178,15 @@ def check_costs_finite(graph: CostGraph) -> None:
             "rescale the weights")
 
 
+def _cost_values(costs: np.ndarray) -> np.ndarray:
+    """The stored cost values of a dense array or a CSR matrix."""
+    return costs.data if sp.issparse(costs) else costs
+
+
+def _dst_start(block: object) -> int:
+    return block.dst[0] if isinstance(block, Block) else block.dst_start
+
+
 def _largest_weight(p: float) -> float:
     return float(np.exp(np.log(np.finfo(np.float64).max) / p))
 
@@ -179,9 +194,10 @@ def _largest_weight(p: float) -> float:
 def _cost_range(graph: CostGraph) -> tuple[float, float]:
     """Largest and smallest nonzero hidden-to-hidden cost (1.0 for a missing bound)."""
     largest, smallest = 0.0, np.inf
-    for st in graph.stacks:
+    for st in [*graph.stacks, *graph.sparse_blocks]:
         for k in st.costs:
-            nonzero = k[k > 0]
+            values = _cost_values(k)
+            nonzero = values[values > 0]
             if nonzero.size:
                 largest = max(largest, float(nonzero.max()))
                 smallest = min(smallest, float(nonzero.min()))

@@ -38,6 +38,7 @@ from .record import Sample, plot_convergence, plot_sweep, write_summary, write_t
 from .scenario import Scenario, ScenarioPoint, build_network
 from .shard import ShardSpec, build_shard_specs, gather_log_scales
 from .simulator import MessageCounters
+from .sparse_shard import build_sparse_shard_specs
 
 # Function preservation is exact in exact arithmetic; in float64 the scaled forward pass
 # differs by rounding only (a few ulps per layer), far below this bound.
@@ -67,7 +68,7 @@ def prepare(scenario: Scenario, base_dir: Path | None = None) -> Problem:
     if not shards:
         raise InvalidInputError("network", "has no hidden unit that can be balanced")
     _check_fault_targets(scenario, len(shards))
-    specs = build_shard_specs(graph, shards)
+    specs = (build_sparse_shard_specs if graph.sparse else build_shard_specs)(graph, shards)
     has_output = not (network.kind == "recurrent" and "W_out" not in network.weights)
     probe = probe_inputs(network) if has_output else None
     return Problem(scenario, network, graph, optimum, specs, probe)
@@ -94,7 +95,10 @@ def make_backend(problem: Problem, events: EventWriter, backend: str,
             raise InvalidInputError("--address", "applies to the Ray backend only, not to "
                                     "'sim'")
         return ArraySimulator(problem.specs, problem.scenario, events, problem.graph)
-    return backend_factory(backend)(problem.specs, problem.scenario, events, address=address)
+    # The Ray hosts run shard blocks built from the global graph.
+    extra = {"graph": problem.graph} if backend == "ray" else {}
+    return backend_factory(backend)(problem.specs, problem.scenario, events, address=address,
+                                    **extra)
 
 
 def _fresh_dir(out_dir: Path) -> Path:

@@ -139,6 +139,16 @@ def _edges(graph: CostGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every hidden-to-hidden edge with a nonzero cost: (dst, src, cost (T, E))."""
     dst, src, cost = [], [], []
     for block in graph.blocks:
+        if graph.sparse:
+            # CSR costs share the weights' pattern: read the edges off its index arrays.
+            first = block.costs[0]
+            rows = np.repeat(np.arange(first.shape[0]), np.diff(first.indptr))
+            values = np.stack([k.data for k in block.costs])
+            keep = values.sum(axis=0) > 0
+            dst.append(block.dst[0] + rows[keep])
+            src.append(block.src[0] + first.indices[keep])
+            cost.append(values[:, keep])
+            continue
         total = sum(block.costs)
         ii, jj = np.nonzero(total > 0)
         dst.append(block.dst[0] + ii)

@@ -20,7 +20,13 @@ from ..activations import parse_activation
 from ..config import apply_overrides, expand_sweep, from_mapping, load_toml
 from ..errors import InvalidInputError
 from ..io import load_npz
-from ..network import Network, layered_network, network_from_arrays, recurrent_network
+from ..network import (
+    Network,
+    layered_network,
+    network_from_arrays,
+    random_sparse_layer,
+    recurrent_network,
+)
 
 BACKENDS = ("sim", "ray")
 
@@ -45,9 +51,13 @@ class NetworkConfig:
     multiplied by ``exp(unit_spread * N(0, 1))`` so that the start is far from balance.
     ``density`` < 1 keeps each weight of a layered net with that probability (a sparse net:
     each neuron then has few neighbours, as in a large net at neuron granularity).
+    ``sparse_mlp``: an MLP of ``sizes`` whose layer matrices are ``scipy.sparse`` CSR, each
+    neuron linked to ``fan_in`` distinct random neurons of the layer below (all of them if
+    that layer is smaller); weights Gaussian with std ``gain / sqrt(fan_in)`` and the same
+    ``unit_spread``. No dense matrix is ever made, so 10^5 neurons with 10^7 synapses fit.
     """
 
-    kind: Literal["mlp", "recurrent", "file"] = "mlp"
+    kind: Literal["mlp", "sparse_mlp", "recurrent", "file"] = "mlp"
     sizes: tuple[int, ...] = (16, 32, 32, 4)
     hidden: int = 12
     inputs: int = 4
@@ -57,12 +67,13 @@ class NetworkConfig:
     gain: float = 1.0
     unit_spread: float = 0.5
     density: float = 1.0
+    fan_in: int = 16
     path: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
         parse_activation(self.activation, "activation")
-        if self.kind == "mlp" and (len(self.sizes) < 3 or min(self.sizes) < 1):
+        if self.kind in ("mlp", "sparse_mlp") and (len(self.sizes) < 3 or min(self.sizes) < 1):
             raise InvalidInputError("sizes", "an MLP needs >= 3 positive layer sizes "
                                     f"(input, hidden..., output), got {list(self.sizes)}")
         for name in ("hidden", "inputs", "outputs"):
@@ -71,6 +82,12 @@ class NetworkConfig:
         _positive("gain", self.gain)
         if not (0.0 < self.density <= 1.0):
             raise InvalidInputError("density", f"must lie in (0, 1], got {self.density}")
+        if self.kind == "sparse_mlp":
+            if isinstance(self.fan_in, bool) or not self.fan_in >= 1:
+                raise InvalidInputError("fan_in", f"must be an integer >= 1, got {self.fan_in}")
+            if self.density != 1.0:
+                raise InvalidInputError("density", "applies to kind = 'mlp' only; a "
+                                        "'sparse_mlp' sets its connections with fan_in")
         if not (self.unit_spread >= 0):
             raise InvalidInputError("unit_spread", f"must be >= 0, got {self.unit_spread}")
         if self.kind == "file" and not self.path:
@@ -329,6 +346,12 @@ def build_network(config: NetworkConfig, base_dir: Path | None = None) -> Networ
             weights = [w * (rng.random(w.shape) < config.density) for w in weights]
         biases = [0.1 * rng.standard_normal(o) if config.bias else None for o in sizes[1:]]
         return layered_network(weights, biases, config.activation)
+    if config.kind == "sparse_mlp":
+        sizes = config.sizes
+        layers = [random_sparse_layer(rng, o, i, config.fan_in, config.gain, config.unit_spread)
+                  for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        biases = [0.1 * rng.standard_normal(o) if config.bias else None for o in sizes[1:]]
+        return layered_network(layers, biases, config.activation)
     n = config.hidden
     w_in = matrix(n, config.inputs)
     w_rec = 0.5 * matrix(n, n)
