@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .errors import InvalidInputError
 from .network import Network
 from .regularisers import Regulariser, as_regulariser
 
@@ -188,8 +189,42 @@ def _sparse_powered(weight: sp.csr_array, p: float) -> sp.csr_array:
 def build_cost_graph(network: Network, regulariser: float | Regulariser) -> CostGraph:
     """Aggregate the network's weights into block costs for ``regulariser``.
 
-    If any weight matrix is ``scipy.sparse`` the graph is sparse (CSR block costs).
+    If any weight matrix is ``scipy.sparse`` the graph is sparse (CSR block costs). A hidden
+    unit whose costs on one side all underflow float64 to 0 although its weights there are
+    not all zero is refused (``InvalidInputError`` naming ``p``): it would count as dead or
+    balanced at u = 0, and every schedule would return that as a success.
     """
+    graph = _build_cost_graph(network, regulariser)
+    _check_no_vanished_side(network, graph)
+    return graph
+
+
+def _check_no_vanished_side(network: Network, graph: CostGraph) -> None:
+    if not np.any(graph.powers > 1.0):
+        return  # |w|^p >= |w| for |w| <= 1: nothing nonzero underflows
+    from .kernels import unit_flows
+
+    zero = np.zeros(graph.n_units)
+    into, out = unit_flows(graph, zero)
+    vanished_in, vanished_out = ~np.any(into > 0, axis=0), ~np.any(out > 0, axis=0)
+    if not (vanished_in.any() or vanished_out.any()) or not (
+            np.isfinite(into).all() and np.isfinite(out).all()):
+        return  # none vanished, or costs overflowed: reported first, by the solvers
+    # Rare: a dead unit (exact zeros) or underflow. At p = 1 a cost is 0 only for zeros.
+    into1, out1 = unit_flows(_build_cost_graph(network, 1.0), zero)
+    bad = (vanished_in & (into1[0] > 0)) | (vanished_out & (out1[0] > 0))
+    if bad.any():
+        k = int(np.argmax(bad))
+        side = "incoming" if vanished_in[k] and into1[0, k] > 0 else "outgoing"
+        p = float(np.max(graph.powers))
+        raise InvalidInputError(
+            "p", f"every {side} cost |w|^p of a unit of hidden group "
+            f"{graph.group_names[graph.group_of(k)]!r} underflows to 0 in float64 at p = "
+            f"{p:g} (its weights are below about {5e-324 ** (1.0 / p):.3g}), so its balance "
+            "cannot be computed; use a smaller p or rescale the weights")
+
+
+def _build_cost_graph(network: Network, regulariser: float | Regulariser) -> CostGraph:
     if any(sp.issparse(w) for w in network.weights.values()):
         return _build_sparse_cost_graph(network, regulariser)
     reg = as_regulariser(regulariser)
