@@ -10,7 +10,6 @@ log-scales, the function change in float64 and in the model's dtype, and can und
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,19 +129,39 @@ def _degree_activation(degree: float) -> Activation:
 @dataclass(frozen=True, eq=False)
 class _Sides:
     """Per entry of the weight's first two dims: class of the destination unit, class and
-    degree of the source; per bias entry: class of the unit."""
+    degree of the source; per bias entry: class of the unit.
+
+    For an ungrouped layer the destination depends on one axis of the weight only
+    (``dst_axis``: 0 for Linear/Conv rows, 1 for ConvTranspose columns) and the source on
+    the other: ``dst_vec``, ``src_vec`` and ``src_degree_vec`` then hold them once, and the
+    full ``dst``/``src``/``src_degree`` are expanded views of them."""
 
     dst: torch.Tensor
     src: torch.Tensor
     src_degree: torch.Tensor
     bias_dst: torch.Tensor
+    dst_axis: int | None = None
+    dst_vec: torch.Tensor | None = None
+    src_vec: torch.Tensor | None = None
+    src_degree_vec: torch.Tensor | None = None
 
 
 def _layer_sides(symmetry: Symmetry, layer_index: int, device: torch.device) -> _Sides:
     layer = symmetry.layers[layer_index]
     weight = layer.module.weight
     groups = getattr(layer.module, "groups", 1)
-    if isinstance(layer.module, TRANSPOSED_MODULES):
+    transposed = isinstance(layer.module, TRANSPOSED_MODULES)
+    bias_dst = torch.as_tensor(symmetry.unit_class[layer.units], device=device)
+    if groups == 1:
+        src = torch.as_tensor(symmetry.atom_class(layer.in_atoms), device=device)
+        degree = torch.as_tensor(symmetry.atom_degree[layer.in_atoms], device=device)
+        shape = weight.shape[:2]
+        if transposed:  # weight (in, out, k...)
+            return _Sides(bias_dst[None, :].expand(shape), src[:, None].expand(shape),
+                          degree[:, None].expand(shape), bias_dst, 1, bias_dst, src, degree)
+        return _Sides(bias_dst[:, None].expand(shape), src[None, :].expand(shape),
+                      degree[None, :].expand(shape), bias_dst, 0, bias_dst, src, degree)
+    if transposed:
         # weight (in, out / groups, k...): input channel i of group i // (in / groups)
         # feeds that group's outputs.
         n_in, out_per_group = weight.shape[0], weight.shape[1]
@@ -160,8 +179,14 @@ def _layer_sides(symmetry: Symmetry, layer_index: int, device: torch.device) -> 
         dst_units = np.broadcast_to(layer.units[:, None], rows.shape)
     return _Sides(torch.as_tensor(symmetry.unit_class[dst_units], device=device),
                   torch.as_tensor(symmetry.atom_class(atoms), device=device),
-                  torch.as_tensor(symmetry.atom_degree[atoms], device=device),
-                  torch.as_tensor(symmetry.unit_class[layer.units], device=device))
+                  torch.as_tensor(symmetry.atom_degree[atoms], device=device), bias_dst)
+
+
+def _entry_costs(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """``sum |w|**p`` over the kernel of every (row, column) entry of a weight, float64,
+    without a float64 copy of the weight."""
+    flat = weight.detach().reshape(weight.shape[0], weight.shape[1], -1)
+    return torch.linalg.vector_norm(flat, ord=p, dim=-1, dtype=torch.float64).pow_(p)
 
 
 def symmetry_network(symmetry: Symmetry, p: float) -> Network:
@@ -202,6 +227,32 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
             acc = acc.reshape(n_dst, n_src).cpu()
             totals[(d, s)] = totals[(d, s)] + acc if (d, s) in totals else acc
 
+    def group_and_index(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cg, ci = class_group.to(classes.device), class_index.to(classes.device)
+        return (torch.where(classes >= 0, cg[classes.clamp(min=0)], FIXED),
+                torch.where(classes >= 0, ci[classes.clamp(min=0)], 0))
+
+    def add_separable(dst: torch.Tensor, src: torch.Tensor, cost: torch.Tensor) -> None:
+        """``add`` for a (dst, src) cost matrix whose row i has class dst[i] and column j
+        class src[j]: rows summed per class first, then columns."""
+        dg, di = group_and_index(dst)
+        sg, si = group_and_index(src)
+        src_groups = torch.unique(sg).tolist()
+        for d in torch.unique(dg).tolist():
+            rows = dg == d
+            n_dst = sizes[d] if d >= 0 else 1
+            by_dst = torch.zeros(n_dst, cost.shape[1], dtype=torch.float64, device=cost.device)
+            by_dst.index_add_(0, di[rows], cost[rows])
+            for s in src_groups:
+                if d == FIXED and s == FIXED:
+                    continue
+                cols = sg == s
+                n_src = sizes[s] if s >= 0 else 1
+                acc = torch.zeros(n_dst, n_src, dtype=torch.float64, device=cost.device)
+                acc.index_add_(1, si[cols], by_dst[:, cols])
+                acc = acc.cpu()
+                totals[(d, s)] = totals[(d, s)] + acc if (d, s) in totals else acc
+
     counted: set[int] = set()
 
     def first_time(tensor: torch.Tensor | None) -> bool:
@@ -215,9 +266,13 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
             weight = layer.module.weight.detach()
             sides = _layer_sides(symmetry, index, weight.device)
             if first_time(layer.module.weight):
-                cost = weight.to(torch.float64).abs().pow(p).reshape(*sides.src.shape, -1
-                                                                      ).sum(-1)
-                add(sides.dst, sides.src, cost)
+                cost = _entry_costs(weight, p)
+                if sides.dst_axis == 0:
+                    add_separable(sides.dst_vec, sides.src_vec, cost)
+                elif sides.dst_axis == 1:
+                    add_separable(sides.dst_vec, sides.src_vec, cost.T)
+                else:
+                    add(sides.dst, sides.src, cost)
             bias = layer.module.bias
             if first_time(bias):
                 add(sides.bias_dst, torch.full_like(sides.bias_dst, FIXED),
@@ -276,7 +331,13 @@ def scale_factors(model: nn.Module, symmetry: Symmetry, class_u: np.ndarray
         device = weight.device
         u = torch.as_tensor(class_u, dtype=torch.float64, device=device)
         sides = _layer_sides(symmetry, index, device)
-        log_factor = log_of(sides.dst, u) - sides.src_degree * log_of(sides.src, u)
+        if sides.dst_axis is None:
+            log_factor = log_of(sides.dst, u) - sides.src_degree * log_of(sides.src, u)
+        else:
+            dst_log = log_of(sides.dst_vec, u)
+            src_log = sides.src_degree_vec * log_of(sides.src_vec, u)
+            log_factor = dst_log[:, None] - src_log[None, :] if sides.dst_axis == 0 \
+                else dst_log[None, :] - src_log[:, None]
         shape = (*log_factor.shape, *([1] * (weight.ndim - 2)))
         put(weight, torch.exp(log_factor).reshape(shape).expand(weight.shape))
         if layer.module.bias is not None:
@@ -304,8 +365,7 @@ def apply_factors_(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> Non
     """``t <- s * t`` for every named tensor, computed in float64, stored in t's dtype."""
     for name, factor in factors.items():
         tensor = _tensor(model, name)
-        scaled = tensor.to(torch.float64) * factor.to(tensor.device)
-        tensor.copy_(scaled.to(tensor.dtype))
+        tensor.copy_(tensor.to(torch.float64).mul_(factor.to(tensor.device)))
 
 
 # -- probes -----------------------------------------------------------------------------------
@@ -472,10 +532,16 @@ def _plan_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     return plan_state_transform(optimizer, scales, mode)
 
 
+def lp_sum(tensor: torch.Tensor, p: float) -> float:
+    """``sum |t|**p`` accumulated in float64 (without a float64 copy of the tensor)."""
+    if tensor.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(tensor.detach(), ord=p, dtype=torch.float64)) ** p
+
+
 def _model_cost(model: nn.Module, p: float) -> float:
     with torch.no_grad():
-        return float(sum(float(t.detach().to(torch.float64).abs().pow(p).sum())
-                         for t in model.parameters()))
+        return float(sum(lp_sum(t, p) for t in model.parameters()))
 
 
 def _single_power(p: float | Regulariser) -> float:
@@ -547,7 +613,7 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
     device, dtype = _check_model(model)
     example = default_example(model, device, dtype) if example is None \
         else _as_example(example, device, dtype)
-    symmetry = discover(model, example)
+    symmetry = discover(model, example, seed=PROBE_SEED)
     if strict and symmetry.boundaries:
         raise NotHomogeneousError("model", "strict=True and the rescaling stops at: " + "; ".join(
             str(b) for b in symmetry.boundaries), SUPPORTED)
@@ -565,7 +631,9 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
     plan = _plan_state(model, optimizer, factors, optimizer_state)
     change = change64 = None
     if check_function:
-        before = probe(model, example)
+        # The discovery pass ran the model on the probe batch with the probe's seed: its
+        # outputs are the model's before the change.
+        before = list(symmetry.outputs)
         change64 = _float64_change(model, example, factors)
         if not change64 <= function_tol:
             raise FunctionChangeError(
@@ -600,9 +668,27 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
 
 def _float64_change(model: nn.Module, example: tuple[torch.Tensor, ...],
                     factors: Mapping[str, torch.Tensor]) -> float:
-    """The function change of the same rescaling on a float64 copy of the model."""
-    copy64 = copy.deepcopy(model).to(torch.float64)
+    """The function change of the same rescaling on float64 copies of the parameters and
+    buffers (the model itself is not touched: ``torch.func.functional_call``)."""
+    # copy=True: a float64 model's own tensors are never scaled in place here.
+    tensors = {name: t.detach().to(torch.float64, copy=True) if t.is_floating_point()
+               else t.detach() for name, t in (*model.named_parameters(),
+                                               *model.named_buffers())}
     example64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in example)
-    before = probe(copy64, example64)
-    apply_factors_(copy64, factors)
-    return relative_change(before, probe(copy64, example64))
+    before = _functional_probe(model, tensors, example64)
+    for name, factor in factors.items():
+        tensors[name].mul_(factor.to(tensors[name].device))
+    return relative_change(before, _functional_probe(model, tensors, example64))
+
+
+def _functional_probe(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                      example: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """``probe`` of the model with ``tensors`` in place of its parameters and buffers;
+    buffers are passed as copies, so a training-mode BatchNorm updates only those."""
+    buffers = {name for name, _ in model.named_buffers()}
+    given = {k: (v.clone() if k in buffers else v) for k, v in tensors.items()}
+    devices = [t.device for t in example if t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(PROBE_SEED)
+        out = torch.func.functional_call(model, given, example)
+    return [t.detach().to(torch.float64).clone() for t in _leaves(out)]

@@ -163,6 +163,8 @@ class Symmetry:
     class_group: np.ndarray
     class_index: np.ndarray
     groups: tuple[SymmetryGroup, ...]
+    # The model's outputs on the probe batch during discovery (tensor leaves, float64 copies).
+    outputs: tuple[torch.Tensor, ...] = ()
 
     @property
     def n_units(self) -> int:
@@ -472,7 +474,12 @@ class _Discovery(fx.Interpreter):
             in_atoms = torch.zeros(x.shape[dim], dtype=torch.int64)
         out_dim = value.ndim - 1 if isinstance(module, nn.Linear) else 1
         units = self.new_units(path, value.shape[out_dim])
-        atoms = torch.tensor([self.atom(int(u), 1.0) for u in units], dtype=torch.int64)
+        # New units: their degree-1 atoms are new too, registered in one go.
+        first = len(self.atoms)
+        keys = [(int(u), 1.0) for u in units]
+        self.atoms.extend(keys)
+        self.atom_ids.update(zip(keys, range(first, first + len(keys)), strict=True))
+        atoms = torch.arange(first, first + len(keys), dtype=torch.int64)
         layer = WeightedLayer(path, module, units, in_atoms.numpy())
         self.layers.append(layer)
         self.called[id(module)] = layer
@@ -712,11 +719,12 @@ def _pin_shared_tensors(found: _Discovery, graph_module: fx.GraphModule) -> None
 
     for layer in found.layers:
         module = layer.module
-        outputs = {found.atom(int(u), 1.0) for u in layer.units}
-        for attr, atoms in (("weight", set(layer.in_atoms.tolist()) | outputs),
-                            ("bias", outputs)):
+        for attr in ("weight", "bias"):
             elsewhere = others(getattr(module, attr, None), layer.path)
             if elsewhere:
+                atoms = {found.atom(int(u), 1.0) for u in layer.units}
+                if attr == "weight":
+                    atoms |= set(layer.in_atoms.tolist())
                 found.boundary(layer.path, type(module).__name__, f"its {attr} is also "
                                f"reached through {', '.join(elsewhere)}", atoms)
     for shift in found.shifts:
@@ -750,8 +758,21 @@ def _pin_mixed_degrees(found: _Discovery) -> dict[int, float]:
     return result
 
 
-def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
-    """Trace ``model`` and run it on ``example`` to find its rescaling symmetry."""
+def _tensor_leaves(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    return []
+
+
+def discover(model: nn.Module, example: tuple[torch.Tensor, ...],
+             seed: int | None = None) -> Symmetry:
+    """Trace ``model`` and run it on ``example`` to find its rescaling symmetry. With
+    ``seed``, the pass draws its random masks (dropout) from ``torch.manual_seed(seed)``;
+    the caller's random state is left alone either way."""
     graph_module = trace(model)
     found = _Discovery(graph_module)
     # A training-mode BatchNorm updates its running statistics on every pass: put them back.
@@ -760,7 +781,10 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
     devices = [t.device for t in example if t.device.type == "cuda"]
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         try:
-            found.run(*example)
+            if seed is not None:
+                torch.manual_seed(seed)
+            result = found.run(*example)
+            outputs = tuple(t.detach().to(torch.float64).clone() for t in _tensor_leaves(result))
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
             raise InvalidInputError("example", f"the model fails on the probe batch (shapes "
                                     f"{[tuple(t.shape) for t in example]}): {error}") from error
@@ -814,4 +838,4 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Symmetry:
     atom_degree = np.array([d for _, d in found.atoms], dtype=np.float64)
     return Symmetry(tuple(found.layers), tuple(found.shifts), tuple(found.boundaries),
                     tuple(found.unit_paths), atom_unit, atom_degree, unit_class, class_group,
-                    class_index, groups)
+                    class_index, groups, outputs)

@@ -55,7 +55,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         fi
         if ! cuda_torch; then
             echo "setup failed: the torch installed from $index is a CPU build" \
-                 "($(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>&1));" \
+                 "($(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__)' \
+                      2>/dev/null));" \
                  "set ASYNCBALANCE_TORCH_INDEX to a CUDA wheel index (pytorch.org)" >&2
             exit 1
         fi
