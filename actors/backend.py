@@ -25,6 +25,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncbalance.errors import InvalidInputError
+from asyncbalance.graph import CostGraph
+from asyncbalance.runtime.array_sim import default_step, event_level, link_mean_array
+from asyncbalance.runtime.block_host import COUNTER_NAMES as BLOCK_COUNTER_NAMES
+from asyncbalance.runtime.block_host import decode_checkpoint, zero_checkpoint
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.host import (
     COUNTER_NAMES,
@@ -33,6 +37,7 @@ from asyncbalance.runtime.host import (
     settings_for,
     split_by_shard,
 )
+from asyncbalance.runtime.layout import build_layout
 from asyncbalance.runtime.scenario import Scenario
 from asyncbalance.runtime.shard import Shard, ShardSpec
 from asyncbalance.runtime.simulator import MessageCounters, rule_of
@@ -41,6 +46,7 @@ from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
 from .links import MonitorClient
 
+BLOCK_COUNTERS = tuple(n for n in BLOCK_COUNTER_NAMES if n not in COUNTER_NAMES)
 _EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_turns",
                    "monitor_polls")
 # With stream links the driver samples the hosts' state over a monitor link each
@@ -114,10 +120,14 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, specs: Sequence[ShardSpec], scenario: Scenario, events: EventWriter,
-                 address: str | None = None):
+                 address: str | None = None, graph: CostGraph | None = None):
         self.specs = list(specs)
         self.scenario = scenario
         self.events = events
+        # With the global cost graph the hosts run shard blocks (array frames between
+        # hosts); without it (training's reloads) they run the per-shard reference.
+        self.layout = (build_layout(graph, [spec.units for spec in self.specs])
+                       if graph is not None else None)
         cfg = scenario.ray
         self.time_unit = cfg.time_unit
         self.owns_ray = connect_ray(address or cfg.address or None,
@@ -153,8 +163,7 @@ class RayBackend:
         self.actors: list[Any] = [None] * self.n_hosts
         # Only this run's hosts may deliver state over the stream links.
         self.token = secrets.token_bytes(16)
-        self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
-                                   self.settings[h]))
+        self.plan_refs = [ray.put(self._plan(h, members))
                           for h, members in enumerate(self.members)]
         self.actors = [self._create(h) for h in range(self.n_hosts)]
         self.peers = {h: a for h, a in enumerate(self.actors)}
@@ -168,13 +177,12 @@ class RayBackend:
         self._open_monitors()
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
         # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
-        self.saved = {s.shard_id: Shard(s, self.rule, scenario.links.resend_interval)
-                      .checkpoint() for s in self.specs}
+        self.saved = self._zero_checkpoints()
         self.restarts = {s.shard_id: 0 for s in self.specs}
         self.crashes_per_shard = {s.shard_id: 0 for s in self.specs}
         for crash in scenario.faults.crashes:
             self.crashes_per_shard[crash.shard] += 1
-        names = COUNTER_NAMES + _EXTRA_COUNTERS
+        names = COUNTER_NAMES + _EXTRA_COUNTERS + BLOCK_COUNTERS
         self.current = [dict.fromkeys(names, 0) for _ in range(self.n_hosts)]
         self.retired = dict.fromkeys(names, 0)
         self.updates = [0] * self.n_hosts
@@ -191,6 +199,23 @@ class RayBackend:
         self.started = time.perf_counter()
         self.last_checkpoint_poll = -np.inf
         self.checkpoint_sink: Callable[[dict[int, bytes]], None] | None = None
+
+    def _plan(self, host: int, members: list[int]) -> tuple:
+        """What host ``host`` is set up with (shipped by reference)."""
+        if self.layout is None:
+            return ([self.specs[sid] for sid in members], self.shard_host, self.settings[host])
+        scenario = self.scenario
+        return ("blocks", self.layout, np.asarray(self.shard_host, dtype=np.int64),
+                self.settings[host], link_mean_array(scenario, self.layout),
+                default_step(scenario), event_level(scenario))
+
+    def _zero_checkpoints(self) -> dict[int, bytes]:
+        """Every shard at u = 0 with an empty view: what a host lost before its first
+        checkpoint resumes from."""
+        if self.layout is None:
+            return {s.shard_id: Shard(s, self.rule, self.scenario.links.resend_interval)
+                    .checkpoint() for s in self.specs}
+        return {s.shard_id: zero_checkpoint(self.layout, s.shard_id) for s in self.specs}
 
     def _create(self, host: int, cpus: float | None = None) -> Any:
         cfg = self.scenario.ray
@@ -400,6 +425,10 @@ class RayBackend:
 
     def _set_latest_from_saved(self, host: int) -> None:
         # Latest state of a lost host: what it resumed from.
+        if self.layout is not None:
+            self.latest[host] = np.concatenate(
+                [decode_checkpoint(self.saved[sid])["own"] for sid in self.members[host]])
+            return
         self.latest[host] = np.concatenate(
             [Shard.restore(self.specs[sid], self.rule, self.scenario.links.resend_interval, 0,
                            self.saved[sid]).log_scales for sid in self.members[host]])
@@ -445,17 +474,17 @@ class RayBackend:
         """New costs for the same shards (training): every shard restarts at u = 0."""
         if [s.shard_id for s in specs] != [s.shard_id for s in self.specs]:
             raise ValueError("a reload must keep the shards")
+        if self.layout is not None:
+            raise ValueError("hosts running shard blocks take no reloads")
         self.specs = list(specs)
         self.generation += 1
-        self.plan_refs = [ray.put(([self.specs[sid] for sid in members], self.shard_host,
-                                   self.settings[h]))
+        self.plan_refs = [ray.put(self._plan(h, members))
                           for h, members in enumerate(self.members)]
         spec_refs = [ray.put([self.specs[sid] for sid in members]) for members in self.members]
         ray.get([a.reload.remote([ref], self.generation)
                  for a, ref in zip(self.actors, spec_refs, strict=True)])
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
-        self.saved = {s.shard_id: Shard(s, self.rule, self.scenario.links.resend_interval)
-                      .checkpoint() for s in self.specs}
+        self.saved = self._zero_checkpoints()
 
     def owned_log_scales(self) -> list[np.ndarray]:
         """Each shard's own log-scales, in shard order."""

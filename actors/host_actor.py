@@ -1,4 +1,5 @@
-"""The Ray shard host: a thin asyncio shell around ``asyncbalance.runtime.host.ShardHost``.
+"""The Ray shard host: a thin asyncio shell around a ``BlockHost`` (shard blocks, array
+frames between hosts) or, for training's reloads, the per-shard ``ShardHost``.
 
 One actor process hosts many logical shards. Its loop runs the host's events that are due
 on the scenario clock (wall seconds since the run's origin divided by ``time_unit``) in
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -32,6 +34,8 @@ import numpy as np
 import ray
 
 from asyncbalance.errors import InvalidInputError
+from asyncbalance.runtime.block_host import BlockHost
+from asyncbalance.runtime.frames import decode_frame, encode_frame
 from asyncbalance.runtime.host import HostSettings, ShardHost
 from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
@@ -71,7 +75,9 @@ class HostActor:
         self.time_unit = time_unit
         self.max_in_flight = max_in_flight
         self.origin = time.time()
-        self.host: ShardHost | None = None
+        self.host: ShardHost | BlockHost | None = None
+        self.encode: Callable[[Any, int], bytes] = _encode_batch
+        self.decode: Callable[[Any, bytes, float], None] = _decode_batch
         self.peers: dict[int, Any] = {}
         self.in_flight: dict[int, int] = {}
         self.calls = 0
@@ -106,7 +112,12 @@ class HostActor:
         run's clock; without, they wait for ``start``. Returns the address this host's
         stream links listen on (None with the ``calls`` transport).
         """
-        specs, shard_host, settings = await plan_box[0]
+        plan = await plan_box[0]
+        blocks = plan[0] == "blocks"
+        if blocks:
+            _, layout, shard_host, settings, link_mean, step, level = plan
+        else:
+            specs, shard_host, settings = plan
         self.settings: HostSettings = settings
         self.slice_events = FREE_SLICE_EVENTS if self.links is not None and \
             not settings.paced else SLICE_EVENTS
@@ -119,8 +130,16 @@ class HostActor:
         if origin is not None:
             self.origin = origin
         now = max(self._now(), 0.0) if self.started else 0.0
-        self.host = ShardHost(self.host_id, specs, shard_host, settings, generation,
-                              checkpoints, restarts, now=now)
+        if blocks:
+            # Shard blocks: array frames between hosts, one entry per changed shard.
+            self.host = BlockHost(self.host_id, layout, shard_host, settings, link_mean, step,
+                                  generation, checkpoints, restarts, now=now, level=level,
+                                  catch_up=True)
+            self.encode, self.decode = _encode_frame, _decode_frame
+        else:
+            self.host = ShardHost(self.host_id, specs, shard_host, settings, generation,
+                                  checkpoints, restarts, now=now)
+            self.encode, self.decode = _encode_batch, _decode_batch
         self._ensure_loop()
         return address
 
@@ -143,7 +162,7 @@ class HostActor:
     async def reload(self, specs_box: list, generation: int) -> int:
         """New costs for the same shards (training): u = 0 in a new generation."""
         specs: list[ShardSpec] = await specs_box[0]
-        if self.host is None:
+        if not isinstance(self.host, ShardHost):
             raise RuntimeError(f"host {self.host_id} has no shards to reload")
         self.host.reload(specs, generation, self._now())
         self._wake_up()
@@ -212,15 +231,15 @@ class HostActor:
         if self.links is not None:
             for dst in host.pending_hosts():
                 if self.links.can_send(dst):
-                    self.links.send(dst, encode_batch(host.take_outbox(dst)))
+                    self.links.send(dst, self.encode(host, dst))
             return
         for dst in host.pending_hosts():
             if self.in_flight.get(dst, 0) >= self.max_in_flight or dst not in self.peers:
                 continue
-            batch = host.take_outbox(dst)
+            payload = self.encode(host, dst)
             self.in_flight[dst] = self.in_flight.get(dst, 0) + 1
             self.calls += 1
-            ref = self.peers[dst].receive.remote(encode_batch(batch))
+            ref = self.peers[dst].receive.remote(payload)
             # asyncio keeps only weak references to tasks: hold them until they finish.
             task = asyncio.get_running_loop().create_task(
                 self._complete(dst, ref, time.perf_counter()))
@@ -248,11 +267,10 @@ class HostActor:
             self.dropped_down += 1
             return
         try:
-            batch = decode_batch(payload)
+            self.decode(self.host, payload, self._now())
         except InvalidInputError:
             self.bad_frames += 1
             return
-        self.host.receive(batch, self._now())
         self._wake_up()
 
     def _transport_counters(self) -> dict[str, Any]:
@@ -264,7 +282,7 @@ class HostActor:
                 "call_seconds": links.ack_seconds, "acked_calls": links.acked,
                 "monitor_polls": links.monitor_requests}
 
-    def _sample(self, host: ShardHost) -> dict[str, Any]:
+    def _sample(self, host: ShardHost | BlockHost) -> dict[str, Any]:
         """What changes from one sample to the next: own log-scales (host order), counters."""
         return {
             "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
@@ -305,6 +323,28 @@ class HostActor:
         if self.links is not None:
             self.links.close()
         return True
+
+
+def _encode_batch(host: ShardHost, dst: int) -> bytes:
+    return encode_batch(host.take_outbox(dst))
+
+
+def _decode_batch(host: ShardHost, payload: bytes, now: float) -> None:
+    host.receive(decode_batch(payload), now)
+
+
+def _encode_frame(host: BlockHost, dst: int) -> bytes:
+    return encode_frame(host.take_frame(dst))
+
+
+def _decode_frame(host: BlockHost, payload: bytes, now: float) -> None:
+    frame = decode_frame(payload)
+    if (frame.senders >= host.layout.n_shards).any():
+        raise InvalidInputError("frame", "a sender that is not a shard of this run")
+    if frame.values.shape[0] != int((host.layout.unit_ptr[frame.senders + 1]
+                                     - host.layout.unit_ptr[frame.senders]).sum()):
+        raise InvalidInputError("frame", "values do not match the senders' unit counts")
+    host.receive_frame(frame, now)
 
 
 def _resident_bytes() -> int | None:

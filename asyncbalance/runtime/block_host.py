@@ -40,7 +40,7 @@ from .block import ShardBlock, version_of
 from .delays import DelaySampler, WakeSchedule
 from .frames import Frame
 from .host import EPOCH_STRIDE, CrashRecord, HostSettings
-from .layout import BlockLayout, expand_ranges
+from .layout import BlockLayout, expand_ranges, shard_colours
 
 CHECKPOINT_FORMAT = 2
 COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
@@ -96,8 +96,11 @@ class BlockHost:
                  settings: HostSettings, link_mean: np.ndarray, step: float,
                  generation: int = 0, checkpoints: dict[int, bytes | None] | None = None,
                  restarts: dict[int, int] | None = None, now: float = 0.0,
-                 level: str = "batches"):
+                 level: str = "batches", catch_up: bool = False):
         self.host_id = host_id
+        # On a wall clock a host that fell behind takes everything due up to ``now`` in one
+        # window instead of replaying the windows it missed one by one.
+        self.catch_up = catch_up
         self.settings = settings
         self.step = step
         self.level = level
@@ -156,8 +159,13 @@ class BlockHost:
         self.buckets: dict[int, list[tuple[_Chunk, int, int]]] = {}
         self.bucket_keys: list[int] = []
         self.in_flight = 0
-        self.outbox: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.outbox: dict[int, list[tuple[np.ndarray, ...]]] = {}
         self.windows = 0
+        # Free-running, a host moves its shards colour by colour (layer parity in an MLP),
+        # so that no two neighbours move at once on each other's old values: red-black
+        # Gauss-Seidel instead of Jacobi sweeps, which oscillate on dense layers.
+        self.colour, self.n_colours = shard_colours(lay)
+        self.turn = 0
 
     def reload(self, layout: BlockLayout, generation: int, now: float) -> None:
         """New costs for the same shards: every shard restarts at u = 0 in ``generation``."""
@@ -196,7 +204,7 @@ class BlockHost:
             key = self._next_window()
             if key * self.step > now:
                 break
-            limit = min((key + 1) * self.step, now)
+            limit = now if self.catch_up else min((key + 1) * self.step, now)
             work = self._window(int(key), key * self.step, limit)
             windows += 1
             done += work
@@ -231,7 +239,10 @@ class BlockHost:
     # -- deliveries -------------------------------------------------------------------------
 
     def _deliver_due(self, k: int, limit: float) -> int:
-        ranges = self.buckets.pop(k, None)
+        ranges = []
+        keys = self.bucket_keys
+        while keys and (keys[0] <= k or keys[0] * self.step < limit):
+            ranges += self.buckets.pop(heapq.heappop(keys), [])
         if not ranges:
             return 0
         times = np.concatenate([c.times[lo:hi] for c, lo, hi in ranges])
@@ -290,7 +301,11 @@ class BlockHost:
     # -- wakes and sends --------------------------------------------------------------------
 
     def _wake_due(self, limit: float) -> tuple[np.ndarray, np.ndarray]:
-        due = np.nonzero(self.alive & (self.wake_at <= limit))[0]
+        ready = self.alive & (self.wake_at <= limit)
+        if not self.settings.paced and self.n_colours > 1:
+            ready &= self.colour == self.turn
+            self.turn = (self.turn + 1) % self.n_colours
+        due = np.nonzero(ready)[0]
         if due.size == 0:
             return due, due
         now = self.wake_at[due].copy()
@@ -438,7 +453,7 @@ class BlockHost:
             entry = buckets.get(key)
             if entry is None:
                 buckets[key] = [(chunk, lo, hi)]
-                heapq.heappush(self.bucket_keys, key)
+                heapq.heappush(self.bucket_keys, key)  # one heap entry per bucket
             else:
                 entry.append((chunk, lo, hi))
         self.in_flight += keys.shape[0]
@@ -561,3 +576,14 @@ def decode_checkpoint(raw: bytes) -> dict[str, np.ndarray]:
     return {"own": np.frombuffer(own, dtype="<f8").copy(),
             "halo": np.frombuffer(halo, dtype="<f8").copy(),
             "versions": np.frombuffer(versions, dtype="<i8").copy()}
+
+
+def zero_checkpoint(layout: BlockLayout, shard: int) -> bytes:
+    """A checkpoint of ``shard`` at u = 0 with an empty view (no version seen)."""
+    one = np.array([shard], dtype=np.int64)
+    positions, _ = layout.shard_positions(one)
+    slots = layout.shard_slots(one)
+    links = layout.shard_in_links(one)
+    return encode_checkpoint(shard, 0, {"own": np.zeros(positions.shape[0]),
+                                        "halo": np.zeros(slots.shape[0]),
+                                        "versions": np.full(links.shape[0], -1)})

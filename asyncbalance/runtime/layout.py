@@ -83,6 +83,7 @@ class BlockLayout:
     out_link_ptr: np.ndarray   # shard s sends on links out_link_ptr[s] .. [s+1]
     in_links: np.ndarray       # links sorted by receiver (stable)
     in_link_ptr: np.ndarray    # CSR of shards over ``in_links``
+    shard_group: np.ndarray    # hidden group (layer) of each shard's first unit
 
     @property
     def n_shards(self) -> int:
@@ -238,7 +239,21 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray]) -> BlockLayo
         color=color, n_colors=n_colors, slot_sender_pos=pos_of[slot_nb],
         link_src=link_src.astype(np.int64), link_dst=link_dst.astype(np.int64),
         link_slot_ptr=link_slot_ptr, out_link_ptr=out_link_ptr, in_links=in_links,
-        in_link_ptr=in_link_ptr)
+        in_link_ptr=in_link_ptr, shard_group=_groups(graph, units[unit_ptr[:-1]]))
+
+
+def _groups(graph: CostGraph, units: np.ndarray) -> np.ndarray:
+    starts = np.array([start for start, _ in graph.group_ranges], dtype=np.int64)
+    return (np.searchsorted(starts, units, side="right") - 1).astype(np.int64)
+
+
+def shard_colours(layout: BlockLayout) -> tuple[np.ndarray, int]:
+    """A proper colouring of the shard graph, if the layers give one: layer parity when no
+    link joins two shards of the same parity (every MLP), else one colour."""
+    parity = layout.shard_group % 2
+    if layout.n_links and (parity[layout.link_src] == parity[layout.link_dst]).any():
+        return np.zeros(layout.n_shards, dtype=np.int64), 1
+    return parity, 2 if layout.n_shards and parity.any() else 1
 
 
 def _colors(in_pos: np.ndarray, in_nb: np.ndarray, out_pos: np.ndarray, out_nb: np.ndarray,
