@@ -263,12 +263,14 @@ def run_on_local_cluster(scenario_path: str, out_dir: str, nodes: int = 3,
     """
     import ray
 
+    from asyncbalance.runtime.memory_estimate import check_scenario_memory
     from asyncbalance.runtime.scenario import load_scenarios
 
     points = load_scenarios(scenario_path, list(overrides))
     if len(points) != 1 or points[0].sweep:
         raise ClusterError(f"scenario: {scenario_path} is a sweep of {len(points)} points; "
                            "give one scenario")
+    check_scenario_memory(points[0].scenario)
     report: dict[str, Any] = {"nodes": nodes, "scenario": scenario_path,
                               "overrides": list(overrides), "runs": []}
     with LocalCluster(nodes=nodes, cpus_per_node=cpus_per_node) as cluster:

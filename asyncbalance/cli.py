@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError as exc:
+        # What the estimates before the work did not foresee: still the input's size.
+        print(f"{prefix}: error: out of memory ({type(exc).__name__}: "
+              f"{str(exc).strip()[:200] or 'no details'}); use a smaller network, fewer "
+              "units per shard or a machine with more memory", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except BrokenPipeError:
         # The reader of stdout went away (``| head``): stop quietly, as Unix tools do; the
         # interpreter's final flush must not fail on the closed pipe either.

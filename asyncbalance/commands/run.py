@@ -13,6 +13,7 @@ from ..errors import InvalidInputError
 from ..io import check_writable_dir, json_text, nearest_existing
 from ..progress import Progress
 from ..runtime.coordinator import run_points
+from ..runtime.memory_estimate import check_scenario_memory
 from ..runtime.record import Sample
 from ..runtime.report import summary_table, sweep_table
 from ..runtime.scenario import BACKENDS, Scenario, load_scenarios
@@ -71,6 +72,9 @@ class _ProgressBar:
 def run(args: argparse.Namespace) -> int:
     check_scenario_command(args.scenario, "run")
     points = load_scenarios(args.scenario, args.overrides)
+    for point in points:
+        # Before anything is built: a scenario too large for this machine is refused.
+        check_scenario_memory(point.scenario)
     backends = {args.backend or p.scenario.backend for p in points}
     if args.address and "ray" not in backends:
         raise InvalidInputError("--address", "names a Ray cluster, but this run uses the "

@@ -40,6 +40,28 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     return "train"
 
 
+# Bytes per MLP parameter while training with balancing: float32 weight, gradient and two
+# optimiser moments (16), the float64 twin for the function check (8), its cost (8) and a
+# scaled copy (8).
+BYTES_PER_PARAMETER = 40
+
+
+def check_model_memory(config: object, data: Dataset) -> None:
+    """Refuse an MLP whose parameters cannot fit in memory, before it is built."""
+    from ..memory import check_fits
+
+    model = config.model  # type: ignore[attr-defined]
+    if model.kind != "mlp":
+        return
+    widths = [int(w) for w in model.widths]
+    widths[0] = widths[0] or data.n_features
+    widths[-1] = widths[-1] or data.n_classes
+    params = sum((i + 1) * o for i, o in zip(widths[:-1], widths[1:], strict=True))
+    check_fits("model.widths", BYTES_PER_PARAMETER * params,
+               f"{params:.3g} parameters x {BYTES_PER_PARAMETER} bytes",
+               "use narrower layers (model.widths)")
+
+
 def _check_out_root(out: Path) -> None:
     """The output root must be (or be creatable as) a writable directory."""
     check_writable_dir(nearest_existing(out), "--out")
@@ -64,13 +86,17 @@ def run(args: argparse.Namespace) -> int:
         if target.exists() and not args.overwrite:
             raise existing_run_error(target)
     cache: dict[tuple, Dataset] = {}
+    # Every job's model is checked against the memory before the first one trains.
+    for config, seed in jobs:
+        key = (config.data, seed if config.data.fraction < 1 else None, args.data_dir)
+        if key not in cache:
+            cache[key] = load_dataset(config.data, seed, args.data_dir)
+        check_model_memory(config, cache[key])
     summaries = []
     for done, ((config, seed), target) in enumerate(zip(jobs, targets, strict=True), start=1):
         record = provenance(getattr(args, "command_line", None))
         device = str(resolve_device(args.device or config.device))
         key = (config.data, seed if config.data.fraction < 1 else None, args.data_dir)
-        if key not in cache:
-            cache[key] = load_dataset(config.data, seed, args.data_dir)
         progress = Progress(f"[{done}/{len(jobs)}] {config.label} seed {seed}", args.quiet)
         try:
             result = train_run(config, seed, device, data=cache[key],
