@@ -25,6 +25,7 @@ from ..graph import CostGraph, build_cost_graph
 from ..network import scale_network
 from ..optimum import solve_optimum
 from ..schedules import ScheduleResult, run_schedule
+from .background import BackgroundSampler
 from .bridge import layout_network, model_layout, write_network
 from .models import BalanceLayout
 from .rescaling import rescale_optimizer_state
@@ -113,11 +114,13 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         if balancer is None:
             raise InvalidInputError("balancing.mode", "'background' needs a balancer that "
                                     "lives for the whole training run (AsyncBalancer)")
-        result, staleness = balancer.take(graph, step, async_budget)
+        result, staleness = balancer.take(graph, step, async_budget,
+                                          settle=probe is not None or with_optimum)
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
     balanced = scale_network(network, u)
+    imbalance_before = np.abs(kernels.log_imbalance(graph, u0))
     seconds = time.perf_counter() - start
     monitor_start = time.perf_counter()
     cost_opt, distance = float("nan"), float("nan")
@@ -131,7 +134,6 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
             cert = solve_optimum(graph, tol=1e-12)
             u_star, cost_opt = cert.log_scales, cert.cost
         distance = float(np.max(np.abs(u - u_star))) if u.size else 0.0
-    imbalance_before = np.abs(kernels.log_imbalance(graph, u0))
     err64 = err32 = float("nan")
     if probe is not None:
         twin = copy.deepcopy(model).to(torch.float64)
@@ -149,7 +151,7 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
         rescale_optimizer_state(optimizer, layout, u, optimizer_state)
     if kind == "background" and balancer is not None:
         # The shards go on from the weights as they are now, every few boundaries.
-        balancer.refresh(build_cost_graph(balanced, p), step)
+        balancer.refresh(lambda: build_cost_graph(balanced, p), step)
     seconds += time.perf_counter() - start_write
     if probe is not None:
         monitor_start = time.perf_counter()
@@ -179,7 +181,8 @@ class AsyncBalancer:
     """
 
     def __init__(self, backend: str = "sim", shards_per_layer: int = 1, seed: int = 0,
-                 time_unit: float = 0.01, reload_every: int = 1):
+                 time_unit: float = 0.01, reload_every: int = 1,
+                 sample_seconds: float = 0.02):
         from ..runtime.backends import backend_factory
         from ..runtime.scenario import RayConfig, Scenario
 
@@ -200,6 +203,12 @@ class AsyncBalancer:
         self.specs: list[Any] = []
         self.applied = np.zeros(0)
         self.loaded_at = 0
+        # Background mode on hosts: a thread samples them every sample_seconds (0: the
+        # boundary polls them itself); generation counts the costs handed to it.
+        self.sample_seconds = sample_seconds
+        self.settle_seconds = 1.0
+        self.sampler: BackgroundSampler | None = None
+        self.generation = 0
 
     def balance(self, graph: CostGraph, budget: float) -> ScheduleResult:
         from ..runtime import build_shard_specs, gather_log_scales, partition_units
@@ -233,12 +242,18 @@ class AsyncBalancer:
                               kernels.total_cost(graph, u), time.perf_counter() - start,
                               "async")
 
-    def take(self, graph: CostGraph, step: int, budget: float) -> tuple[ScheduleResult, int]:
+    def take(self, graph: CostGraph, step: int, budget: float, settle: bool = False
+             ) -> tuple[ScheduleResult, int]:
         """Background mode: the log-scales the shards moved since the last ``take`` (to
         apply to the current weights) and the steps since their costs were loaded.
 
-        The first call starts the shards on ``graph`` and returns zeros. Ray shards run
-        between calls on their own; the simulator is advanced by ``budget`` here.
+        The first call starts the shards on ``graph`` and returns zeros. Hosts (Ray) run
+        between calls on their own and a ``BackgroundSampler`` thread keeps their latest
+        log-scales, so ``take`` reads that sample and never waits on a host; until the hosts
+        hold the costs of the last ``refresh``, nothing is applied. With ``settle`` (a
+        checked boundary: the epoch's end under sampled monitors) it waits, at most
+        ``settle_seconds``, for a fresh sample of the current costs instead. The simulator is
+        advanced by ``budget`` here.
         """
         from ..runtime import gather_log_scales
 
@@ -247,6 +262,16 @@ class AsyncBalancer:
             self._load(graph, step)
             u = np.zeros(graph.n_units)
             staleness = 0
+            updates = self.runtime.message_counters().unit_updates
+        elif self.sampler is not None:
+            generation, reached, updates = self.sampler.settled(
+                self.generation, self.settle_seconds) if settle else self.sampler.sample()
+            if generation == self.generation:
+                u = reached - self.applied
+                self.applied = reached
+            else:
+                u = np.zeros(graph.n_units)  # the requested costs are not loaded yet
+            staleness = step - self.loaded_at
         else:
             began = self.runtime.elapsed() if hasattr(self.runtime, "elapsed") \
                 else self.runtime.now
@@ -256,17 +281,25 @@ class AsyncBalancer:
             u = reached - self.applied
             self.applied = reached
             staleness = step - self.loaded_at
+            updates = self.runtime.message_counters().unit_updates
         self.interleaves += 1
-        updates = self.runtime.message_counters().unit_updates
         return (ScheduleResult(u, int(updates), kernels.max_log_imbalance(graph, u),
                                kernels.total_cost(graph, u), time.perf_counter() - start,
                                "background"), staleness)
 
-    def refresh(self, graph: CostGraph, step: int) -> None:
-        """Background mode: give the shards ``graph`` (the weights as they are now) every
-        ``reload_every`` boundaries."""
+    def refresh(self, graph: CostGraph | Callable[[], CostGraph], step: int) -> None:
+        """Background mode: give the shards ``graph`` (the weights as they are now; a
+        callable is called only then) every ``reload_every`` boundaries."""
         self.boundaries += 1
-        if self.boundaries % self.reload_every == 0:
+        if self.boundaries % self.reload_every:
+            return
+        graph = graph() if callable(graph) else graph
+        if self.sampler is not None:
+            self.generation += 1
+            self.applied = np.zeros(graph.n_units)
+            self.loaded_at = step
+            self.sampler.request_load(self.generation, graph)
+        else:
             self._load(graph, step)
 
     def _load(self, graph: CostGraph, step: int) -> None:
@@ -284,11 +317,18 @@ class AsyncBalancer:
             self.runtimes_created += 1
             self.runtime.start()
             self.runtime_start_seconds += time.perf_counter() - created
+            if self.backend != "sim" and self.sample_seconds > 0:
+                self.generation = 0
+                self.sampler = BackgroundSampler(self.runtime, self.specs, graph.n_units,
+                                                 self.shards_per_layer, self.sample_seconds)
         self.partition = partition
         self.applied = np.zeros(graph.n_units)
         self.loaded_at = step
 
     def close(self) -> None:
+        sampler, self.sampler = self.sampler, None
+        if sampler is not None:
+            sampler.stop()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             runtime.close()

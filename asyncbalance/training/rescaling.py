@@ -37,4 +37,6 @@ def rescale_optimizer_state(optimizer: torch.optim.Optimizer | None, layout: Bal
     """Apply ``mode`` (transform / keep / reset) to the state of the rescaled parameters."""
     if optimizer is None or mode == "keep":
         return
+    if not any(optimizer.state.get(param) for param in layout.params.values()):
+        return  # no state yet (plain SGD has none): nothing to transform or forget
     transform_optimizer_state_(optimizer, parameter_scale_factors(layout, log_scales), mode)

@@ -1,0 +1,109 @@
+"""Background balancing on hosts through the sampler thread, and the monitor schedule.
+
+The sampler's boundary never waits on a host; what it applies must still add up: without a
+reload the increments taken at successive boundaries sum to the shards' state, which
+reaches the optimum of the loaded costs (1e-8, the runtime's tolerance). After a reload with
+other costs, nothing of the old generation may be applied: the increments from then on sum
+to the new costs' optimum.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from asyncbalance.graph import build_cost_graph
+from asyncbalance.optimum import solve_optimum
+from asyncbalance.regularisers import lp
+from asyncbalance.runtime.scenario import NetworkConfig, build_network
+from asyncbalance.training.balancing import AsyncBalancer
+
+OPTIMUM_TOL = 1e-8  # the runtime's convergence tolerance on log-scales
+WAIT_SECONDS = 60.0  # generous: the hosts converge in well under a second when idle
+
+
+def _graph(seed: int):
+    network = build_network(NetworkConfig(sizes=(5, 8, 8, 3), unit_spread=1.0, seed=seed))
+    return build_cost_graph(network, lp(1.0))
+
+
+def _take_until(balancer: AsyncBalancer, graph, target: np.ndarray, total: np.ndarray,
+                step: int) -> tuple[np.ndarray, int]:
+    """Take increments (a boundary every few ms) until their sum reaches ``target``."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        result, _ = balancer.take(graph, step, 0.0)
+        total = total + result.log_scales
+        step += 1
+        if np.max(np.abs(total - target)) <= OPTIMUM_TOL or time.monotonic() > deadline:
+            return total, step
+        time.sleep(0.005)  # the training thread's gradient steps, in between boundaries
+
+
+@pytest.mark.ray
+def test_sampled_increments_add_up_and_never_mix_generations(ray_session) -> None:
+    first, second = _graph(0), _graph(1)
+    assert first.n_units == second.n_units
+    balancer = AsyncBalancer("ray", 1, 0, reload_every=1)
+    try:
+        zero, staleness = balancer.take(first, 0, 0.0)  # starts the hosts on `first`
+        assert balancer.sampler is not None and staleness == 0
+        assert not np.any(zero.log_scales)
+        total, step = _take_until(balancer, first, solve_optimum(first).log_scales,
+                                  np.zeros(first.n_units), 1)
+        assert np.max(np.abs(total - solve_optimum(first).log_scales)) <= OPTIMUM_TOL
+        # New costs: from here on only the new generation's moves may be applied.
+        balancer.refresh(second, step)
+        total, step = _take_until(balancer, second, solve_optimum(second).log_scales,
+                                  np.zeros(second.n_units), step)
+        assert np.max(np.abs(total - solve_optimum(second).log_scales)) <= OPTIMUM_TOL
+        assert balancer.sampler.loads == 1 and balancer.sampler.samples > 0
+    finally:
+        balancer.close()
+    assert balancer.sampler is None and balancer.runtime is None
+
+
+class _StubSampler:
+    """Hands out whatever sample the test sets (generation, log-scales, updates)."""
+
+    def __init__(self, n_units: int) -> None:
+        self.latest = (0, np.zeros(n_units), 0)
+        self.requests: list[int] = []
+
+    def sample(self):
+        return self.latest
+
+    def request_load(self, generation: int, graph) -> None:
+        self.requests.append(generation)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_boundary_applies_only_moves_of_the_loaded_generation() -> None:
+    graph = _graph(0)
+    n = graph.n_units
+    balancer = AsyncBalancer("ray", 1, 0, reload_every=1)
+    stub = _StubSampler(n)
+    balancer.runtime, balancer.sampler = object(), stub  # started; the stub stands in
+    balancer.applied = np.zeros(n)
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=n), rng.normal(size=n)
+    stub.latest = (0, first, 10)
+    result, _ = balancer.take(graph, 5, 0.0)
+    assert np.array_equal(result.log_scales, first) and result.iterations == 10
+    balancer.refresh(graph, 5)
+    assert stub.requests == [1]
+    # the hosts still answer with generation 0: nothing of it may be applied any more
+    result, staleness = balancer.take(graph, 7, 0.0)
+    assert not np.any(result.log_scales) and staleness == 2
+    stub.latest = (1, second, 20)
+    result, _ = balancer.take(graph, 9, 0.0)
+    assert np.array_equal(result.log_scales, second)
+    stub.latest = (1, second + first, 30)
+    result, _ = balancer.take(graph, 11, 0.0)
+    assert np.allclose(result.log_scales, first, rtol=0, atol=1e-12)
+    balancer.runtime = None
+    balancer.close()
