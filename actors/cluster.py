@@ -212,18 +212,42 @@ def actor_placement(class_name: str | None = None) -> list[ActorPlacement]:
     return placements
 
 
+# The HTTP/2 client preface and an empty SETTINGS frame: a Ray cluster's control store
+# (and Ray Client's server) speaks gRPC over HTTP/2 and answers with its own SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
+
+
 def check_address(address: str, timeout: float = 10.0) -> None:
-    """Fail fast, naming ``address``, when nothing answers at ``host:port`` within ``timeout``."""
+    """Fail fast, naming ``address``, when no Ray cluster answers at ``host:port``.
+
+    A TCP connection alone is not enough (``ray.init`` then retries for minutes against
+    whatever listens there): the address must answer an HTTP/2 preface with a SETTINGS
+    frame, as Ray's gRPC servers do, within ``timeout``.
+    """
     import socket
 
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"address: expected HOST:PORT, got {address!r}")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.sendall(_HTTP2_PREFACE)
+            reply = b""
+            while len(reply) < 9:
+                chunk = conn.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except TimeoutError:
+        raise ClusterError(f"address: {address} accepts connections but is not a Ray cluster "
+                           f"(no gRPC answer within {timeout:g} s)") from None
     except OSError as exc:
         raise ClusterError(f"address: no Ray cluster answers at {address} ({exc})") from None
+    if len(reply) < 9 or reply[3] != _SETTINGS_FRAME:
+        seen = reply[:20].decode("ascii", "replace").strip() or "nothing"
+        raise ClusterError(f"address: {address} is not a Ray cluster (it answered "
+                           f"{seen!r} where Ray's gRPC server answers HTTP/2)")
 
 
 # -- a scenario on a fresh local cluster (used by the tests and benchmarks as a subprocess) ---
