@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import kernels
@@ -35,6 +36,7 @@ from .torch_symmetry import (
     Symmetry,
     SymmetryGroup,
     discover,
+    trace,
 )
 
 HOMOGENEOUS_MODULES = ("Linear", "ReLU", "LeakyReLU", "Identity", "PowerReLU", "Flatten")
@@ -189,7 +191,8 @@ def _entry_costs(weight: torch.Tensor, p: float) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, ord=p, dim=-1, dtype=torch.float64).pow_(p)
 
 
-def symmetry_network(symmetry: Symmetry, p: float) -> Network:
+def symmetry_network(symmetry: Symmetry, p: float,
+                     tensor_costs: dict[int, float] | None = None) -> Network:
     """The engine network of the symmetry under L_p: one hidden unit per class, the visible
     group ``fixed`` standing for every pinned unit, the input and the bias.
 
@@ -197,6 +200,7 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
     float64; the engine gets their p-th roots, so that its own ``|w|**p`` gives them back.
     Entries between two pinned sides never move and are left out, and each tensor is
     counted once, so the engine's cost is the cost of what the rescaling can move.
+    ``tensor_costs``, when given, receives ``{id(weight): sum |w|**p}`` of every weight.
     """
     n_groups = len(symmetry.groups)
     sizes = [g.size for g in symmetry.groups]
@@ -253,6 +257,8 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
                 acc = acc.cpu()
                 totals[(d, s)] = totals[(d, s)] + acc if (d, s) in totals else acc
 
+    if tensor_costs is None:
+        tensor_costs = {}
     counted: set[int] = set()
 
     def first_time(tensor: torch.Tensor | None) -> bool:
@@ -267,6 +273,7 @@ def symmetry_network(symmetry: Symmetry, p: float) -> Network:
             sides = _layer_sides(symmetry, index, weight.device)
             if first_time(layer.module.weight):
                 cost = _entry_costs(weight, p)
+                tensor_costs[id(layer.module.weight)] = float(cost.sum())
                 if sides.dst_axis == 0:
                     add_separable(sides.dst_vec, sides.src_vec, cost)
                 elif sides.dst_axis == 1:
@@ -539,11 +546,6 @@ def lp_sum(tensor: torch.Tensor, p: float) -> float:
     return float(torch.linalg.vector_norm(tensor.detach(), ord=p, dtype=torch.float64)) ** p
 
 
-def _model_cost(model: nn.Module, p: float) -> float:
-    with torch.no_grad():
-        return float(sum(lp_sum(t, p) for t in model.parameters()))
-
-
 def _single_power(p: float | Regulariser) -> float:
     reg = as_regulariser(p)
     if not reg.is_single_power or reg.coefs[0] != 1.0:
@@ -560,6 +562,14 @@ def _as_example(example: object, device: torch.device, dtype: torch.dtype
                                 "model's positional inputs)")
     return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
                  for t in items)
+
+
+def _distinct(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast (stride-0) dimensions: the values it actually holds."""
+    for dim in range(t.ndim):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 def _check_model(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -620,21 +630,22 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
     if symmetry.n_classes == 0:
         raise NotHomogeneousError("model", f"{type(model).__name__} has no rescalable units "
                                   f"({_no_units_message(model, symmetry)})", SUPPORTED)
-    network = symmetry_network(symmetry, power)
+    weight_costs: dict[int, float] = {}
+    network = symmetry_network(symmetry, power, weight_costs)
     graph = build_cost_graph(network, power)
     cost_before = kernels.total_cost(graph, np.zeros(graph.n_units))
     result = run_schedule(graph, method=method, tol=tol, seed=seed)
     class_u = class_log_scales(symmetry, network, result.log_scales)
     # Tensors whose factor is 1 everywhere (pinned on every side) are not rewritten.
     factors = {name: f for name, f in scale_factors(model, symmetry, class_u).items()
-               if not bool(torch.all(f == 1.0))}
+               if not bool(torch.all(_distinct(f) == 1.0))}
     plan = _plan_state(model, optimizer, factors, optimizer_state)
     change = change64 = None
     if check_function:
         # The discovery pass ran the model on the probe batch with the probe's seed: its
         # outputs are the model's before the change.
         before = list(symmetry.outputs)
-        change64 = _float64_change(model, example, factors)
+        change64 = _float64_change(model, symmetry, example, factors)
         if not change64 <= function_tol:
             raise FunctionChangeError(
                 f"model: the rescaling found would change the float64 outputs by "
@@ -642,7 +653,11 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
                 "changed. An operation was taken for positively homogeneous that is not "
                 "(a module's homogeneity_degree?); report it with the model")
     originals = {name: _tensor(model, name).detach().clone() for name in factors}
-    model_cost_before = _model_cost(model, power)
+    # sum |w|**p per parameter as stored, the weights' from the aggregation above; after the
+    # write only the rewritten ones are measured again.
+    param_costs = {name: weight_costs[id(t)] if id(t) in weight_costs else lp_sum(t, power)
+                   for name, t in model.named_parameters()}
+    model_cost_before = float(sum(param_costs.values()))
     try:
         apply_factors_(model, factors)
         plan.apply()
@@ -650,6 +665,9 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
         for name, value in originals.items():
             _tensor(model, name).copy_(value)
         raise
+    for name in factors:
+        if name in param_costs:
+            param_costs[name] = lp_sum(_tensor(model, name), power)
     if check_function:
         change = relative_change(before, probe(model, example))
     offsets = network.hidden_offsets()
@@ -660,35 +678,52 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
         log_scales=log_scales, n_units=symmetry.n_free_units,
         n_scales=symmetry.n_classes, n_units_found=symmetry.n_units,
         cost_before=float(cost_before), cost_after=float(result.cost),
-        model_cost_before=model_cost_before, model_cost_after=_model_cost(model, power),
+        model_cost_before=model_cost_before, model_cost_after=float(sum(param_costs.values())),
         max_log_imbalance=float(result.max_log_imbalance), iterations=result.iterations,
         seconds=time.perf_counter() - start, function_change=change,
         function_change_float64=change64, factors=factors, originals=originals)
 
 
-def _float64_change(model: nn.Module, example: tuple[torch.Tensor, ...],
+def _float64_change(model: nn.Module, symmetry: Symmetry, example: tuple[torch.Tensor, ...],
                     factors: Mapping[str, torch.Tensor]) -> float:
-    """The function change of the same rescaling on float64 copies of the parameters and
-    buffers (the model itself is not touched: ``torch.func.functional_call``)."""
-    # copy=True: a float64 model's own tensors are never scaled in place here.
-    tensors = {name: t.detach().to(torch.float64, copy=True) if t.is_floating_point()
-               else t.detach() for name, t in (*model.named_parameters(),
-                                               *model.named_buffers())}
+    """The function change of the same rescaling in float64, the model itself untouched."""
+    scale = {id(_tensor(model, name)): factor for name, factor in factors.items()}
+    graph = symmetry.graph_module if symmetry.graph_module is not None else trace(model)
     example64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in example)
-    before = _functional_probe(model, tensors, example64)
-    for name, factor in factors.items():
-        tensors[name].mul_(factor.to(tensors[name].device))
-    return relative_change(before, _functional_probe(model, tensors, example64))
+    before = _Float64Probe(graph, {}).outputs(example64)
+    return relative_change(before, _Float64Probe(graph, scale).outputs(example64))
 
 
-def _functional_probe(model: nn.Module, tensors: Mapping[str, torch.Tensor],
-                      example: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """``probe`` of the model with ``tensors`` in place of its parameters and buffers;
-    buffers are passed as copies, so a training-mode BatchNorm updates only those."""
-    buffers = {name for name, _ in model.named_buffers()}
-    given = {k: (v.clone() if k in buffers else v) for k, v in tensors.items()}
-    devices = [t.device for t in example if t.device.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(PROBE_SEED)
-        out = torch.func.functional_call(model, given, example)
-    return [t.detach().to(torch.float64).clone() for t in _leaves(out)]
+class _Float64Probe(fx.Interpreter):
+    """Runs the traced model in float64, each module on float64 copies of its own tensors
+    (times their factor, if any) made when it is called, so no float64 copy of the whole
+    model is ever held. Buffers are copies: a training-mode BatchNorm updates only those."""
+
+    def __init__(self, graph: fx.GraphModule, scale: Mapping[int, torch.Tensor]) -> None:
+        super().__init__(graph)
+        self.scale = scale
+
+    def as64(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor.clone()
+        factor = self.scale.get(id(tensor))
+        copy64 = tensor.detach().to(torch.float64, copy=True)
+        return copy64.mul_(factor.to(tensor.device)) if factor is not None else copy64
+
+    def get_attr(self, target: str, args: tuple, kwargs: dict) -> object:
+        value = super().get_attr(target, args, kwargs)
+        return self.as64(value) if isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
+        module = self.fetch_attr(target)
+        tensors = {name: self.as64(t) for name, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False))}
+        return torch.func.functional_call(module, tensors, args, kwargs)
+
+    def outputs(self, example: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        devices = [t.device for t in example if t.device.type == "cuda"]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(PROBE_SEED)
+            out = self.run(*example)
+        return [t.detach().to(torch.float64).clone() for t in _leaves(out)]

@@ -165,6 +165,8 @@ class Symmetry:
     groups: tuple[SymmetryGroup, ...]
     # The model's outputs on the probe batch during discovery (tensor leaves, float64 copies).
     outputs: tuple[torch.Tensor, ...] = ()
+    # The traced model (its modules and parameters are the model's own).
+    graph_module: fx.GraphModule | None = None
 
     @property
     def n_units(self) -> int:
@@ -838,4 +840,4 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...],
     atom_degree = np.array([d for _, d in found.atoms], dtype=np.float64)
     return Symmetry(tuple(found.layers), tuple(found.shifts), tuple(found.boundaries),
                     tuple(found.unit_paths), atom_unit, atom_degree, unit_class, class_group,
-                    class_index, groups, outputs)
+                    class_index, groups, outputs, graph_module)
