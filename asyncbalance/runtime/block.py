@@ -54,6 +54,9 @@ class ShardBlock:
         self.last_sent = np.full(n_own, np.nan)
         self.unit_updates = np.zeros(n_shards, dtype=np.int64)
         self._fast_exact = (layout.n_terms == 1 and not layout.self_cost.any())
+        # Scratch for finding repeated links in a batch without sorting it (always -1 between
+        # calls).
+        self._mark = np.full(layout.n_links, -1, dtype=np.int64)
 
     @property
     def own(self) -> np.ndarray:
@@ -177,46 +180,82 @@ class ShardBlock:
         return links, versions, self.values[lay.slot_sender_pos[slots]], value_ptr
 
     def deliver(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
-                value_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Apply deliveries in order; ``(applied, changed)``: per delivery, whether it was newer
-        than everything seen on its link, and whether it changed the receiver's view."""
-        lay = self.layout
+                value_ptr: np.ndarray, times: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Apply deliveries in order (of ``times`` when given, stable; else as given);
+        ``(applied, changed)``: per delivery, whether it was newer than everything seen on its
+        link before it, and whether it changed the receiver's view."""
         m = links.shape[0]
         if m == 0:
             empty = np.zeros(0, dtype=bool)
             return empty, empty
-        # Applied iff newer than the link's version and every earlier delivery on the link:
-        # a running maximum within each link's deliveries (stable order = delivery order).
-        order = np.argsort(links, kind="stable")
+        # Deliveries on a link that occurs once are independent of the order (the common
+        # case); only the others need sorting.
+        index = np.arange(m)
+        mark = self._mark
+        mark[links] = index
+        last = mark[links]
+        mark[links[::-1]] = index[::-1]
+        single = mark[links] == last
+        mark[links] = -1
+        applied = np.zeros(m, dtype=bool)
+        once = np.nonzero(single)[0]
+        applied[once] = versions[once] > self.link_version[links[once]]
+        winners = once[applied[once]]
+        if not single.all():
+            repeated = np.nonzero(~single)[0]
+            won = self._running_newest(repeated, links, versions, times, applied)
+            winners = np.concatenate([winners, won])
+        return applied, self._write(winners, links, versions, values, value_ptr, m)
+
+    def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
+                        times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:
+        """Deliveries ``subset`` (links that occur more than once): each applied iff newer
+        than the link's version and every earlier delivery on the link (a running maximum in
+        delivery order); fills ``applied`` and returns the last applied one of each link."""
+        keys = (links[subset],) if times is None else (times[subset], links[subset])
+        order = subset[np.lexsort(keys)] if times is not None else \
+            subset[np.argsort(links[subset], kind="stable")]
+        n = order.shape[0]
         sorted_links = links[order]
         sorted_versions = versions[order]
-        start = np.ones(m, dtype=bool)
+        start = np.ones(n, dtype=bool)
         start[1:] = sorted_links[1:] != sorted_links[:-1]
         seg = np.cumsum(start) - 1
-        # A running maximum within each link's segment: versions replaced by their ranks
-        # (order kept, small integers), each segment shifted above the ones before it.
+        # Versions replaced by their ranks (order kept, small integers), each segment shifted
+        # above the ones before it, so that one running maximum never crosses segments.
         base = self.link_version[sorted_links]
         _, ranks = np.unique(np.concatenate([sorted_versions, base]), return_inverse=True)
-        rank_v, rank_b = ranks[:m].astype(np.int64), ranks[m:].astype(np.int64)
-        offset = seg.astype(np.int64) * (2 * m + 2)
+        rank_v, rank_b = ranks[:n].astype(np.int64), ranks[n:].astype(np.int64)
+        offset = seg.astype(np.int64) * (2 * n + 2)
         running = np.maximum.accumulate(rank_v + offset) - offset
-        previous = np.empty(m, dtype=np.int64)
+        previous = np.empty(n, dtype=np.int64)
         previous[start] = rank_b[start]
         previous[~start] = np.maximum(running[:-1][~start[1:]], rank_b[~start])
         applied_sorted = rank_v > previous
-        applied = np.empty(m, dtype=bool)
         applied[order] = applied_sorted
-        changed = np.zeros(m, dtype=bool)
-        if not applied.any():
-            return applied, changed
-        # The last applied delivery of each link holds the newest state: write it.
-        last = np.zeros(m, dtype=bool)
         idx_applied = np.nonzero(applied_sorted)[0]
         seg_applied = seg[idx_applied]
         is_last = np.ones(idx_applied.shape[0], dtype=bool)
         is_last[:-1] = seg_applied[1:] != seg_applied[:-1]
-        last[order[idx_applied[is_last]]] = True
-        winners = np.nonzero(last)[0]
+        return order[idx_applied[is_last]]
+
+    def links_repeat(self, links: np.ndarray) -> bool:
+        """Whether some link occurs more than once in ``links`` (no sort: a scratch mark)."""
+        index = np.arange(links.shape[0])
+        mark = self._mark
+        mark[links] = index
+        repeat = not bool((mark[links] == index).all())
+        mark[links] = -1
+        return repeat
+
+    def _write(self, winners: np.ndarray, links: np.ndarray, versions: np.ndarray,
+               values: np.ndarray, value_ptr: np.ndarray, m: int) -> np.ndarray:
+        """Write each winning delivery into its link's slots; which ones changed the view."""
+        lay = self.layout
+        changed = np.zeros(m, dtype=bool)
+        if winners.size == 0:
+            return changed
         win_links = links[winners]
         self.link_version[win_links] = versions[winners]
         slots, _ = expand_ranges(lay.link_slot_ptr[win_links], lay.link_slot_ptr[win_links + 1])
@@ -232,7 +271,7 @@ class ShardBlock:
                              differs)
             changed[winners[link_changed]] = True
             self.dirty[lay.link_dst[win_links[link_changed]]] = True
-        return applied, changed
+        return changed
 
     # -- checkpoints and restarts ---------------------------------------------------------
 
