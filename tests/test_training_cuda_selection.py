@@ -11,7 +11,10 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # three pytest runs in subprocesses (~20 s on a quiet machine)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_TESTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob(
