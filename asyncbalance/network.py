@@ -439,4 +439,8 @@ def random_sparse_layer(rng: np.random.Generator, n_out: int, n_in: int, fan_in:
     layer = sp.csr_array((data, (rows, cols)), shape=(n_out, n_in))
     layer.sum_duplicates()
     layer.eliminate_zeros()
+    if max(layer.nnz, n_in) < 2**31:
+        # int32 indices: a third less memory than int64 per synapse.
+        layer = sp.csr_array((layer.data, layer.indices.astype(np.int32),
+                              layer.indptr.astype(np.int32)), shape=layer.shape)
     return layer
