@@ -173,6 +173,8 @@ class RayBackend:
         if self.addresses:
             ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
         self.monitors: dict[int, MonitorClient] = {}
+        # Per monitor link, the log-scales its replies add up to (a reply may be a delta).
+        self.monitored: dict[int, np.ndarray] = {}
         self.last_full_poll = -np.inf
         self._open_monitors()
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
@@ -265,6 +267,7 @@ class RayBackend:
                     continue  # sampled by Ray calls until the next try
 
     def _close_monitor(self, host: int) -> None:
+        getattr(self, "monitored", {}).pop(host, None)
         monitor = self.monitors.pop(host, None)
         if monitor is not None:
             monitor.close()
@@ -281,9 +284,17 @@ class RayBackend:
             for host in list(self.monitors):
                 self._close_monitor(host)
             return False
-        if any(reply.get("log_scales") is None for reply in replies):
+        if any(reply.get("log_scales") is None and "delta" not in reply for reply in replies):
             return False
         for host, reply in enumerate(replies):
+            if "delta" in reply:
+                # Only what changed since this link's previous reply, applied to that reply.
+                index, values = reply["delta"]
+                state = self.monitored[host]
+                state[np.frombuffer(index, dtype="<u4")] = np.frombuffer(values, dtype="<f8")
+            else:
+                self.monitored[host] = log_scales_of(reply)
+            reply["log_scales"] = self.monitored[host].astype("<f8").tobytes()
             self._absorb_sample(host, reply)
         return True
 

@@ -282,22 +282,41 @@ class HostActor:
                 "call_seconds": links.ack_seconds, "acked_calls": links.acked,
                 "monitor_polls": links.monitor_requests}
 
-    def _sample(self, host: ShardHost | BlockHost) -> dict[str, Any]:
+    def _sample(self, host: ShardHost | BlockHost,
+                with_log_scales: bool = True) -> dict[str, Any]:
         """What changes from one sample to the next: own log-scales (host order), counters."""
         return {
-            "log_scales": host.owned_log_scales().astype("<f8").tobytes(),
+            "log_scales": (host.owned_log_scales().astype("<f8").tobytes() if with_log_scales
+                           else None),
             "generation": host.generation,
             "unit_updates": host.unit_updates(),
             "counters": {**host.counters, **self._transport_counters(),
                          "loop_turns": self.loop_turns},
         }
 
-    def _monitor_state(self) -> bytes:
+    def _monitor_state(self, connection: Any = None) -> bytes:
         """The driver's monitor link asks for the sample at every sample; events, checkpoints
-        and the rest come with its less frequent ``poll``."""
+        and the rest come with its less frequent ``poll``.
+
+        A reply after the first on a connection carries only the log-scales that changed
+        since the previous reply on it (``delta``: positions and values), or the whole array
+        when more than half changed: a quiet host of millions of units answers in bytes."""
         host = self.host
-        return msgpack.packb({"log_scales": None} if host is None else self._sample(host),
-                             use_bin_type=True)
+        if host is None:
+            return msgpack.packb({"log_scales": None}, use_bin_type=True)
+        sample = self._sample(host, with_log_scales=False)
+        current = host.owned_log_scales()
+        base = getattr(connection, "monitor_base", None)
+        if base is not None and base.shape == current.shape:
+            changed = np.nonzero(current != base)[0]
+            if changed.shape[0] <= current.shape[0] // 2:
+                sample["delta"] = [changed.astype("<u4").tobytes(),
+                                   current[changed].astype("<f8").tobytes()]
+        if "delta" not in sample:
+            sample["log_scales"] = current.astype("<f8").tobytes()
+        if connection is not None:
+            connection.monitor_base = current
+        return msgpack.packb(sample, use_bin_type=True)
 
     async def poll(self, with_checkpoints: bool) -> dict[str, Any]:
         """The sample, events, and fresh checkpoints if asked."""

@@ -39,6 +39,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 MAGIC = b"ABHL1"
 MONITOR_MAGIC = b"ABMN1"
@@ -146,7 +147,7 @@ class StreamLinks:
 
     def __init__(self, host_id: int, token: bytes, max_in_flight: int,
                  on_frame: Callable[[bytes], None], on_progress: Callable[[], None],
-                 on_monitor: Callable[[], bytes] | None = None):
+                 on_monitor: Callable[[Any], bytes] | None = None):
         if len(token) != TOKEN_BYTES:
             raise ValueError(f"token must be {TOKEN_BYTES} bytes")
         self.host_id = host_id
@@ -231,7 +232,8 @@ class StreamLinks:
             requests = len(data) - at
             del data[:]
             for _ in range(requests):
-                state = self.on_monitor()  # type: ignore[misc]
+                # The connection carries what its last reply held (replies may be deltas).
+                state = self.on_monitor(connection)  # type: ignore[misc]
                 self.monitor_requests += 1
                 connection.write(_LENGTH.pack(len(state)) + state)
             return

@@ -134,3 +134,44 @@ def test_a_malformed_frame_is_refused() -> None:
     again = decode_frame(raw)
     np.testing.assert_array_equal(again.values, frame.values)
     np.testing.assert_array_equal(again.senders, frame.senders)
+
+
+def test_monitor_replies_after_the_first_carry_only_what_changed() -> None:
+    import types
+
+    import msgpack
+
+    from actors.host_actor import HostActor
+
+    problem, layout, hosts = _hosts(1)
+    actor = HostActor(0, 0.01, 4, transport="calls")
+    actor.host = hosts[0]
+    link = types.SimpleNamespace()
+
+    def reply() -> tuple[dict, int]:
+        raw = actor._monitor_state(link)
+        return msgpack.unpackb(raw, raw=False), len(raw)
+
+    first, _ = reply()
+    state = np.frombuffer(first["log_scales"], dtype="<f8").copy()
+    assert "delta" not in first and state.shape == (layout.n_own,)
+    clock = 0.0
+    for clock in np.arange(0.2, 3.0, 0.2):
+        hosts[0].advance(float(clock))
+        sample, _ = reply()
+        if "delta" in sample:
+            index, values = sample["delta"]
+            state[np.frombuffer(index, dtype="<u4")] = np.frombuffer(values, dtype="<f8")
+        else:
+            state = np.frombuffer(sample["log_scales"], dtype="<f8").copy()
+        # Replies add up to the host's state exactly, whichever form they take.
+        np.testing.assert_array_equal(state, hosts[0].owned_log_scales())
+    _run(problem, layout, hosts, max_time=400.0)
+    reply()
+    quiet, size = reply()
+    # A converged host that did not move since the last reply answers with an empty delta.
+    assert quiet["delta"][0] == b"" and size < 400
+    # A new connection starts from the whole state.
+    link = types.SimpleNamespace()
+    fresh, _ = reply()
+    assert "delta" not in fresh

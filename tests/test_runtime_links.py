@@ -30,7 +30,7 @@ class Endpoint:
         self.links = StreamLinks(host_id, token, max_in_flight, self.received.append,
                                  self._progress, self._state if monitor else None)
 
-    def _state(self) -> bytes:
+    def _state(self, connection=None) -> bytes:
         return self.state
 
     def _progress(self) -> None:
