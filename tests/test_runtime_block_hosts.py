@@ -175,3 +175,24 @@ def test_monitor_replies_after_the_first_carry_only_what_changed() -> None:
     link = types.SimpleNamespace()
     fresh, _ = reply()
     assert "delta" not in fresh
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ten_thousand_neurons_on_ray_reach_the_optimum(tmp_path, ray_session) -> None:
+    from asyncbalance.runtime import run_scenario
+
+    # 10^4 neuron shards of a sparse MLP on the local Ray's block hosts, free-running: every
+    # neuron a logical shard, frames between the two hosts. Judged by the distance to the
+    # exact optimum (any log-scales keep the function).
+    summary = run_scenario(scenario_from_mapping({
+        "name": "n10k", "seed": 0, "backend": "ray", "record_events": False,
+        "network": {"kind": "sparse_mlp", "sizes": [50, 2500, 2500, 2500, 2500, 10],
+                    "fan_in": 4, "unit_spread": 1.0, "seed": 0},
+        "partition": {"granularity": "neuron"},
+        "stop": {"tol": 1e-6, "max_wall_seconds": 90.0, "function_check": "final"},
+        "ray": {"clock": "free"}}), tmp_path / "run")
+    assert summary["n_shards"] == 10_000
+    assert summary["converged"] and summary["max_abs_log_scale_error"] <= 1e-6
+    assert summary["transport"]["hosts"] == 2 and summary["transport"]["calls"] > 0
+    assert summary["function_max_rel_error"] <= 1e-12
