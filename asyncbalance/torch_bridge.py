@@ -370,9 +370,22 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 @torch.no_grad()
 def apply_factors_(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> None:
     """``t <- s * t`` for every named tensor, computed in float64, stored in t's dtype."""
+    tensors = {name: _tensor(model, name) for name in factors}
+    # One float64 work buffer per device, reused tensor after tensor (fresh float64 copies
+    # of every weight cost more in page faults than in arithmetic).
+    sizes: dict[torch.device, int] = {}
+    for t in tensors.values():
+        sizes[t.device] = max(sizes.get(t.device, 0), t.numel())
+    work = {device: torch.empty(size, dtype=torch.float64, device=device)
+            for device, size in sizes.items()}
     for name, factor in factors.items():
-        tensor = _tensor(model, name)
-        tensor.copy_(tensor.to(torch.float64).mul_(factor.to(tensor.device)))
+        tensor = tensors[name]
+        factor = factor.to(tensor.device)
+        if tensor.dtype == torch.float64:
+            tensor.mul_(factor)
+            continue
+        scaled = work[tensor.device][:tensor.numel()].view(tensor.shape)
+        tensor.copy_(scaled.copy_(tensor).mul_(factor))
 
 
 # -- probes -----------------------------------------------------------------------------------
@@ -690,36 +703,67 @@ def _float64_change(model: nn.Module, symmetry: Symmetry, example: tuple[torch.T
     scale = {id(_tensor(model, name)): factor for name, factor in factors.items()}
     graph = symmetry.graph_module if symmetry.graph_module is not None else trace(model)
     example64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in example)
-    before = _Float64Probe(graph, {}).outputs(example64)
-    return relative_change(before, _Float64Probe(graph, scale).outputs(example64))
+    arenas: dict[torch.device, torch.Tensor] = {}
+    before = _Float64Probe(graph, {}, arenas).outputs(example64)
+    return relative_change(before, _Float64Probe(graph, scale, arenas).outputs(example64))
 
 
 class _Float64Probe(fx.Interpreter):
     """Runs the traced model in float64, each module on float64 copies of its own tensors
     (times their factor, if any) made when it is called, so no float64 copy of the whole
-    model is ever held. Buffers are copies: a training-mode BatchNorm updates only those."""
+    model is ever held. The copies of one call live in a reused buffer (``arenas``, one per
+    device): a module's output never aliases its parameters, and the next call overwrites
+    them. Buffers are copies too: a training-mode BatchNorm updates only those."""
 
-    def __init__(self, graph: fx.GraphModule, scale: Mapping[int, torch.Tensor]) -> None:
+    def __init__(self, graph: fx.GraphModule, scale: Mapping[int, torch.Tensor],
+                 arenas: dict[torch.device, torch.Tensor]) -> None:
         super().__init__(graph)
         self.scale = scale
+        self.arenas = arenas
 
-    def as64(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_floating_point():
-            return tensor.clone()
+    def scaled(self, tensor: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        into.copy_(tensor.detach())
         factor = self.scale.get(id(tensor))
-        copy64 = tensor.detach().to(torch.float64, copy=True)
-        return copy64.mul_(factor.to(tensor.device)) if factor is not None else copy64
+        return into.mul_(factor.to(tensor.device)) if factor is not None else into
 
     def get_attr(self, target: str, args: tuple, kwargs: dict) -> object:
         value = super().get_attr(target, args, kwargs)
-        return self.as64(value) if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            # Read directly, the value may live on after this node: its own copy.
+            return self.scaled(value, torch.empty(value.shape, dtype=torch.float64,
+                                                  device=value.device))
+        return value
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
         module = self.fetch_attr(target)
-        tensors = {name: self.as64(t) for name, t in (
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False))}
-        return torch.func.functional_call(module, tensors, args, kwargs)
+        # One name per tensor: functional_call ties the other names of a tied tensor.
+        named = [*module.named_parameters(), *module.named_buffers()]
+        tensors: dict[str, torch.Tensor] = {}
+        offsets: dict[torch.device, int] = {}
+        for _, t in named:
+            if t.is_floating_point():
+                offsets[t.device] = offsets.get(t.device, 0) + t.numel()
+        for device, size in offsets.items():
+            arena = self.arenas.get(device)
+            if arena is None or arena.numel() < size:
+                self.arenas[device] = torch.empty(size, dtype=torch.float64, device=device)
+            offsets[device] = 0
+        for name, t in named:
+            if not t.is_floating_point():
+                tensors[name] = t.clone()
+                continue
+            start = offsets[t.device]
+            offsets[t.device] = start + t.numel()
+            into = self.arenas[t.device][start:start + t.numel()].view(t.shape)
+            tensors[name] = self.scaled(t, into)
+        out = torch.func.functional_call(module, tensors, args, kwargs)
+        arena_storages = {a.untyped_storage().data_ptr() for a in self.arenas.values()}
+        if any(t.untyped_storage().data_ptr() in arena_storages for t in _leaves(out)):
+            # An output that is (a view of) the module's own tensor: the next call would
+            # overwrite it.
+            out = torch.utils._pytree.tree_map(
+                lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
+        return out
 
     def outputs(self, example: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         devices = [t.device for t in example if t.device.type == "cuda"]
