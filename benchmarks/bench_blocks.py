@@ -8,7 +8,10 @@
    mean delay on both engines (the behaviour the array engine must keep).
 
 The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
-event); the array engine is ``array_sim.ArraySimulator`` (the ``sim`` backend).
+event); the array engine is ``array_sim.ArraySimulator``. The ``sim`` backend runs the array
+engine for shards of fewer than 8 units on average (neurons) and the per-message engine for
+larger ones (``array_sim.uses_blocks``): cases 2 and 3 show why. The wall ratio is
+per-message over array (above 1: the array engine is faster).
 
 Usage: .venv/bin/python benchmarks/bench_blocks.py [--skip-reference-neuron]
        [--delays 0,1,2,4,8]
@@ -62,7 +65,7 @@ def row(label: str, ref: dict | None, arr: dict) -> str:
             return "not run | | "
         return (f"{r['time']:.0f} | {r['wall']:.2f} | "
                 f"{r['delivered'] / r['busy']:.3g} / {r['moves'] / r['busy']:.3g}")
-    speed = f"{ref['wall'] / arr['wall']:.1f}x" if ref else "n/a"
+    speed = f"{ref['wall'] / arr['wall']:.3g}x" if ref else "n/a"
     units = f"{arr['time'] / ref['time']:.2f}" if ref else "n/a"
     return f"| {label} | {cell(ref)} | {cell(arr)} | {speed} | {units} |"
 

@@ -44,6 +44,18 @@ SEND_THRESHOLD = 1e-13
 STEP_FRACTION = 1.0 / 10.0
 
 
+# Shards of fewer units than this on average run as shard blocks; larger ones (layer slices
+# of dense layers) run the per-shard engine, whose dense block products are faster there
+# (benchmarks/bench_blocks.py: 0.03 s against 0.3-2.8 s for 3-4 layer shards).
+BLOCK_UNITS_PER_SHARD = 8
+
+
+def uses_blocks(specs: Sequence[ShardSpec]) -> bool:
+    """Whether a partition runs as shard blocks: shards of a few units each (neurons)."""
+    units = sum(spec.n_own for spec in specs)
+    return bool(specs) and units < BLOCK_UNITS_PER_SHARD * len(specs)
+
+
 def default_step(scenario: Scenario) -> float:
     """1/10 of the shorter of the wake period and the mean delay (the period if no delay)."""
     period = scenario.wake.period

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ import msgpack
 import numpy as np
 
 from .. import kernels
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ResultOverflowError
 from ..forward import function_rel_error, probe_inputs
 from ..graph import CostGraph, build_cost_graph
 from ..io import atomic_write, write_json
@@ -30,14 +31,14 @@ from ..network import Network, scale_network
 from ..optimum import Certificate, gauge_components, project_gauge, solve_optimum
 from ..provenance import provenance, utc_now
 from ..regularisers import lp
-from .array_sim import ArraySimulator
+from .array_sim import ArraySimulator, uses_blocks
 from .backends import Backend, backend_factory
 from .events import EventWriter
 from .partition import partition_units
 from .record import Sample, plot_convergence, plot_sweep, write_summary, write_trace_csv
 from .scenario import Scenario, ScenarioPoint, build_network
 from .shard import ShardSpec, build_shard_specs, gather_log_scales
-from .simulator import MessageCounters
+from .simulator import MessageCounters, Simulator
 from .sparse_shard import build_sparse_shard_specs
 
 # Function preservation is exact in exact arithmetic; in float64 the scaled forward pass
@@ -62,6 +63,14 @@ def prepare(scenario: Scenario, base_dir: Path | None = None) -> Problem:
     network = build_network(scenario.network, base_dir)
     graph = build_cost_graph(network, lp(scenario.balance.p))
     optimum = solve_optimum(graph)
+    try:
+        # The run checks the function at the optimum's scales: they must fit float64 (a tiny
+        # p sends them beyond it), which is known now, before the record is begun.
+        scale_network(network, optimum.log_scales)
+    except ResultOverflowError as exc:
+        raise InvalidInputError("balance.p", f"at p = {scenario.balance.p:g} "
+                                f"{str(exc).split(': ', 1)[-1]}; use a larger balance.p"
+                                ) from None
     part = scenario.partition
     shards = partition_units(graph, part.granularity, part.shards_per_layer,
                              part.units_per_shard)
@@ -90,13 +99,16 @@ def _check_fault_targets(scenario: Scenario, n_shards: int) -> None:
 def make_backend(problem: Problem, events: EventWriter, backend: str,
                  address: str | None) -> Backend:
     """The named backend (the simulator, or one registered by entry point such as Ray)."""
+    blocks = uses_blocks(problem.specs)
     if backend == "sim":
         if address:
             raise InvalidInputError("--address", "applies to the Ray backend only, not to "
                                     "'sim'")
-        return ArraySimulator(problem.specs, problem.scenario, events, problem.graph)
-    # The Ray hosts run shard blocks built from the global graph.
-    extra = {"graph": problem.graph} if backend == "ray" else {}
+        if blocks:
+            return ArraySimulator(problem.specs, problem.scenario, events, problem.graph)
+        return Simulator(problem.specs, problem.scenario, events)
+    # Ray hosts run shard blocks (built from the global graph) for small shards.
+    extra = {"graph": problem.graph} if backend == "ray" and blocks else {}
     return backend_factory(backend)(problem.specs, problem.scenario, events, address=address,
                                     **extra)
 
@@ -235,8 +247,28 @@ class _Run:
             self._close_runtime()
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
             f"failed: {type(exc).__name__}: {exc}"
-        with contextlib.suppress(Exception):
+        try:
             self._write_progress("incomplete", reason)
+        except Exception:  # noqa: BLE001 - e.g. a full disk: no room for a new file
+            with contextlib.suppress(Exception):
+                self._mark_in_place(reason)
+
+    def _mark_in_place(self, reason: str) -> None:
+        """Rewrite ``summary.json`` in the space it already holds (a full disk has no room
+        for the usual atomic replacement): compact, and without its largest parts if need
+        be, so that the record still says it is incomplete and why."""
+        path = self.directory / "summary.json"
+        room = path.stat().st_size
+        summary = self._summary("incomplete", reason)
+        for bulky in ("", "scenario", "crash_records", "transport", "shard_cost_bytes",
+                      "gauge_components", "provenance", "actor_resident_bytes", "shard_nodes"):
+            summary.pop(bulky, None)
+            text = json.dumps(summary, separators=(",", ":"), default=str).encode()
+            if len(text) <= room:
+                break
+        with open(path, "r+b") as handle:
+            handle.write(text)
+            handle.truncate()
 
     def _close_runtime(self) -> None:
         if not self.closed:
