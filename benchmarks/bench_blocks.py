@@ -6,6 +6,9 @@
 2. Layer shards on the same net (4 shards): the same figures.
 3. The delay sweep of 784-512x3-10 (3 layer shards, p = 2): time units to 1e-8 against the
    mean delay on both engines (the behaviour the array engine must keep).
+4. The same sweep at neuron granularity on a 16-48x3-4 MLP (144 neuron shards, p = 1).
+5. The array engine's window: time units to 1e-8 on the quickstart net at neuron granularity
+   with windows of 1/5 to 1/40 of the shorter of wake period and mean delay (default 1/10).
 
 The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
 event); the array engine is ``array_sim.ArraySimulator``. The ``sim`` backend runs the array
@@ -24,7 +27,7 @@ import time
 
 import numpy as np
 
-from asyncbalance.runtime.array_sim import ArraySimulator
+from asyncbalance.runtime.array_sim import STEP_FRACTION, ArraySimulator, default_step
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import load_scenarios, scenario_from_mapping
@@ -35,12 +38,13 @@ TOL = 1e-8
 SAMPLE = 2.0
 
 
-def to_tolerance(problem, engine: str, max_time: float = 5_000.0) -> dict:
+def to_tolerance(problem, engine: str, max_time: float = 5_000.0,
+                 step: float | None = None) -> dict:
     """Run ``engine`` on ``problem`` sampling every 2 units, as the coordinator does."""
     s = problem.scenario
     events = EventWriter(None)
-    sim = (ArraySimulator(problem.specs, s, events, problem.graph) if engine == "array"
-           else Simulator(problem.specs, s, events))
+    sim = (ArraySimulator(problem.specs, s, events, problem.graph, step=step)
+           if engine == "array" else Simulator(problem.specs, s, events))
     target = problem.optimum.log_scales
     began = time.perf_counter()
     clock = 0.0
@@ -81,7 +85,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for granularity in ("neuron", "shard"):
         point = load_scenarios("scenarios/quickstart.toml",
-                               [f"partition.granularity={granularity}", "backend=\"sim\""])[0]
+                               [f"partition.granularity=\"{granularity}\"",
+                                "backend=\"sim\""])[0]
         problem = prepare(point.scenario, point.base_dir)
         arr = to_tolerance(problem, "array")
         ref = None if (granularity == "neuron" and args.skip_reference_neuron) \
@@ -99,6 +104,26 @@ def main() -> None:
         arr = to_tolerance(problem, "array")
         ref = to_tolerance(problem, "reference")
         print(row(f"784-512x3-10, 3 shards, mean delay {mean:g}", ref, arr), flush=True)
+    for mean in [float(d) for d in args.delays.split(",")]:
+        scenario = scenario_from_mapping({
+            "name": "sweep", "seed": 0,
+            "network": {"kind": "mlp", "sizes": [16, 48, 48, 48, 4], "unit_spread": 1.0,
+                        "seed": 0},
+            "partition": {"granularity": "neuron"},
+            "links": {"delay": "exponential", "mean": mean}})
+        problem = prepare(scenario)
+        arr = to_tolerance(problem, "array")
+        ref = to_tolerance(problem, "reference")
+        print(row(f"16-48x3-4, 144 neurons, mean delay {mean:g}", ref, arr), flush=True)
+    point = load_scenarios("scenarios/quickstart.toml",
+                           ["partition.granularity=\"neuron\"", "backend=\"sim\""])[0]
+    problem = prepare(point.scenario, point.base_dir)
+    base = default_step(point.scenario) / STEP_FRACTION
+    print("\n| window (fraction of min(period, mean delay)) | time units to 1e-8 | wall s |")
+    print("|---|---|---|")
+    for fraction in (1 / 5, 1 / 10, 1 / 20, 1 / 40):
+        r = to_tolerance(problem, "array", step=fraction * base)
+        print(f"| 1/{round(1 / fraction)} | {r['time']:.0f} | {r['wall']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
