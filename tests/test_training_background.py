@@ -107,3 +107,48 @@ def test_a_boundary_applies_only_moves_of_the_loaded_generation() -> None:
     assert np.allclose(result.log_scales, first, rtol=0, atol=1e-12)
     balancer.runtime = None
     balancer.close()
+
+
+class _SlowReloadRuntime:
+    """The runtime's public interface with a reload that takes 20 ms (a busy host)."""
+
+    def __init__(self, specs) -> None:
+        self.specs, self.updates, self.reloads = specs, 0, 0
+
+    def elapsed(self) -> float:
+        return 0.0
+
+    def advance(self, until: float) -> float:
+        self.updates += 1
+        return until
+
+    def owned_log_scales(self):
+        return [np.full(spec.n_own, 0.5) for spec in self.specs]
+
+    def message_counters(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(unit_updates=self.updates)
+
+    def reload(self, specs) -> None:
+        time.sleep(0.02)
+        self.specs, self.reloads = list(specs), self.reloads + 1
+
+
+def test_reloads_faster_than_the_hosts_take_them_do_not_starve_the_samples() -> None:
+    from asyncbalance.runtime import build_shard_specs, partition_units
+    from asyncbalance.training.background import BackgroundSampler
+
+    graph = _graph(0)
+    specs = build_shard_specs(graph, partition_units(graph, "shard", 1))
+    runtime = _SlowReloadRuntime(specs)
+    sampler = BackgroundSampler(runtime, specs, graph.n_units, 1, interval=0.005)
+    try:
+        for generation in range(1, 41):  # a request every 2 ms, 10x faster than a reload
+            sampler.request_load(generation, graph)
+            time.sleep(0.002)
+        latest = sampler.settled(40, timeout=10.0)
+    finally:
+        sampler.stop()
+    assert latest[0] == 40 and np.any(latest[1])  # the last generation got sampled
+    # every load but the last was followed by a sample of its generation before the next
+    assert sampler.loads >= 2 and sampler.samples >= sampler.loads

@@ -40,6 +40,7 @@ class BackgroundSampler:
         # (generation, log-scales reached in it, unit updates so far)
         self.latest: tuple[int, np.ndarray, int] = (0, np.zeros(n_units), 0)
         self.samples = 0
+        self.latest_is_sample = False
         self.loads = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="background-sampler",
@@ -66,8 +67,8 @@ class BackgroundSampler:
         deadline = time.monotonic() + timeout
         with self.lock:
             seen = self.samples
-            while (self.latest[0] != generation or self.samples <= seen) and \
-                    self.error is None:
+            while (self.latest[0] != generation or self.samples <= seen or
+                   not self.latest_is_sample) and self.error is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.thread.is_alive():
                     break
@@ -82,29 +83,41 @@ class BackgroundSampler:
         from ..runtime import build_shard_specs, gather_log_scales, partition_units
 
         generation = 0
+        sampled = True  # the loaded generation was sampled since its load
         try:
             while not self.stop_event.is_set():
                 with self.lock:
-                    job, self.pending = self.pending, None
+                    # A generation is sampled at least once before the next load, so that
+                    # reloads asked for faster than the hosts take them cannot starve the
+                    # boundaries of every move.
+                    job = self.pending if sampled else None
+                    if job is not None:
+                        self.pending = None
                 if job is not None:
                     generation, graph = job
                     partition = partition_units(graph, "shard", self.shards_per_layer)
                     self.specs = build_shard_specs(graph, partition)
                     self.runtime.reload(self.specs)
                     self.loads += 1
+                    sampled = False
                     values = np.zeros(self.n_units)
                 else:
                     self.runtime.advance(self.runtime.elapsed())
                     values = gather_log_scales(self.n_units, self.specs,
                                                self.runtime.owned_log_scales())
+                    sampled = True
                 updates = int(self.runtime.message_counters().unit_updates)
                 with self.lock:
                     if job is None:
                         self.samples += 1
                     self.latest = (generation, values, updates)
+                    self.latest_is_sample = job is None
                     self.published.notify_all()
-                self.wake.wait(self.interval)
-                self.wake.clear()
+                if job is not None:  # the hosts run on the new costs before the next sample
+                    self.stop_event.wait(self.interval)
+                elif self.pending is None:
+                    self.wake.wait(self.interval)
+                    self.wake.clear()
         except BaseException as exc:  # surfaced at the next boundary, in the training thread
             with self.lock:
                 self.error = exc
