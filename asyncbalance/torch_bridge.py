@@ -11,7 +11,7 @@ log-scales, the function change in float64 and in the model's dtype, and can und
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -370,6 +370,14 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 @torch.no_grad()
 def apply_factors_(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> None:
     """``t <- s * t`` for every named tensor, computed in float64, stored in t's dtype."""
+    _write_factors(model, factors)
+
+
+def _write_factors(model: nn.Module, factors: Mapping[str, torch.Tensor],
+                   saved: dict[str, torch.Tensor] | None = None,
+                   written: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """``apply_factors_``, putting a copy of each tensor into ``saved`` just before it is
+    written and calling ``written(name, tensor)`` just after (while it is in cache)."""
     tensors = {name: _tensor(model, name) for name in factors}
     # One float64 work buffer per device, reused tensor after tensor (fresh float64 copies
     # of every weight cost more in page faults than in arithmetic).
@@ -381,11 +389,15 @@ def apply_factors_(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> Non
     for name, factor in factors.items():
         tensor = tensors[name]
         factor = factor.to(tensor.device)
+        if saved is not None:
+            saved[name] = tensor.detach().clone()
         if tensor.dtype == torch.float64:
             tensor.mul_(factor)
-            continue
-        scaled = work[tensor.device][:tensor.numel()].view(tensor.shape)
-        tensor.copy_(scaled.copy_(tensor).mul_(factor))
+        else:
+            scaled = work[tensor.device][:tensor.numel()].view(tensor.shape)
+            tensor.copy_(scaled.copy_(tensor).mul_(factor))
+        if written is not None:
+            written(name, tensor)
 
 
 # -- probes -----------------------------------------------------------------------------------
@@ -665,22 +677,24 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
                 f"{change64:.2e} (relative) > function_tol {function_tol:.0e}; nothing was "
                 "changed. An operation was taken for positively homogeneous that is not "
                 "(a module's homogeneity_degree?); report it with the model")
-    originals = {name: _tensor(model, name).detach().clone() for name in factors}
     # sum |w|**p per parameter as stored, the weights' from the aggregation above; after the
-    # write only the rewritten ones are measured again.
+    # write only the rewritten ones are measured again (while still in cache).
     param_costs = {name: weight_costs[id(t)] if id(t) in weight_costs else lp_sum(t, power)
                    for name, t in model.named_parameters()}
     model_cost_before = float(sum(param_costs.values()))
+    originals: dict[str, torch.Tensor] = {}
+
+    def measure(name: str, tensor: torch.Tensor) -> None:
+        if name in param_costs:
+            param_costs[name] = lp_sum(tensor, power)
+
     try:
-        apply_factors_(model, factors)
+        _write_factors(model, factors, originals, measure)
         plan.apply()
     except BaseException:
         for name, value in originals.items():
             _tensor(model, name).copy_(value)
         raise
-    for name in factors:
-        if name in param_costs:
-            param_costs[name] = lp_sum(_tensor(model, name), power)
     if check_function:
         change = relative_change(before, probe(model, example))
     offsets = network.hidden_offsets()
