@@ -1,12 +1,14 @@
-"""The scale-out cost model: its counts against the runtime's real shards, its fit against
-the benchmark's measured points, and its extrapolation table.
+"""The block-host cost model: its counts against real layouts and frames, its fit against
+synthetic points of known constants, its held-out predictions of the benchmark's saved
+points, and its extrapolation worked by hand.
 
-Tolerances: message and log-scale counts per round are exact (integers). Bytes per message
-match the encoder to within msgpack's variable-length headers (a few bytes; 1.1x over a
-whole round). Every measured point saved by ``benchmarks/bench_scaling.py`` must be predicted
-within ``HELD_OUT_FACTORS`` by a model fitted without that point (the bounds of
-``FIT_FACTORS``, justified in ``costmodel.py``, and one wider one explained below); no time
-is measured here.
+Tolerances: array bytes are exact (integers, from the dtypes). Frame bytes: the per-entry
+part is exact, the envelope within ``FRAME_ENVELOPE``. Expected frame entries per send are
+an expectation over random neighbours, compared with one drawn network: within 5 % (the
+boundary hosts and the draw; observed <= 2 %). Synthetic fits recover constants to 1e-6
+relative (noise-free points; NNLS in float64). Saved points: the largest ones held out of
+the fit must be predicted within ``HELD_OUT_FACTOR`` = 2 (the issue's bound); no time is
+measured here.
 """
 
 from __future__ import annotations
@@ -17,85 +19,202 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncbalance.runtime.coordinator import prepare
+from asyncbalance.graph import build_cost_graph
+from asyncbalance.regularisers import elastic_net, lp
+from asyncbalance.runtime.array_sim import default_step, link_mean_array
+from asyncbalance.runtime.block_host import BlockHost, Routes
 from asyncbalance.runtime.costmodel import (
-    FIT_FACTORS,
+    FRAME_ENVELOPE,
+    HELD_OUT_FACTOR,
+    BlockCounts,
     CostModel,
-    Layout,
+    Work,
+    array_bytes,
+    entries_per_send,
+    extrapolate,
     fit,
+    frame_bytes,
+    held_out_ratios,
     prediction_ratios,
+    rates_per_time_unit,
+    sparse_mlp_counts,
     worst_factor,
 )
-from asyncbalance.runtime.messages import StateMessage, encode_message
-from asyncbalance.runtime.scenario import scenario_from_mapping
+from asyncbalance.runtime.frames import Frame, encode_frame
+from asyncbalance.runtime.host import settings_for
+from asyncbalance.runtime.layout import build_layout
+from asyncbalance.runtime.partition import partition_units
+from asyncbalance.runtime.scenario import build_network, scenario_from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scaling.json"
 
 
-def _specs(sizes: list[int], k: int):
-    scenario = scenario_from_mapping({
-        "name": "cm", "network": {"kind": "mlp", "sizes": sizes, "seed": 0},
-        "balance": {"p": 2.0}, "partition": {"granularity": "shard", "shards_per_layer": k}})
-    return prepare(scenario).specs
+def _scenario(sizes: list[int], fan_in: int, granularity: str = "neuron", k: int = 1):
+    return scenario_from_mapping({
+        "name": "cm", "network": {"kind": "sparse_mlp", "sizes": sizes, "fan_in": fan_in,
+                                  "seed": 1},
+        "partition": {"granularity": granularity, "shards_per_layer": k}})
 
 
-@pytest.mark.parametrize(("sizes", "k"), [([5, 8, 8, 3], 1), ([6, 12, 12, 12, 4], 2),
-                                           ([4, 9, 7, 10, 2], 3)])
-def test_counts_match_the_runtime_shards(sizes: list[int], k: int) -> None:
-    specs = _specs(sizes, k)
-    layout = Layout(sizes[0], tuple(sizes[1:-1]), sizes[-1], (k,) * (len(sizes) - 2))
-    assert layout.shards == len(specs)
-    # One message per neighbour shard per round, carrying the units that neighbour needs.
-    assert layout.messages_per_round() == sum(len(s.send_units) for s in specs)
-    assert layout.units_per_round() == sum(int(v.size) for s in specs
-                                           for v in s.send_units.values())
-    # The costs each shard holds: one float64 per hidden-to-hidden edge touching its units
-    # (p = 2: T = 1 term).
-    assert sorted(layout.shard_edges()) == sorted(s.cost_bytes // 8 for s in specs)
-    assert sorted(layout.shard_messages()) == sorted(len(s.send_units) for s in specs)
+def _layout(s, regulariser=None):
+    graph = build_cost_graph(build_network(s.network), regulariser or lp(2.0))
+    part = s.partition
+    return build_layout(graph, partition_units(graph, part.granularity, part.shards_per_layer))
 
 
-def test_bytes_per_message_match_the_encoder() -> None:
-    model = CostModel(envelope_bytes=14.0, unit_bytes=12.0)
-    for n in (1, 10, 1000):
-        message = StateMessage(3, 7, 1, 12345, np.arange(n), np.linspace(0, 1, n))
-        size = len(encode_message(message))
-        predicted = model.envelope_bytes + model.unit_bytes * n
-        assert abs(size - predicted) <= 4, (n, size)
+def _nbytes(*objects) -> int:
+    """Bytes of every distinct numpy array reachable from the objects' attributes."""
+    seen: set[int] = set()
+    total = 0
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        for value in vars(obj).values():
+            if isinstance(value, np.ndarray):
+                base = value if value.base is None else value.base
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.nbytes
+            elif type(value).__module__.startswith("asyncbalance") and hasattr(value,
+                                                                               "__dict__"):
+                stack.append(value)
+    return total
+
+
+@pytest.mark.parametrize(("granularity", "k", "hosts", "elastic"),
+                         [("neuron", 1, 1, False), ("neuron", 1, 3, False),
+                          ("shard", 3, 1, False), ("shard", 2, 4, True)])
+def test_array_bytes_equal_the_arrays_a_host_holds(granularity: str, k: int, hosts: int,
+                                                   elastic: bool) -> None:
+    s = _scenario([12, 40, 30, 35, 5], 6, granularity, k)
+    layout = _layout(s, elastic_net(1.0, 0.5) if elastic else None)
+    shard_host = (np.arange(layout.n_shards) * hosts // layout.n_shards).astype(np.int64)
+    host = BlockHost(0, layout, shard_host, settings_for(s, {}), link_mean_array(s, layout),
+                     default_step(s), level="none")
+    counts = BlockCounts(
+        units=layout.n_own, slots=layout.n_slots, links=layout.n_links,
+        terms=layout.incoming.value_index.size + layout.outgoing.value_index.size,
+        shards=layout.n_shards, hosts=hosts, cost_terms=layout.n_terms)
+    assert layout.n_terms == (2 if elastic else 1)
+    assert array_bytes(counts) == _nbytes(layout, host)
+
+
+def test_frame_bytes_bound_the_encoder() -> None:
+    rng = np.random.default_rng(0)
+    for entries in (0, 1, 7, 300, 100_000):
+        for units in (1, 5):
+            frame = Frame(3, 2, rng.integers(0, 2**31, entries), rng.integers(0, 2**40, entries),
+                          rng.random(entries), rng.random(entries * units))
+            size = len(encode_frame(frame))
+            predicted = frame_bytes(entries, units)
+            assert predicted - FRAME_ENVELOPE <= size <= predicted, (entries, units, size)
+
+
+def test_sparse_mlp_counts_match_a_built_layout() -> None:
+    widths = (300, 300, 300, 300)
+    layout = _layout(_scenario([8, *widths, 4], 12))
+    counts = sparse_mlp_counts(widths, 12)
+    assert counts.units == layout.n_own
+    # Each hidden-to-hidden synapse: two terms, two slots, two links. random_sparse_layer adds
+    # a link for an input no row drew (probability ~ e^-12 each): none here.
+    terms = layout.incoming.value_index.size + layout.outgoing.value_index.size
+    assert counts.terms == terms == layout.n_slots == layout.n_links
+
+
+@pytest.mark.parametrize(("width", "fan_in", "hosts"), [(400, 8, 2), (400, 8, 8),
+                                                         (400, 8, 16), (300, 3, 12)])
+def test_entries_per_send_match_the_routes(width: int, fan_in: int, hosts: int) -> None:
+    widths = (width,) * 4
+    layout = _layout(_scenario([8, *widths, 4], fan_in))
+    shard_host = (np.arange(layout.n_shards) * hosts // layout.n_shards).astype(np.int64)
+    ptr = Routes.build(layout, shard_host).pair_ptr
+    feeds = (ptr[1:] > ptr[:-1]).reshape(layout.n_shards, hosts)
+    feeds[np.arange(layout.n_shards), shard_host] = False  # its own host is no frame
+    measured = feeds.sum(axis=1).mean()
+    assert entries_per_send(widths, fan_in, hosts) == pytest.approx(measured, rel=0.05)
+
+
+KNOWN = CostModel(process_bytes=1.1e8, memory_factor=1.7, cpu_window=4e-5,
+                  cpu_window_shard=2e-9, cpu_move=3e-7, cpu_link=5e-8, cpu_entry=9e-7,
+                  cpu_frame=6e-6, ray_frame_seconds=2e-4)
+
+
+def _synthetic(model: CostModel, n: int = 12, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    memory = [{"array_bytes": b, "resident_bytes": model.resident_bytes(b)}
+              for b in np.geomspace(1e4, 1e9, n)]
+    cpu, ray = [], []
+    for i in range(n):
+        w = {"windows": rng.uniform(1e2, 1e4), "shards": rng.uniform(1e2, 1e5),
+             "moves": rng.uniform(1e3, 1e7), "links": rng.uniform(1e4, 1e8),
+             "entries": rng.uniform(0, 1e6) if i % 2 else 0.0,
+             "frames": rng.uniform(0, 1e4) if i % 2 else 0.0}
+        cpu.append({**w, "cpu_seconds": model.cpu_seconds(Work(**w))})
+        w = {**w, "frames": rng.uniform(1e2, 1e4)}
+        ray.append({**w, "cpu_seconds": model.ray_cpu_seconds(Work(**w))})
+    return {"memory": memory, "cpu": cpu, "ray": ray}
 
 
 def test_fit_recovers_known_constants() -> None:
-    rng = np.random.default_rng(0)
-    points = {
-        "bytes": [{"messages": m, "units": u, "bytes": 17 * m + 12 * u}
-                  for m, u in rng.integers(1, 500, size=(8, 2))],
-        "cpu": [{"edges": e, "messages": m, "seconds": 2e-4 + 3e-8 * e + 5e-5 * m}
-                for e, m in rng.integers(1, 100_000, size=(8, 2))],
-        "rounds": [{"depth": d, "rounds": 3.0 * d ** 1.8} for d in (2, 3, 5, 8)],
-        "solve": [{"weights": w, "seconds": 0.004 + 2e-8 * w} for w in (1e4, 1e5, 1e6)],
-        "memory": [{"edges": e, "terms": 1, "resident_bytes": 1e8 + 8 * e}
-                   for e in (1e3, 1e5, 1e6)],
-    }
-    model = fit(points)
-    assert model.envelope_bytes == pytest.approx(17, rel=1e-6)
-    assert model.unit_bytes == pytest.approx(12, rel=1e-6)
-    assert model.cpu_per_edge == pytest.approx(3e-8, rel=1e-4)
-    assert model.cpu_per_message == pytest.approx(5e-5, rel=1e-4)
-    assert model.rounds_power == pytest.approx(1.8, rel=1e-9)
-    assert model.solve_per_weight == pytest.approx(2e-8, rel=1e-6)
-    assert model.process_bytes == pytest.approx(1e8)
-    for values in prediction_ratios(model, points).values():
-        assert worst_factor(values) == pytest.approx(1.0, abs=1e-4)
+    model = fit(_synthetic(KNOWN))
+    for name in ("process_bytes", "memory_factor", "cpu_window", "cpu_window_shard",
+                 "cpu_move", "cpu_link", "cpu_entry", "cpu_frame", "ray_frame_seconds"):
+        assert getattr(model, name) == pytest.approx(getattr(KNOWN, name), rel=1e-6), name
+    for ratios in prediction_ratios(model, _synthetic(KNOWN, seed=1)).values():
+        assert worst_factor(ratios) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_bad_layout_names_the_field() -> None:
-    with pytest.raises(ValueError, match="slices"):
-        Layout(4, (8, 8), 2, (1,))
-    with pytest.raises(ValueError, match="slices"):
-        Layout(4, (8, 8), 2, (1, 9))
-    with pytest.raises(ValueError, match="shards"):
-        Layout.uniform(4, 8, 3, 2, shards=2)
+def test_held_out_check_fails_a_wrong_model_form() -> None:
+    points = _synthetic(KNOWN)
+    for kind in ("memory", "cpu", "ray"):
+        assert worst_factor(held_out_ratios(points, kind, 2)) == pytest.approx(1.0, abs=1e-6)
+    # Memory that grows as the square of the arrays is not m_0 + beta x bytes: the largest
+    # points, held out, are missed by far more than the bound.
+    quadratic = {**points, "memory": [{"array_bytes": r["array_bytes"],
+                                       "resident_bytes": 1e8 + r["array_bytes"] ** 2 / 1e6}
+                                      for r in points["memory"]]}
+    assert worst_factor(held_out_ratios(quadratic, "memory", 2)) > 10 * HELD_OUT_FACTOR
+
+
+def test_extrapolation_by_hand() -> None:
+    """Two layers of 100 neurons, fan_in 10, on 2 nodes of 1 core: every count by hand."""
+    model = CostModel(process_bytes=1e8, memory_factor=2.0, cpu_window=1e-5,
+                      cpu_window_shard=1e-9, cpu_move=1e-7, cpu_link=1e-8, cpu_entry=1e-6,
+                      cpu_frame=1e-5, ray_frame_seconds=1e-4)
+    row = extrapolate(model, (100, 100), 10, nodes=2, cores_per_node=1, move_activity=0.5,
+                      link_activity=0.8, windows_per_time_unit=20, time_units_to_tol=50)
+    # 200 units, 1,000 synapses -> 2,000 terms, slots and links; 200 shards; 2 hosts.
+    layout = (72 * 200          # per unit: 3 int64 + degrees + 3 visible/self + 2 CSR ptrs
+              + 24 * 2000       # per term: cost, rate, value index
+              + 8 * 2000        # per slot: sender position
+              + 32 * 2000       # per link: src, dst, slot ptr, in_links
+              + 40 * 200        # per shard: 5 int64
+              + 16 + 48)        # powers, coefs; six CSR pointers' last entries
+    block = 8 * (200 + 2000 + 1) + 8 * 200 + 16 * 2000 + 33 * 200
+    host = 8 * (200 + 2000 + 1) + 32 * 2000 + 50 * 200 + 8 * (200 * 2 + 1)
+    assert layout + block + host == 303_088
+    assert row["array_bytes_per_host"] == 303_088
+    assert row["memory_per_host"] == pytest.approx(1e8 + 2 * 303_088)
+    # Per host and time unit: 20 windows over 200 shards, 100 x 0.5 moves, 1,000 x 0.8 link
+    # messages; host 0 holds layer 1 and host 1 layer 2, so a send (100 x 0.8 per host) is
+    # one entry to the other host: always from layer 2 (10 neighbours below), from layer 1
+    # unless none of the 100 neurons above drew it (each does with probability 10 / 100).
+    # Each window, one frame to the other host.
+    work = rates_per_time_unit((100, 100), 10, 2, 0.5, 0.8, 20)
+    assert (work.windows, work.shards, work.moves, work.links) == (20, 200, 50, 800)
+    entries = 80 * (1 + (1 - 0.9**100)) / 2
+    assert work.entries == pytest.approx(entries, rel=1e-12)
+    assert work.frames == 20
+    cpu = (1e-5 * 20 + 1e-9 * 20 * 200 + 1e-7 * 50 + 1e-8 * 800 + 1e-6 * entries
+           + 1e-5 * 20 + 1e-4 * 20)
+    assert row["cpu_per_time_unit"] == pytest.approx(cpu, rel=1e-12)
+    assert row["wall_to_tol"] == pytest.approx(50 * cpu, rel=1e-12)
+    assert row["wire_bytes_per_time_unit"] == pytest.approx(20 * FRAME_ENVELOPE
+                                                            + entries * 28)
+    # Host-local layouts: half the units, terms, slots, links and shards each.
+    half = BlockCounts(units=100, terms=1000, slots=1000, links=1000, shards=100, hosts=2)
+    assert row["local_array_bytes_per_host"] == array_bytes(half)
 
 
 @pytest.fixture(scope="module")
@@ -105,49 +224,27 @@ def saved() -> dict:
     return json.loads(RESULTS.read_text())
 
 
-def test_saved_points_cover_nodes_shards_and_sizes(saved: dict) -> None:
-    ray_rows = saved["ray"]
-    assert {r["nodes"] for r in ray_rows} == {1, 2, 3}
-    assert len({r["shards"] for r in ray_rows}) >= 2
-    assert len({r["weights"] for r in ray_rows + saved["sim"]["bytes"]}) >= 4
-    # With more than one node, the shards really ran on more than one.
-    assert all(r["distinct_nodes"] >= 2 for r in ray_rows if r["nodes"] > 1)
+def _points(saved: dict) -> dict:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.scaling.fit import points_of
+
+    return points_of(saved)
 
 
-# A point left out of the fit is predicted with one point less of evidence: the bounds of
-# FIT_FACTORS hold for every kind but the exact solver's time, whose Newton iteration count
-# varies with the network (observed 3.3x held out vs 2.8x in-sample on the saved points);
-# 4x still fails a wrong model form (the solve points span 100x in weights).
-HELD_OUT_FACTORS = {**FIT_FACTORS, "solve": 4.0}
+def test_saved_points_cover_sizes_and_hosts(saved: dict) -> None:
+    sim = [r for r in saved["sim"] if r["converged"]]
+    assert min(r["neurons"] for r in sim) <= 1_000 and max(r["neurons"] for r in sim) >= 50_000
+    assert all(r["array_bytes"] == r["counted_array_bytes"] for r in saved["sim"])
+    ray = [r for r in saved["ray"] if r["converged"]]
+    assert {r["hosts"] for r in ray} == {1, 2}
+    assert all(r["entries"] > 0 for r in ray if r["hosts"] == 2)
 
 
-def _without(points: dict, kind: str, index: int) -> dict:
-    return {k: (v[:index] + v[index + 1:] if k == kind else v) for k, v in points.items()}
-
-
-def test_model_predicts_points_left_out_of_its_fit(saved: dict) -> None:
-    """Leave-one-out: every measured point is predicted by a model fitted without it."""
-    points = saved["points"]
-    for kind in ("bytes", "memory", "cpu", "round_time", "rounds", "solve"):
-        assert len(points[kind]) >= 3, f"too few measured {kind} points to hold one out"
-        ratios = []
-        for index, point in enumerate(points[kind]):
-            model = fit(_without(points, kind, index))
-            ratios += prediction_ratios(model, {kind: [point]})[kind]
-        factor = worst_factor(ratios)
-        assert factor <= HELD_OUT_FACTORS[kind], (kind, factor, ratios)
-    # The constants fitted on everything are physical: 12 bytes per log-scale (uint32 id +
-    # float64), an envelope of tens of bytes, a positive cost per edge.
-    model = fit(points)
-    assert model.unit_bytes == pytest.approx(12.0, rel=0.05)
-    assert 5 <= model.envelope_bytes <= 60
-    assert model.cpu_per_edge > 0
-
-
-def test_extrapolation_reaches_a_billion_weights_on_100_nodes(saved: dict) -> None:
-    rows = [r for r in saved["extrapolation"] if r["weights"] >= 9e8 and r["nodes"] == 100]
-    assert rows
-    row = rows[0]
-    # The centralised alternative moves every weight through one link, twice.
-    assert row["central_link_bytes"] == pytest.approx(2 * 8 * row["weights"] * 99 / 100)
-    assert row["decentral_memory_per_node"] < row["central_memory"]
+def test_largest_saved_points_predicted_within_2x_held_out(saved: dict) -> None:
+    points = _points(saved)
+    for kind, n in (("memory", 2), ("cpu", 2), ("ray", 2)):
+        assert len(points[kind]) >= n + 3, f"too few {kind} points to hold {n} out"
+        ratios = held_out_ratios(points, kind, n)
+        assert worst_factor(ratios) <= HELD_OUT_FACTOR, (kind, ratios)

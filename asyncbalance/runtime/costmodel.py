@@ -1,334 +1,384 @@
-"""The cost model of asynchronous balancing at scale: bytes, messages, memory and time.
+"""The cost model of block hosts at scale: memory per host, CPU per time unit, wire bytes.
 
-Pure functions of the network's shape, fitted to measurements and extrapolated from them.
+Pure functions of counts (no I/O, no Ray, no clock), fitted by least squares to measured
+points and extrapolated from them.
 
-**The network.** A layered network with hidden widths ``h_1 .. h_L`` between ``n_in`` inputs
-and ``n_out`` outputs (dense layers and biases), so ``E = sum of h_{l-1} h_l (+ h_l)``
-weights and ``H = sum h_l`` hidden units. Layer ``l`` is cut into ``k_l`` slices, one shard
-each: ``S = sum k_l`` shards, spread over ``N`` nodes.
+**What a host holds.** Every block host (``runtime/block_host.py``) holds the layout of the
+*whole* network (``runtime/layout.py``: the Ray driver ships the global layout to every
+host) and a ``ShardBlock`` and host state sized on it, not only on its own shards. Its arrays
+are counted exactly from their dtypes (``array_bytes``) in terms of
 
-**A round** is one wake of every shard: it applies its local rule and, when its log-scales
-changed, sends them to every neighbour shard (the shards of the adjacent hidden layers, as
-every slice of layer ``l`` is joined to every slice of ``l +- 1`` by dense weights).
+- ``units`` U: owned positions (live hidden units) of the layout;
+- ``terms`` 2 E: incoming plus outgoing terms, two per hidden-to-hidden synapse;
+- ``slots``: halo slots, one per (receiving shard, neighbour owned by another shard);
+- ``links``: directed shard pairs that exchange state;
+- ``shards`` S and ``hosts`` H, with T regulariser terms (T = 1 for one power p).
 
-- messages per round ``M = sum_l k_l (k_{l-1} + k_{l+1})`` (hidden neighbours only);
-- log-scales shipped per round ``U = sum_l h_l (k_{l-1} + k_{l+1})``;
-- bytes per round ``B = M * c_env + U * c_unit``: ``c_unit = 12`` (a uint32 id and a float64
-  value), ``c_env`` the msgpack envelope, fitted; a fraction ``(N - 1) / N`` of them crosses
-  between nodes when shards are spread evenly;
-- memory per shard: the costs of the hidden-to-hidden edges touching its units (``8 T``
-  bytes per edge for ``T`` regulariser terms; edges to inputs, outputs and biases are held
-  aggregated per unit) plus a process baseline ``m_0`` (interpreter, numpy, Ray worker),
-  fitted;
-- CPU per shard and round ``c = a_0 + a_e e + (a_m + a_ray) m`` for a shard touching ``e``
-  edges and sending ``m`` messages: ``a_0, a_e, a_m`` fitted to the shard logic timed in
-  process, ``a_ray`` (an actor call's cost to send and receive) to the Ray measurements;
-  ``s = S / N`` shards share a node's ``C`` cores, so ``t_round = max(P, max(1, s / C) c) + d``
-  with wake period ``P`` and link delay ``d``;
-- rounds to tolerance ``R``: measured in the simulator (deterministic, no clock) as a
-  function of depth, ``R = r L^alpha``, fitted.
+Resident memory per host is then ``m_0 + beta * array_bytes``: ``m_0`` the process (the
+interpreter, numpy, scipy, a Ray worker), ``beta`` what the allocator and the transient
+arrays of a window add per byte of state; both fitted. ``array_bytes(..., local=True)``
+counts what a host would hold with a layout of its own shards and their halos only (not
+built: a per-host sub-layout), for the extrapolation's second column.
 
-**The centralised alternative** gathers every weight to one node for every balance, solves
-the exact optimum there and scatters the weights back: ``2 * 8 E`` bytes through that node's
-network link, ``8 E (1 + T)`` bytes of memory on it, and a solve of
-``t_solve = s_0 + s_e E`` seconds, fitted to the engine's exact solver.
+**CPU.** A host's CPU seconds are linear in what it did:
 
-Time through a network link is bytes over bandwidth plus a latency per message; the
-decentralised bytes are spread over the ``N`` nodes' links, the centralised ones all go
-through one.
+    cpu = a_w W + a_ws W S + a_m M + a_l D + a_e F + a_f R
+
+with W windows (the ``_next_window``/``_wake_due`` scans cost O(S) each: the ``W S`` term),
+M unit moves, D link messages delivered (the fan-out at the receiver), F frame entries
+(taken, encoded, decoded and fanned out: one per changed shard per destination host) and R
+frames. The constants are fitted on the simulator (one host: F = R = 0) and on two block
+hosts exchanging encoded frames in one process; on Ray each frame costs ``ray_frame_seconds``
+more (the event loop, the socket, the acknowledgement), fitted to the Ray hosts' CPU.
+
+**Wire bytes.** A frame of F entries of shards of u units each is ``frame_bytes``: an
+envelope of at most ``FRAME_ENVELOPE`` bytes plus ``4 + 8 + 8 + 8 u`` per entry (sender id,
+version, send time, log-scales; ``runtime/frames.py``).
+
+**Per time unit** (``rates_per_time_unit``): at neuron granularity on a sparse MLP each
+synapse is a directed link both ways; while converging a fraction of the units moves and a
+fraction of the links carries news each time unit (``activity``, measured in the simulator);
+a sender's entry goes once to each other host holding a neighbour (``entries_per_send``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-BYTES_PER_UNIT = 12.0  # uint32 unit id + float64 log-scale, see runtime.messages
-BYTES_PER_WEIGHT = 8.0  # float64
+__all__ = [
+    "BYTES_PER_ENTRY_FIXED", "FRAME_ENVELOPE", "BlockCounts", "CostModel", "Work",
+    "array_bytes", "extrapolate", "fit", "frame_bytes", "held_out_ratios", "layer_shares",
+    "prediction_ratios", "rates_per_time_unit", "sparse_mlp_counts", "worst_factor",
+]
 
-# How far a fitted prediction may miss a measured point (max of predicted/measured and its
-# inverse), per kind, and why:
-FIT_FACTORS: dict[str, float] = {
-    # Bytes are counted exactly from the event log; only msgpack's variable-length integer
-    # headers (sequence numbers, sizes) make the envelope vary by a few bytes.
-    "bytes": 1.1,
-    # Resident memory of an actor is dominated by the interpreter, numpy and Ray's worker
-    # (~100-200 MB); small shards' costs barely register and the allocator adds noise.
-    "memory": 1.5,
-    # Rounds to tolerance in the simulator follow r L^alpha closely but not exactly (width,
-    # random weights and wake jitter matter a little).
-    "rounds": 1.5,
-    # CPU and wall time on a shared, loaded 2-core machine: scheduling noise between runs.
-    "cpu": 3.0,
-    "round_time": 3.0,
-    # The exact solver's Newton iterations vary with the network, not only with E.
-    "solve": 3.0,
-}
+I8, F8, B1 = 8, 8, 1  # int64 index, float64 value, bool flag
+BYTES_PER_ENTRY_FIXED = 4 + 8 + 8  # uint32 sender, int64 version, float64 send time
+# msgpack array header, format and host ints, generation, four bin headers: measured <= 32
+# bytes for frames of 0 to 10^5 entries (tests/test_scaleout_costmodel.py).
+FRAME_ENVELOPE = 32
+
+# How far a prediction may miss a point held out of the fit (max of predicted/measured and
+# its inverse): the issue's bound, for every kind.
+HELD_OUT_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A layered network cut into shards: hidden widths and slices per hidden layer."""
+class BlockCounts:
+    """Sizes of a layout (see the module docstring); ``terms`` counts both directions."""
 
-    n_in: int
-    widths: tuple[int, ...]
-    n_out: int
-    slices: tuple[int, ...]
-    bias: bool = True
+    units: int
+    terms: int
+    slots: int
+    links: int
+    shards: int
+    hosts: int = 1
+    cost_terms: int = 1
 
     def __post_init__(self) -> None:
-        if not self.widths or min(self.widths) < 1 or self.n_in < 1 or self.n_out < 1:
-            raise ValueError(f"widths: need >= 1 hidden layer of >= 1 unit, got {self.widths}")
-        if len(self.slices) != len(self.widths):
-            raise ValueError(f"slices: one count per hidden layer ({len(self.widths)}), got "
-                             f"{len(self.slices)}")
-        if any(k < 1 or k > h for k, h in zip(self.slices, self.widths, strict=True)):
-            raise ValueError(f"slices: each must lie in 1 .. its layer's width, got "
-                             f"{self.slices} for widths {self.widths}")
+        for name in ("units", "terms", "slots", "links", "shards"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.hosts < 1 or self.cost_terms < 1:
+            raise ValueError(f"hosts and cost_terms: must be >= 1, got {self.hosts}, "
+                             f"{self.cost_terms}")
 
-    @classmethod
-    def uniform(cls, n_in: int, width: int, depth: int, n_out: int, shards: int,
-                bias: bool = True) -> Layout:
-        """``depth`` hidden layers of ``width``; ``shards`` spread evenly over the layers."""
-        if shards < depth:
-            raise ValueError(f"shards: need at least one per hidden layer ({depth}), got "
-                             f"{shards}")
-        base, extra = divmod(shards, depth)
-        slices = tuple(min(width, base + (1 if i < extra else 0)) for i in range(depth))
-        return cls(n_in, (width,) * depth, n_out, slices, bias)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return (self.n_in, *self.widths, self.n_out)
-
-    @property
-    def weights(self) -> int:
-        s = self.sizes
-        return sum(a * b + (b if self.bias else 0) for a, b in zip(s[:-1], s[1:], strict=True))
-
-    @property
-    def hidden(self) -> int:
-        return sum(self.widths)
-
-    @property
-    def shards(self) -> int:
-        return sum(self.slices)
-
-    @property
-    def depth(self) -> int:
-        return len(self.widths)
-
-    def _neighbour_slices(self, layer: int) -> int:
-        k = self.slices
-        return (k[layer - 1] if layer > 0 else 0) + (k[layer + 1] if layer + 1 < len(k) else 0)
-
-    def messages_per_round(self) -> int:
-        return sum(k * self._neighbour_slices(i) for i, k in enumerate(self.slices))
-
-    def units_per_round(self) -> int:
-        return sum(h * self._neighbour_slices(i) for i, h in enumerate(self.widths))
-
-    def shard_edges(self) -> list[int]:
-        """Hidden-to-hidden edges touching each shard's units (its rows and columns).
-
-        Edges to visible units (inputs, outputs, biases) are held aggregated per unit by the
-        runtime's shards (a few numbers per unit), so they do not count here.
-        """
-        w = self.widths
-        edges = []
-        for i, (h, k) in enumerate(zip(w, self.slices, strict=True)):
-            fan = (w[i - 1] if i > 0 else 0) + (w[i + 1] if i + 1 < len(w) else 0)
-            for piece in np.array_split(np.arange(h), k):
-                edges.append(int(piece.size) * fan)
-        return edges
-
-    def shard_messages(self) -> list[int]:
-        """Messages each shard sends per round (one per neighbour shard)."""
-        return [self._neighbour_slices(i) for i, k in enumerate(self.slices) for _ in range(k)]
+    def scaled(self, fraction: float) -> BlockCounts:
+        """The counts of one host's share (its shards and their halos) of a balanced split."""
+        return replace(self, units=math.ceil(self.units * fraction),
+                       terms=math.ceil(self.terms * fraction),
+                       slots=math.ceil(self.slots * fraction),
+                       links=math.ceil(self.links * fraction),
+                       shards=math.ceil(self.shards * fraction))
 
 
-@dataclass
+def layout_bytes(c: BlockCounts) -> int:
+    """Bytes of a ``BlockLayout``'s arrays (its dataclass fields and two ``TermTable``s)."""
+    t = c.cost_terms
+    per_unit = (I8 * 3      # units, shard_of_unit, color
+                + F8        # degrees
+                + F8 * 3 * t  # visible_in, visible_out, self_cost
+                + I8 * 2)   # incoming.ptr, outgoing.ptr
+    per_term = F8 * 2 * t + I8  # cost, rate, value_index
+    per_slot = I8           # slot_sender_pos
+    per_link = I8 * 4       # link_src, link_dst, link_slot_ptr, in_links
+    per_shard = I8 * 5      # unit_ptr, n_colors, out_link_ptr, in_link_ptr, shard_group
+    fixed = F8 * 2 * t + I8 * 6  # powers, coefs; the extra entry of six CSR pointers
+    return (per_unit * c.units + per_term * c.terms + per_slot * c.slots
+            + per_link * c.links + per_shard * c.shards + fixed)
+
+
+def block_bytes(c: BlockCounts) -> int:
+    """Bytes of a ``ShardBlock``'s arrays."""
+    values = F8 * (c.units + c.slots + 1)
+    per_unit = F8           # last_sent
+    per_link = I8 * 2       # link_version, the scratch mark
+    per_shard = I8 * 4 + B1  # epoch, seq, last_send_time, unit_updates; dirty
+    return values + per_unit * c.units + per_link * c.links + per_shard * c.shards
+
+
+def host_bytes(c: BlockCounts) -> int:
+    """Bytes of a ``BlockHost``'s own arrays (routes, link means, schedules, checkpoints)."""
+    saved_values = F8 * (c.units + c.slots + 1)
+    per_link = I8 * 3 + F8  # pair_links, slot_count, saved_versions; link_mean
+    per_shard = I8 * 6 + B1 * 2  # shard_host, restarts, next_tick, wake_at, saved_time,
+    #                              colour; local, alive
+    pair_ptr = I8 * (c.shards * c.hosts + 1)
+    return saved_values + per_link * c.links + per_shard * c.shards + pair_ptr
+
+
+def array_bytes(c: BlockCounts, local: bool = False) -> int:
+    """Every array a block host holds: layout, block and host state.
+
+    ``local``: with a layout of the host's own shards only (``c`` scaled by 1 / hosts), the
+    ``pair_ptr`` routing table still spanning its shards times the hosts.
+    """
+    if local:
+        c = c.scaled(1.0 / c.hosts)
+    return layout_bytes(c) + block_bytes(c) + host_bytes(c)
+
+
+def frame_bytes(entries: float, units_per_shard: float, frames: float = 1.0) -> float:
+    """Upper bound on the encoded bytes of ``frames`` frames carrying ``entries`` in all."""
+    return frames * FRAME_ENVELOPE + entries * (BYTES_PER_ENTRY_FIXED + 8.0 * units_per_shard)
+
+
+# -- counts of a sparse MLP at neuron granularity -------------------------------------------
+
+def sparse_mlp_counts(widths: Sequence[int], fan_in: int, hosts: int = 1) -> BlockCounts:
+    """Expected counts of a ``sparse_mlp``'s hidden layers ``widths`` at neuron granularity:
+    each hidden-to-hidden synapse is two terms, two halo slots and two directed links (its
+    two neurons are distinct shards); every unit is assumed live."""
+    widths = [int(w) for w in widths]
+    synapses = sum(out * min(fan_in, below) for below, out in zip(widths[:-1], widths[1:],
+                                                                    strict=True))
+    units = sum(widths)
+    return BlockCounts(units=units, terms=2 * synapses, slots=2 * synapses,
+                       links=2 * synapses, shards=units, hosts=hosts)
+
+
+def layer_shares(widths: Sequence[int], hosts: int) -> np.ndarray:
+    """(layers, hosts): units of each layer on each host when the units, in layer order, are
+    cut into ``hosts`` contiguous runs of equal length (as the Ray backend assigns them)."""
+    bounds = np.concatenate([[0.0], np.cumsum(np.asarray(widths, float))])
+    cuts = np.linspace(0.0, bounds[-1], hosts + 1)
+    lo = np.maximum(bounds[:-1, None], cuts[None, :-1])
+    hi = np.minimum(bounds[1:, None], cuts[None, 1:])
+    return np.maximum(hi - lo, 0.0)
+
+
+def entries_per_send(widths: Sequence[int], fan_in: int, hosts: int) -> float:
+    """Frame entries per send of a neuron, averaged over the hidden neurons: the expected
+    number of other hosts holding one of its neighbours. Neighbours below are ``fan_in``
+    uniform draws from the layer below; above, each neuron of the layer above draws this
+    one with probability fan_in / width. A host holds a contiguous run of the units
+    (``layer_shares``); a draw lands on host h with the share of the layer h holds."""
+    widths = [int(w) for w in widths]
+    if hosts <= 1:
+        return 0.0
+    share = layer_shares(widths, hosts)
+    fraction = share / np.asarray(widths, float)[:, None]
+    total = 0.0
+    for i, w in enumerate(widths):
+        hit = np.zeros(hosts)  # P(some neighbour on host h), for a neuron of layer i
+        miss = np.ones(hosts)
+        if i > 0:
+            miss *= (1.0 - fraction[i - 1]) ** min(fan_in, widths[i - 1])
+        if i + 1 < len(widths):
+            above = widths[i + 1]
+            # ``above`` neurons each pick this one with probability k / w, independently.
+            miss *= (1.0 - fraction[i + 1] * min(fan_in, w) / w) ** above
+        hit = 1.0 - miss
+        # Averaged over the hosts g this layer's neurons sit on, h != g.
+        total += float(share[i] @ (hit.sum() - hit))
+    return total / float(sum(widths))
+
+
+# -- the fitted model -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Work:
+    """What a host did (or does per time unit): the counts the CPU model is linear in."""
+
+    windows: float
+    shards: float
+    moves: float
+    links: float
+    entries: float = 0.0
+    frames: float = 0.0
+
+    def features(self) -> list[float]:
+        return [self.windows, self.windows * self.shards, self.moves, self.links,
+                self.entries, self.frames]
+
+
+CPU_NAMES = ("cpu_window", "cpu_window_shard", "cpu_move", "cpu_link", "cpu_entry",
+             "cpu_frame")
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Fitted constants; see the module docstring for the formulas they enter."""
 
-    envelope_bytes: float = 20.0
-    unit_bytes: float = BYTES_PER_UNIT
-    process_bytes: float = 1.5e8
-    cost_terms: int = 1
-    cpu_base: float = 1e-4
-    cpu_per_edge: float = 1e-8
-    cpu_per_message: float = 1e-5
-    message_seconds: float = 3e-4
-    rounds_coef: float = 10.0
-    rounds_power: float = 2.0
-    solve_base: float = 5e-3
-    solve_per_weight: float = 1e-7
-    fitted: dict[str, Any] = field(default_factory=dict)
+    process_bytes: float = 1.2e8
+    memory_factor: float = 1.0
+    cpu_window: float = 5e-5
+    cpu_window_shard: float = 1e-9
+    cpu_move: float = 1e-6
+    cpu_link: float = 1e-7
+    cpu_entry: float = 1e-6
+    cpu_frame: float = 1e-5
+    ray_frame_seconds: float = 1e-4
+    fitted: Mapping[str, Any] = field(default_factory=dict)
 
-    # -- predictions -------------------------------------------------------------------------
-    def bytes_per_round(self, layout: Layout) -> float:
-        return (layout.messages_per_round() * self.envelope_bytes
-                + layout.units_per_round() * self.unit_bytes)
+    def resident_bytes(self, array_bytes_: float) -> float:
+        return self.process_bytes + self.memory_factor * array_bytes_
 
-    def shard_memory(self, layout: Layout) -> float:
-        """Resident bytes of the largest shard process."""
-        return self.process_bytes + 8.0 * self.cost_terms * max(layout.shard_edges())
+    def cpu_seconds(self, work: Work) -> float:
+        coef = [getattr(self, name) for name in CPU_NAMES]
+        return float(np.dot(coef, work.features()))
 
-    def shard_cpu(self, layout: Layout) -> float:
-        """CPU seconds per round of the busiest shard."""
-        return max(self._cpu(e, m) for e, m in
-                   zip(layout.shard_edges(), layout.shard_messages(), strict=True))
-
-    def _cpu(self, edges: float, messages: float) -> float:
-        return (self.cpu_base + self.cpu_per_edge * edges
-                + (self.cpu_per_message + self.message_seconds) * messages)
-
-    def time_per_round(self, layout: Layout, nodes: int, cores_per_node: float,
-                       period: float = 0.0, delay: float = 0.0) -> float:
-        per_node = layout.shards / max(nodes, 1)
-        return max(period, max(1.0, per_node / cores_per_node) * self.shard_cpu(layout)) + delay
-
-    def rounds_to_tol(self, layout: Layout) -> float:
-        return self.rounds_coef * layout.depth ** self.rounds_power
-
-    def solve_seconds(self, weights: float) -> float:
-        return self.solve_base + self.solve_per_weight * weights
-
-    def compare(self, layout: Layout, nodes: int, cores_per_node: float, bandwidth: float,
-                latency: float, delay: float = 0.0, delay_factor: float = 1.0
-                ) -> dict[str, float]:
-        """One balance of ``layout``, decentralised vs centralised, on ``nodes`` nodes.
-
-        ``bandwidth``: bytes/s of each node's network link; ``latency``: seconds per message
-        on the wire; ``delay``: extra delay per message (the scenario's link delay);
-        ``delay_factor``: gamma, how much of a message's delay and latency each round waits
-        for (fitted in the simulator: time to tolerance = R (P + gamma d)).
-        """
-        rounds = self.rounds_to_tol(layout)
-        per_round = self.bytes_per_round(layout)
-        cross = (nodes - 1) / nodes if nodes > 1 else 0.0
-        link_bytes_round = per_round * cross / max(nodes, 1)
-        round_time = (self.time_per_round(layout, nodes, cores_per_node)
-                      + delay_factor * (delay + latency) + link_bytes_round / bandwidth)
-        weights = layout.weights
-        gather = BYTES_PER_WEIGHT * weights * cross
-        central_time = 2 * gather / bandwidth + self.solve_seconds(weights)
-        return {
-            "weights": float(weights), "hidden": float(layout.hidden),
-            "shards": float(layout.shards), "nodes": float(nodes),
-            "rounds": rounds, "bytes_per_round": per_round,
-            "messages_per_round": float(layout.messages_per_round()),
-            "decentral_bytes": rounds * per_round * cross,
-            "decentral_link_bytes_per_node": rounds * link_bytes_round,
-            "decentral_seconds": rounds * round_time,
-            "decentral_memory_per_node": (layout.shards / nodes) * self.shard_memory(layout),
-            "central_bytes": 2 * gather,
-            "central_link_bytes": 2 * gather,
-            "central_seconds": central_time,
-            "central_memory": BYTES_PER_WEIGHT * weights * (1 + self.cost_terms),
-        }
+    def ray_cpu_seconds(self, work: Work) -> float:
+        return self.cpu_seconds(work) + self.ray_frame_seconds * work.frames
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# -- fitting ------------------------------------------------------------------------------
-
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from scipy.optimize import nnls
-
-    return nnls(a, b)[0]
-
-
 def _relative_nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Non-negative least squares on relative errors (each row divided by its target)."""
-    return _nnls(a / b[:, None], np.ones_like(b))
+    from scipy.optimize import nnls
+
+    return nnls(a / b[:, None], np.ones_like(b))[0]
 
 
-def _power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
-    if lx.size < 2 or np.ptp(lx) == 0:
-        return float(np.exp(np.mean(ly - lx))), 1.0
-    power, log_coef = np.polyfit(lx, ly, 1)
-    return float(np.exp(log_coef)), float(power)
+def _work(row: Mapping[str, Any]) -> Work:
+    return Work(row["windows"], row["shards"], row["moves"], row["links"],
+                row.get("entries", 0.0), row.get("frames", 0.0))
 
 
-def fit(measured: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
-    """Fit the constants to measured points (the benchmark's JSON ``points`` sections).
+def fit(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
+    """Fit the constants to measured points (the benchmark's ``points``).
 
-    ``bytes``: rows with ``messages``, ``units``, ``bytes`` (per round);
-    ``memory``: ``edges`` (largest shard), ``terms``, ``resident_bytes`` (largest process);
-    ``cpu``: ``edges``, ``messages`` (per shard and round), ``seconds`` (in-process CPU per
-    shard-round); ``round_time``: ``edges``, ``messages`` (busiest shard), ``shards_per_core``,
-    ``period``, ``seconds`` (per round on Ray);
-    ``rounds``: ``depth``, ``rounds``; ``solve``: ``weights``, ``seconds``.
+    ``memory``: rows with ``array_bytes`` and ``resident_bytes`` (one host process);
+    ``cpu``: ``windows``, ``shards``, ``moves``, ``links``, ``entries``, ``frames`` and
+    ``cpu_seconds`` (the simulator and in-process block hosts);
+    ``ray``: the same counts summed over a run's hosts and their ``cpu_seconds``.
     """
     model = CostModel()
-    rows = measured.get("bytes", ())
+    values: dict[str, Any] = {}
+    rows = points.get("memory", ())
     if rows:
-        a = np.array([[r["messages"], r["units"]] for r in rows], float)
-        b = np.array([r["bytes"] for r in rows], float)
-        model.envelope_bytes, model.unit_bytes = (float(v) for v in _relative_nnls(a, b))
-    rows = measured.get("memory", ())
+        a = np.array([[1.0, r["array_bytes"]] for r in rows], float)
+        b = np.array([r["resident_bytes"] for r in rows], float)
+        values["process_bytes"], values["memory_factor"] = (float(v) for v in
+                                                            _relative_nnls(a, b))
+    rows = points.get("cpu", ())
     if rows:
-        model.cost_terms = int(rows[0].get("terms", 1))
-        extra = np.array([r["resident_bytes"] - 8.0 * model.cost_terms * r["edges"]
-                          for r in rows], float)
-        model.process_bytes = float(np.median(extra))
-    rows = measured.get("cpu", ())
+        a = np.array([_work(r).features() for r in rows], float)
+        b = np.array([r["cpu_seconds"] for r in rows], float)
+        values.update(zip(CPU_NAMES, (float(v) for v in _relative_nnls(a, b)), strict=True))
+    model = replace(model, **values)
+    rows = [r for r in points.get("ray", ()) if r.get("frames", 0) > 0]
     if rows:
-        a = np.array([[1.0, r["edges"], r["messages"]] for r in rows], float)
-        b = np.array([r["seconds"] for r in rows], float)
-        model.cpu_base, model.cpu_per_edge, model.cpu_per_message = (
-            float(v) for v in _relative_nnls(a, b))
-    rows = [r for r in measured.get("round_time", ())
-            if r["seconds"] > 1.2 * r.get("period", 0.0) and r["messages"] > 0]
-    if rows:
-        # What a Ray round costs beyond the shard logic, per message, where CPU-bound.
-        extra = [(r["seconds"] / max(1.0, r["shards_per_core"])
-                  - model.cpu_base - model.cpu_per_edge * r["edges"]
-                  - model.cpu_per_message * r["messages"]) / r["messages"] for r in rows]
-        model.message_seconds = max(0.0, float(np.median(extra)))
-    rows = measured.get("rounds", ())
-    if rows:
-        model.rounds_coef, model.rounds_power = _power_law(
-            [r["depth"] for r in rows], [r["rounds"] for r in rows])
-    rows = measured.get("solve", ())
-    if rows:
-        a = np.array([[1.0, r["weights"]] for r in rows], float)
-        b = np.array([r["seconds"] for r in rows], float)
-        model.solve_base, model.solve_per_weight = (float(v) for v in _relative_nnls(a, b))
-    model.fitted = {name: len(measured.get(name, ())) for name in
-                    ("bytes", "memory", "cpu", "round_time", "rounds", "solve")}
-    return model
+        # What a Ray frame costs beyond the in-process work of the same counts.
+        extra = [(r["cpu_seconds"] - model.cpu_seconds(_work(r))) / r["frames"] for r in rows]
+        model = replace(model, ray_frame_seconds=max(0.0, float(np.median(extra))))
+    return replace(model, fitted={k: len(points.get(k, ())) for k in ("memory", "cpu", "ray")})
 
 
-def prediction_ratios(model: CostModel, measured: Mapping[str, Sequence[Mapping[str, Any]]]
+def prediction_ratios(model: CostModel, points: Mapping[str, Sequence[Mapping[str, Any]]]
                       ) -> dict[str, list[float]]:
-    """Predicted / measured for every measured point, per kind (1.0 is a perfect fit)."""
-    out: dict[str, list[float]] = {}
-    out["bytes"] = [(model.envelope_bytes * r["messages"] + model.unit_bytes * r["units"])
-                    / r["bytes"] for r in measured.get("bytes", ())]
-    out["memory"] = [(model.process_bytes + 8.0 * model.cost_terms * r["edges"])
-                     / r["resident_bytes"] for r in measured.get("memory", ())]
-    out["cpu"] = [(model.cpu_base + model.cpu_per_edge * r["edges"]
-                   + model.cpu_per_message * r["messages"]) / r["seconds"]
-                  for r in measured.get("cpu", ())]
-    out["round_time"] = [
-        max(r.get("period", 0.0), max(1.0, r["shards_per_core"])
-            * model._cpu(r["edges"], r["messages"])) / r["seconds"]
-        for r in measured.get("round_time", ())]
-    out["rounds"] = [model.rounds_coef * r["depth"] ** model.rounds_power / r["rounds"]
-                     for r in measured.get("rounds", ())]
-    out["solve"] = [model.solve_seconds(r["weights"]) / r["seconds"]
-                    for r in measured.get("solve", ())]
-    return out
+    """Predicted / measured for every point, per kind (1.0 is a perfect fit)."""
+    return {
+        "memory": [model.resident_bytes(r["array_bytes"]) / r["resident_bytes"]
+                   for r in points.get("memory", ())],
+        "cpu": [model.cpu_seconds(_work(r)) / r["cpu_seconds"] for r in points.get("cpu", ())],
+        "ray": [model.ray_cpu_seconds(_work(r)) / r["cpu_seconds"]
+                for r in points.get("ray", ())],
+    }
+
+
+SIZE_KEYS = {"memory": "array_bytes", "cpu": "links", "ray": "links"}
+
+
+def held_out_ratios(points: Mapping[str, Sequence[Mapping[str, Any]]], kind: str,
+                    n_largest: int = 1) -> list[float]:
+    """Fit without the ``n_largest`` points of ``kind`` (by its size key), predict them."""
+    rows = list(points.get(kind, ()))
+    key = SIZE_KEYS[kind]
+    order = sorted(range(len(rows)), key=lambda i: rows[i][key])
+    held = [rows[i] for i in order[-n_largest:]]
+    kept = [rows[i] for i in order[:-n_largest]]
+    model = fit({**points, kind: kept})
+    return prediction_ratios(model, {kind: held})[kind]
 
 
 def worst_factor(ratios: Sequence[float]) -> float:
     """The largest factor by which a prediction misses (max of r and 1/r); 1.0 is exact."""
-    return max((max(r, 1.0 / r) for r in ratios if r > 0 and math.isfinite(r)), default=1.0)
+    return max((max(r, 1.0 / r) for r in ratios if r > 0 and math.isfinite(r)),
+               default=math.inf if ratios else 1.0)
+
+
+# -- extrapolation --------------------------------------------------------------------------
+
+def rates_per_time_unit(widths: Sequence[int], fan_in: int, hosts: int, move_activity: float,
+                        link_activity: float, windows_per_time_unit: float) -> Work:
+    """One host's work per time unit, hosts holding equal shares of the neurons.
+
+    ``move_activity``: unit moves per unit per time unit; ``link_activity``: link messages
+    per directed link per time unit (both measured in the simulator over runs to tolerance);
+    every send of a neuron also goes as one entry to each other host holding a neighbour.
+    Each host scans all S shards per window (the whole layout).
+    """
+    counts = sparse_mlp_counts(widths, fan_in, hosts)
+    part = 1.0 / hosts
+    sends = counts.units * part * link_activity  # a send feeds each of the sender's links
+    entries = sends * entries_per_send(widths, fan_in, hosts)
+    # A frame per window to every host holding a neighbour layer of this host's layers
+    # (a host in the middle of the run of units, the busiest case).
+    share = layer_shares(widths, hosts)
+    me = hosts // 2
+    near: set[int] = set()
+    for i in np.nonzero(share[:, me] > 0)[0]:
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(widths):
+                near |= set(np.nonzero(share[j] > 0)[0].tolist())
+    frames = windows_per_time_unit * len(near - {me})
+    return Work(windows=windows_per_time_unit, shards=counts.shards,
+                moves=counts.units * part * move_activity,
+                links=counts.links * part * link_activity, entries=entries, frames=frames)
+
+
+def extrapolate(model: CostModel, widths: Sequence[int], fan_in: int, nodes: int,
+                cores_per_node: int, move_activity: float, link_activity: float,
+                windows_per_time_unit: float, time_units_to_tol: float) -> dict[str, float]:
+    """One row of the many-node table: one host per core, each on its own core."""
+    hosts = nodes * cores_per_node
+    counts = sparse_mlp_counts(widths, fan_in, hosts)
+    work = rates_per_time_unit(widths, fan_in, hosts, move_activity, link_activity,
+                               windows_per_time_unit)
+    cpu = model.ray_cpu_seconds(work) if hosts > 1 else model.cpu_seconds(work)
+    whole = array_bytes(counts)
+    local = array_bytes(counts, local=True)
+    units_per_shard = 1.0
+    return {
+        "neurons": float(counts.units), "synapses": float(counts.terms / 2),
+        "nodes": float(nodes), "hosts": float(hosts),
+        "array_bytes_per_host": float(whole),
+        "memory_per_host": model.resident_bytes(whole),
+        "memory_per_node": cores_per_node * model.resident_bytes(whole),
+        "local_array_bytes_per_host": float(local),
+        "local_memory_per_host": model.resident_bytes(local),
+        "entries_per_time_unit": work.entries,
+        "wire_bytes_per_time_unit": frame_bytes(work.entries, units_per_shard, work.frames),
+        "cpu_per_time_unit": cpu,
+        "wall_per_time_unit": cpu,  # one core per host: CPU-bound, no waiting assumed
+        "wall_to_tol": cpu * time_units_to_tol,
+        "window_scan_share": (model.cpu_window_shard * work.windows * work.shards) / cpu
+        if cpu > 0 else 0.0,
+    }
