@@ -321,11 +321,10 @@ class _Discovery(fx.Interpreter):
         return self.atom_ids[key]
 
     def new_units(self, path: str, count: int) -> np.ndarray:
-        ids = []
-        for index in range(count):
-            ids.append(self.units.add())
-            self.unit_paths.append((path, index))
-        return np.array(ids, dtype=np.int64)
+        first = len(self.units.parent)
+        self.units.parent.extend(range(first, first + count))  # each its own root
+        self.unit_paths.extend((path, index) for index in range(count))
+        return np.arange(first, first + count, dtype=np.int64)
 
     def pin(self, atoms: set[int] | np.ndarray) -> int:
         """Pin the units of ``atoms`` to scale 1; the number of units newly pinned."""
@@ -796,26 +795,30 @@ def discover(model: nn.Module, example: tuple[torch.Tensor, ...],
     _pin_shared_tensors(found, graph_module)
     degrees = _pin_mixed_degrees(found)
     n_units = len(found.unit_paths)
-    roots = np.array([found.units.find(k) for k in range(n_units)], dtype=np.int64)
-    pinned_root = found.units.find(0)
+    # Every unit's root by pointer jumping over the union-find forest (roots are fixed
+    # points of parent), then one class per root, numbered by the root's first unit.
+    roots = np.asarray(found.units.parent, dtype=np.int64)
+    while not np.array_equal(jumped := roots[roots], roots):
+        roots = jumped
+    pinned_root = int(roots[0])
     unit_class = np.full(n_units, FIXED, dtype=np.int64)
-    class_of_root: dict[int, int] = {}
-    class_roots: list[int] = []
-    for k in range(1, n_units):
-        root = int(roots[k])
-        if root == pinned_root:
-            continue
-        if root not in class_of_root:
-            class_of_root[root] = len(class_roots)
-            class_roots.append(root)
-        unit_class[k] = class_of_root[root]
-    # Engine groups: classes keyed by their first module and their degree.
+    free = np.nonzero(roots[1:] != pinned_root)[0] + 1
+    distinct, first_unit = np.unique(roots[free], return_index=True)
+    order = np.argsort(first_unit, kind="stable")
+    class_of_distinct = np.empty(len(distinct), dtype=np.int64)
+    class_of_distinct[order] = np.arange(len(distinct))
+    unit_class[free] = class_of_distinct[np.searchsorted(distinct, roots[free])]
+    class_roots = [int(r) for r in distinct[order]]
+    # Engine groups: classes keyed by their first module and their degree. Layers hold
+    # consecutive unit ids in creation order, so visiting them in order lists each class's
+    # modules in the order of their first unit.
     members: dict[int, list[str]] = {}
-    for k in range(1, n_units):
-        if unit_class[k] != FIXED:
-            paths = members.setdefault(int(unit_class[k]), [])
-            if found.unit_paths[k][0] not in paths:
-                paths.append(found.unit_paths[k][0])
+    for layer in found.layers:
+        classes = unit_class[layer.units]
+        for c in np.unique(classes[classes != FIXED]).tolist():
+            paths = members.setdefault(c, [])
+            if layer.path not in paths:
+                paths.append(layer.path)
     group_keys: dict[tuple[str, float], int] = {}
     class_group = np.zeros(len(class_roots), dtype=np.int64)
     class_index = np.zeros(len(class_roots), dtype=np.int64)
