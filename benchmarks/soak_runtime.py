@@ -7,7 +7,12 @@ counters. After convergence the system must stay converged and quiet (anti-entro
 and nothing may grow with the length of the run: the verdict lines compare the second half
 of the run with the first.
 
+With ``--fan-in F`` the net is a sparse MLP of ``--sizes`` (each neuron reading F random
+neurons of the layer below: ``--sizes 1000,25000,25000,25000,25000,10 --fan-in 133`` is
+10^5 neurons and 1.3 * 10^7 synapses). Neuron shards run as block hosts (array frames).
+
 Usage: .venv/bin/python benchmarks/soak_runtime.py [--minutes 10] [--every 15]
+       [--time-unit 0.3] [--sizes 64,300,300,300,300,10 --fan-in 12] [--clock paced|free]
 """
 
 from __future__ import annotations
@@ -33,15 +38,23 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every", type=float, default=15.0)
     parser.add_argument("--time-unit", type=float, default=0.3)
+    parser.add_argument("--sizes", default="")
+    parser.add_argument("--fan-in", type=int, default=0)
+    parser.add_argument("--clock", choices=("paced", "free"), default="paced")
     args = parser.parse_args()
+    network = dict(NETWORK)
+    if args.fan_in:
+        network = {"kind": "sparse_mlp", "sizes": [int(n) for n in args.sizes.split(",")],
+                   "fan_in": args.fan_in, "unit_spread": 1.0, "seed": 0}
     scenario = scenario_from_mapping({
         "name": "soak", "seed": 0, "backend": "ray", "record_events": False,
-        "network": NETWORK, "balance": {"p": 1.0}, "partition": {"granularity": "neuron"},
+        "network": network, "balance": {"p": 1.0}, "partition": {"granularity": "neuron"},
         "links": {"delay": "exponential", "mean": 0.5, "resend_interval": 5.0},
-        "ray": {"time_unit": args.time_unit}})
+        "ray": {"time_unit": args.time_unit, "clock": args.clock}})
     problem = prepare(scenario)
     u_star = problem.optimum.log_scales
-    runtime = backend_factory("ray")(problem.specs, scenario, EventWriter(None))
+    runtime = backend_factory("ray")(problem.specs, scenario, EventWriter(None),
+                                     graph=problem.graph)
     print(f"{len(problem.specs)} neuron shards on {runtime.n_hosts} hosts, "
           f"time unit {args.time_unit} s, {args.minutes} min", flush=True)
     print(f"{'t (s)':>7} {'max|u-u*|':>10} {'rss MiB per host':>22} {'max queue':>9} "
