@@ -1,7 +1,8 @@
 """The ``asyncbalance`` command line: one subcommand per module in ``asyncbalance.commands``.
 
 Exit status: 0 success; 1 the command ran but did not converge (or reach its tolerance);
-2 bad input (options, files, scenarios, records: one line naming the file, key or option);
+2 bad input (options, files, scenarios, records: one line naming the file, key or option),
+or no room for the output (a full disk);
 3 internal error (one line here, the traceback in a file named on that line);
 130 interrupted (Ctrl-C); 141 stdout closed by its reader (e.g. ``| head``).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import pkgutil
@@ -85,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The machine's state, not a fault of the program: said in one line.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"{prefix}: error: no space left on the device{where}; free some space or "
+                  "write elsewhere (a run's record is kept, marked incomplete)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if exc.filename is None:
             return _internal_error(prefix, exc)
         # A file the command was given or told to write cannot be used: an input problem.

@@ -22,16 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InvalidInputError
+from .io import check_input_file
 
 T = TypeVar("T")
 
 
 def load_toml(path: str | Path, field: str = "SCENARIO") -> dict[str, Any]:
-    file = Path(path)
-    if file.is_dir():
-        raise InvalidInputError(field, f"{file} is a directory, not a scenario file")
-    if not file.is_file():
-        raise InvalidInputError(field, f"no such file: {file}")
+    file = check_input_file(path, field, "scenario (TOML)")
     try:
         with file.open("rb") as handle:
             return tomllib.load(handle)
@@ -70,6 +67,10 @@ def check_scenario_command(path: str | Path, command: str, field: str = "SCENARI
                            ) -> dict[str, Any]:
     """Load a scenario and refuse one written for the other command, naming the right one."""
     data = load_toml(path, field)
+    if not data:
+        # Valid TOML, but running every default silently is rarely what was meant.
+        raise InvalidInputError(field, f"{path} is empty (no keys); a scenario sets at least "
+                                "its name and network, see scenarios/quickstart.toml")
     kind = scenario_kind(data)
     if kind is not None and kind != command:
         what = "a training" if kind == "train" else "an asynchronous balancing"

@@ -278,13 +278,30 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+def check_input_file(path: str | os.PathLike, field: str, what: str) -> Path:
+    """``path`` as an input file: it must exist and be a regular file (a FIFO or a device
+    such as /dev/zero would block or never end); each refusal names ``field``."""
+    file = Path(path)
+    try:
+        info = os.stat(file)
+    except FileNotFoundError:
+        raise InvalidInputError(field, f"no such file: {file}") from None
+    except OSError as exc:
+        raise InvalidInputError(field, f"{file} cannot be read ({exc.strerror or exc})") \
+            from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InvalidInputError(field, f"{file} is a directory, not a {what} file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else
+                "a character device" if stat.S_ISCHR(info.st_mode) else
+                "a block device" if stat.S_ISBLK(info.st_mode) else "a socket")
+        raise InvalidInputError(field, f"{file} is {kind}, not a regular {what} file")
+    return file
+
+
 def load_npz(path: str | os.PathLike, field: str = "NET") -> dict[str, np.ndarray]:
     """Read every array of an .npz file, refusing anything that is not real weights."""
-    file = Path(path)
-    if file.is_dir():
-        raise InvalidInputError(field, f"{file} is a directory, not an .npz file")
-    if not file.is_file():
-        raise InvalidInputError(field, f"no such file: {file}")
+    file = check_input_file(path, field, ".npz")
     try:
         data = np.load(file, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

@@ -352,6 +352,11 @@ def network_from_arrays(arrays: Mapping[str, np.ndarray],
             raise InvalidInputError(
                 key, "unexpected key: layered networks use W1, b1, ..., WL, bL; recurrent ones "
                 "use W_in, W_rec, W_out, b, b_out", ["W<i>", "b<i>", *RECURRENT_KEYS])
+        if key[1:] != str(int(key[1:])) or int(key[1:]) < 1:
+            # W0 or W01 would otherwise be ignored or misread without a word.
+            raise InvalidInputError(
+                key, f"layers are numbered from 1 without leading zeros (W1, b1, ..., WL, "
+                f"bL); rename {key} and the keys after it", ["W<i>", "b<i>", *RECURRENT_KEYS])
         layer_ids.append(int(key[1:]))
     n_layers = max((i for i in layer_ids), default=0)
     missing = [f"W{i}" for i in range(1, n_layers + 1) if f"W{i}" not in keys]

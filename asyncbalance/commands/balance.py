@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     activation = parse_activation(args.activation, "--activation")
     if not (math.isfinite(args.tol) and args.tol > 0):
         raise InvalidInputError("--tol", f"must be a finite number > 0, got {args.tol}")
+    if args.seed < 0:
+        raise InvalidInputError("--seed", f"must be an integer >= 0, got {args.seed}")
     # Every output is checked before any work, so a bad path costs nothing and writes nothing.
     check_output_file(args.output, "-o/--output")
     if args.report:

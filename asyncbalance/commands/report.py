@@ -46,13 +46,14 @@ def check_report_outputs(runs: list[str], output: str, overwrite: bool) -> None:
     """Refuse outputs that are the records read, and existing files unless ``overwrite``."""
     from ..training.records import EPOCHS, SUMMARY, find_runs
 
-    check_output_file(output, "-o/--output")
     inputs = {os.path.realpath(run / name) for run in find_runs(runs)
               for name in (SUMMARY, EPOCHS)}
     for target in report_outputs(output):
         if os.path.realpath(target) in inputs:
             raise InvalidInputError("-o/--output", f"{target} is one of the run records the "
                                     "report reads; write the report elsewhere")
+    check_output_file(output, "-o/--output")
+    for target in report_outputs(output):
         try:
             info = os.stat(target)
         except OSError:

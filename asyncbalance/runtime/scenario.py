@@ -29,6 +29,8 @@ from ..network import (
 )
 
 BACKENDS = ("sim", "ray")
+#: Longest scenario name: room for the run directory's date suffix and temporary prefixes.
+MAX_NAME_BYTES = 200
 
 
 def _positive(name: str, value: float) -> None:
@@ -293,6 +295,11 @@ class Scenario:
         if not self.name or any(c in self.name for c in "/\\\0"):
             raise InvalidInputError("name", f"must be a non-empty file-name-safe string, got "
                                     f"{self.name!r}")
+        if len(self.name.encode()) > MAX_NAME_BYTES or self.name in (".", ".."):
+            # It names the default run directory (NAME-YYYYmmdd-HHMMSS-N); file names are
+            # limited to 255 bytes.
+            raise InvalidInputError("name", f"must be a file name of at most {MAX_NAME_BYTES} "
+                                    f"bytes, got {len(self.name.encode())} bytes")
         if self.seed < 0:
             raise InvalidInputError("seed", f"must be >= 0, got {self.seed}")
 
