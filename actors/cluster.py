@@ -432,8 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     # and a run in progress leaves a record marked incomplete.
     signal.signal(signal.SIGTERM, _interrupt)
     runs = tuple(args.removal_run) if args.no_baseline else (None, *args.removal_run)
-    report = run_on_local_cluster(args.scenario, args.out, args.nodes, tuple(args.overrides),
-                                  args.cpus_per_node, runs)
+    # Ray's node processes inherit stdout and log to it ("(raylet) ..."): while they run,
+    # stdout is stderr, so that stdout carries the JSON report alone.
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = run_on_local_cluster(args.scenario, args.out, args.nodes,
+                                      tuple(args.overrides), args.cpus_per_node, runs)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
     text = json.dumps(report, indent=1, default=str)
     if args.report:
         with open(args.report, "w") as handle:

@@ -75,16 +75,18 @@ def loss_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
                str(work / "runs"), "--nodes", "3", "--no-baseline", "--removal-run", "3",
                "--report", str(report_file)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=PROCESS_TIMEOUT_S)
+        output, errors = proc.communicate(timeout=PROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         _kill_session(proc)
         pytest.fail(f"a node loss with no free CPU kept the run going past "
                     f"{PROCESS_TIMEOUT_S} s; killed it")
     if not report_file.is_file():
-        pytest.fail(f"no report (exit {proc.returncode}):\n{output[-4000:]}")
+        pytest.fail(f"no report (exit {proc.returncode}):\n{errors[-4000:]}")
     report = json.loads(report_file.read_text())
+    # stdout is the JSON report alone: Ray's node processes log to stderr.
+    assert json.loads(output) == report, output[:2000]
     report["exit_code"] = proc.returncode
     report["work"] = str(work)
     return report

@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SUMMARY_ROWS = (
-    ("name", "scenario"), ("backend", "backend"), ("rule", "rule"), ("p", "p"),
+    ("name", "scenario"), ("status", "status"), ("backend", "backend"), ("rule", "rule"),
+    ("p", "p"),
     ("n_units", "units"), ("n_shards", "shards"), ("seed", "seed"),
     ("converged", "converged"), ("stop_reason", "stopped by"), ("tol", "tolerance"),
     ("max_abs_log_scale_error", "max |u - u*|"), ("relative_cost_gap", "(R - R*) / R*"),
@@ -32,8 +33,24 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+#: Rows whose values are in the run's time unit (``time_unit`` of the summary).
+TIME_ROWS = ("time_to_tol", "sim_time")
+
+
 def summary_table(summary: Mapping[str, Any]) -> str:
-    rows = [(label, format_value(summary[key])) for key, label in SUMMARY_ROWS if key in summary]
+    """One row per known key; times carry their unit, and a record whose run did not end
+    (``running``, or ``incomplete``: interrupted or failed) says so with its reason."""
+    unit = summary.get("time_unit")
+    rows = []
+    for key, label in SUMMARY_ROWS:
+        if key not in summary:
+            continue
+        value = format_value(summary[key])
+        if key in TIME_ROWS and unit and summary[key] is not None:
+            value = f"{value} ({unit})"
+        if key == "status" and summary[key] == "running":
+            value += " (not finished, or its process died: the record stops here)"
+        rows.append((label, value))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
