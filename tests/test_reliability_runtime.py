@@ -110,3 +110,47 @@ def test_ray_host_that_dies_resumes_from_the_saved_checkpoints(ray_session) -> N
         np.testing.assert_array_equal(resumed, expected)
     finally:
         backend.close()
+
+
+@pytest.mark.ray
+def test_ray_block_host_that_dies_resumes_from_the_saved_checkpoints(ray_session) -> None:
+    # The same for neuron shards, which run as block hosts: per-shard checkpoints taken from
+    # the block, held by the driver, handed to the restarted process.
+    import ray
+
+    from actors.backend import RayBackend
+    from asyncbalance.runtime.block_host import decode_checkpoint
+
+    scenario = scenario_from_mapping({
+        "seed": 1, "backend": "ray", "network": LAYERED, "partition": {"granularity": "neuron"},
+        "links": {"delay": "exponential", "mean": 0.5},
+        "faults": {"checkpoint_interval": 20.0},
+        "ray": {"time_unit": 0.05, "sample_seconds": 0.1, "checkpoint_seconds": 0.0,
+                "hosts": 2, "max_restarts": 1},
+        "stop": {"max_wall_seconds": 60.0}})
+    problem = prepare(scenario)
+    backend = RayBackend(problem.specs, scenario, EventWriter(None), graph=problem.graph)
+    try:
+        assert backend.layout is not None
+        backend.start()
+        members = backend.members[1]
+
+        def own(saved: dict) -> np.ndarray:
+            return np.concatenate([decode_checkpoint(saved[s])["own"] for s in members])
+
+        deadline = time.monotonic() + 30.0
+        while np.max(np.abs(own(backend.saved))) < 0.3 and time.monotonic() < deadline:
+            backend.advance(backend.elapsed() + 10.0)
+            backend.final_poll()
+        expected = own(backend.saved)
+        assert np.max(np.abs(expected)) >= 0.3, "no checkpoint away from u = 0 was saved"
+        ray.kill(backend.actors[1], no_restart=False)
+        deadline = time.monotonic() + 30.0
+        while not backend.host_losses and time.monotonic() < deadline:
+            time.sleep(0.05)
+            backend.final_poll()
+        assert [loss["host"] for loss in backend.host_losses] == [1]
+        reply = ray.get(backend.actors[1].poll.remote(True), timeout=30)
+        np.testing.assert_array_equal(own(reply["checkpoints"]), expected)
+    finally:
+        backend.close()

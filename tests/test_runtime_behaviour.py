@@ -225,10 +225,13 @@ def test_run_record_has_the_documented_files_and_keys(tmp_path, backend):
 
 
 @pytest.mark.ray
-def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ray_session):
+@pytest.mark.parametrize("partition", ["layers", "neurons"])
+def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ray_session,
+                                                                    partition):
     # A shard's process is killed from outside (as when its node goes away), twice: the first
     # time Ray restarts it (max_restarts = 1), the second time its restarts are used up and a
-    # fresh actor takes over. Both times it resumes from its last checkpoint.
+    # fresh actor takes over. Both times it resumes from its last checkpoint. Neuron shards
+    # run as block hosts (per-shard checkpoints from the block), layer shards as shard hosts.
     import os
     import signal
 
@@ -248,7 +251,8 @@ def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ra
             os.kill(first_live_shard_pid(), signal.SIGKILL)
 
     data = {"name": "run", "backend": "ray", "seed": 1, "ray": {**RAY, "max_restarts": 1},
-            "network": LAYERED, "partition": PER_LAYER,
+            "network": LAYERED,
+            "partition": PER_LAYER if partition == "layers" else {"granularity": "neuron"},
             "faults": {"checkpoint_interval": 3.0},
             "stop": {"tol": TOL, "max_wall_seconds": 90.0}}
     summary = run_scenario(scenario_from_mapping(data), tmp_path / "run",
