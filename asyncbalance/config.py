@@ -99,12 +99,30 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     result = copy.deepcopy(dict(data))
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(result, key, value)
+        set_path(result, key_parts(key), value)
     return result
 
 
+def key_parts(key: str) -> list[str]:
+    """The parts of a TOML dotted key: ``sweep."links.mean"`` is ``["sweep", "links.mean"]``
+    (a quoted part keeps its dots, as in a scenario file)."""
+    try:
+        parsed: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        raise InvalidInputError("--set", f"{key!r} is not a key (write key.sub=value; quote "
+                                'a part that holds dots: sweep."links.mean"=[0, 1])') from None
+    parts = []
+    while isinstance(parsed, dict) and len(parsed) == 1:
+        (part, parsed), = parsed.items()
+        parts.append(part)
+    return parts
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
+    set_path(data, key.split("."), value)
+
+
+def set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})

@@ -235,3 +235,23 @@ def test_special_outputs_are_not_replaced(workspace: Path) -> None:
     loop = _loop(workspace)
     _assert_refused(["balance", str(NET), "--p", "2", "-o", str(loop)], workspace,
                     "-o/--output", "loop")
+
+
+def test_a_sweep_can_be_set_from_the_command_line(workspace: Path) -> None:
+    from asyncbalance.runtime.scenario import load_scenarios
+
+    points = load_scenarios(RUN, ['sweep."links.mean"=[0, 1]', "sweep.seed=[1, 2, 3]"])
+    assert sorted((p.sweep["links.mean"], p.sweep["seed"]) for p in points) == \
+        [(m, s) for m in (0, 1) for s in (1, 2, 3)]
+    assert {p.scenario.links.mean for p in points} == {0.0, 1.0}
+
+
+def test_shipped_sweep_headers_count_their_runs() -> None:
+    import re
+
+    from asyncbalance.runtime.scenario import load_scenarios
+
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        said = re.search(r"#\s*(\d+) runs", path.read_text())
+        if said:
+            assert int(said.group(1)) == len(load_scenarios(path)), path.name
