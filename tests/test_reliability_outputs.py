@@ -181,3 +181,17 @@ def test_convergence_plot_breaks_at_a_pause_in_sampling() -> None:
     t, v = break_gaps(times, [1.0] * len(times))
     assert len(t) == len(times) + 1 and np.isnan(v[4]) and 3.0 < t[4] < 50.0
     assert np.isfinite(break_gaps(times[:4], [1.0] * 4)[1]).all()
+
+
+def test_a_sweep_over_seeds_is_averaged_with_its_range() -> None:
+    from asyncbalance.runtime.record import sweep_series
+
+    rows = [{"sweep": {"links.mean": m, "seed": s, "balance.rule": r}, "time_to_tol": t}
+            for (m, s, r, t) in [(0.5, 1, "exact", 10.0), (0.5, 2, "exact", 14.0),
+                                 (1.0, 1, "exact", 20.0), (1.0, 2, "exact", None),
+                                 (0.5, 1, "damped", 30.0), (0.5, 2, "damped", 30.0)]]
+    series = sweep_series(rows, "links.mean", ["seed", "balance.rule"])
+    assert sorted(series) == ["balance.rule=damped", "balance.rule=exact"]  # one per rule
+    (x0, mean0, lo0, hi0, n0), (x1, mean1, *_rest) = series["balance.rule=exact"]
+    assert (x0, mean0, lo0, hi0, n0) == (0.5, 12.0, 10.0, 14.0, 2)
+    assert x1 == 1.0 and np.isnan(mean1)  # one seed did not converge: no mean drawn

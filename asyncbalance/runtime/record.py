@@ -113,20 +113,50 @@ def plot_convergence(path: Path, samples: Sequence[Sample], tol: float, time_lab
     plt.close(fig)
 
 
+#: Sweep keys that repeat a configuration rather than change it: averaged over in plots.
+REPEAT_KEYS = ("seed", "network.seed")
+
+
+def sweep_series(rows: Sequence[Mapping[str, Any]], x_key: str, series_keys: Sequence[str]
+                 ) -> dict[str, list[tuple[float, float, float, float, int]]]:
+    """Time to tolerance per line and x: ``(x, mean, min, max, n)`` over the repeat keys
+    (seeds) of that point, sorted by x. A point that did not converge counts as NaN, so a
+    mean over seeds that are not all converged is NaN (not drawn)."""
+    lines = [k for k in series_keys if k not in REPEAT_KEYS]
+    grouped: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        label = ", ".join(f"{k}={row['sweep'][k]}" for k in lines) or "time to tolerance"
+        value = row["time_to_tol"]
+        grouped.setdefault(label, {}).setdefault(float(row["sweep"][x_key]), []).append(
+            float("nan") if value is None else float(value))
+    return {label: [(x, sum(v) / len(v), min(v), max(v), len(v))
+                    for x, v in sorted(by_x.items())] for label, by_x in grouped.items()}
+
+
 def plot_sweep(path: Path, rows: Sequence[Mapping[str, Any]], x_key: str,
                series_keys: Sequence[str], time_label: str) -> None:
-    """Time to tolerance against the swept ``x_key``, one line per value of the other keys."""
+    """Time to tolerance against the swept ``x_key``, one line per value of the other keys;
+    swept seeds are averaged: the line is their mean, the band their range."""
+    if x_key in REPEAT_KEYS:
+        # Seeds on the x axis say nothing; another numeric key goes there if there is one.
+        numeric = [k for k in series_keys if k not in REPEAT_KEYS and all(
+            isinstance(r["sweep"][k], int | float) and not isinstance(r["sweep"][k], bool)
+            for r in rows)]
+        if numeric:
+            series_keys = [x_key, *(k for k in series_keys if k != numeric[0])]
+            x_key = numeric[0]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        label = ", ".join(f"{k}={row['sweep'][k]}" for k in series_keys) or "time to tolerance"
-        value = row["time_to_tol"]
-        series.setdefault(label, []).append(
-            (float(row["sweep"][x_key]), float("nan") if value is None else float(value)))
-    for label, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    repeated = [k for k in series_keys if k in REPEAT_KEYS]
+    for label, points in sweep_series(rows, x_key, series_keys).items():
+        xs = [p[0] for p in points]
+        n = max(p[4] for p in points)
+        line = ax.plot(xs, [p[1] for p in points], marker="o",
+                       label=label + (f" (mean over {n} {'/'.join(repeated)} values; band: range)"
+                                       if n > 1 else ""))
+        if n > 1:
+            ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], alpha=0.2,
+                            color=line[0].get_color())
     ax.set_xlabel(x_key)
     ax.set_ylabel(f"time to tolerance ({time_label})")
     ax.set_yscale("log")
