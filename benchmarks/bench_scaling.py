@@ -8,6 +8,7 @@ largest points, the many-node extrapolation; pure) and ``page`` (the generated p
 Usage:
   .venv/bin/python benchmarks/bench_scaling.py              # everything (~10 min, 2 cores)
   .venv/bin/python benchmarks/bench_scaling.py --skip-ray   # simulator and in-process only
+  .venv/bin/python benchmarks/bench_scaling.py --only-ray   # measure the Ray points again
   .venv/bin/python benchmarks/bench_scaling.py --from-json  # refit and rewrite the page
 """
 
@@ -39,21 +40,28 @@ def _save(data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-ray", action="store_true", help="no Ray points")
+    parser.add_argument("--only-ray", action="store_true",
+                        help="measure the Ray points again, keep the others from the JSON")
+    parser.add_argument("--with-pairs", action="store_true",
+                        help="with --only-ray: the in-process two-host points again too")
     parser.add_argument("--from-json", action="store_true",
                         help=f"refit {RESULTS.relative_to(ROOT)} and rewrite the page only")
     args = parser.parse_args(argv)
+    if (args.from_json or args.only_ray) and not RESULTS.is_file():
+        print(f"error: {RESULTS.relative_to(ROOT)} is missing: run without --from-json or "
+              "--only-ray", file=sys.stderr)
+        return 2
     if args.from_json:
-        if not RESULTS.is_file():
-            print(f"error: {RESULTS.relative_to(ROOT)} is missing: run without --from-json",
-                  file=sys.stderr)
-            return 2
         data = json.loads(RESULTS.read_text())
     else:
         from benchmarks.scaling.measure import measure
 
-        data = measure(skip_ray=args.skip_ray, save=_save)
-        data["command"] = " ".join([".venv/bin/python benchmarks/bench_scaling.py",
-                                    *(argv if argv is not None else sys.argv[1:])])
+        previous = json.loads(RESULTS.read_text()) if args.only_ray else None
+        data = measure(skip_ray=args.skip_ray, save=_save, previous=previous,
+                       pair=args.only_ray and args.with_pairs)
+        command = " ".join([".venv/bin/python benchmarks/bench_scaling.py",
+                            *(argv if argv is not None else sys.argv[1:])])
+        data["commands"] = [*(previous or {}).get("commands", []), command]
         _save(data)
     analysis = analyse(data)
     for line in analysis["summary_lines"]:

@@ -144,16 +144,19 @@ def _synthetic(model: CostModel, n: int = 12, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     memory = [{"array_bytes": b, "resident_bytes": model.resident_bytes(b)}
               for b in np.geomspace(1e4, 1e9, n)]
-    cpu, ray = [], []
+    cpu, ray, frames = [], [], []
     for i in range(n):
         w = {"windows": rng.uniform(1e2, 1e4), "shards": rng.uniform(1e2, 1e5),
              "moves": rng.uniform(1e3, 1e7), "links": rng.uniform(1e4, 1e8),
              "entries": rng.uniform(0, 1e6) if i % 2 else 0.0,
              "frames": rng.uniform(0, 1e4) if i % 2 else 0.0}
         cpu.append({**w, "cpu_seconds": model.cpu_seconds(Work(**w))})
+        if i % 2:
+            frames.append({**w, "exchange_cpu_seconds": model.cpu_entry * w["entries"]
+                           + model.cpu_frame * w["frames"]})
         w = {**w, "frames": rng.uniform(1e2, 1e4)}
         ray.append({**w, "cpu_seconds": model.ray_cpu_seconds(Work(**w))})
-    return {"memory": memory, "cpu": cpu, "ray": ray}
+    return {"memory": memory, "cpu": cpu, "ray": ray, "frames": frames}
 
 
 def test_fit_recovers_known_constants() -> None:
@@ -167,7 +170,7 @@ def test_fit_recovers_known_constants() -> None:
 
 def test_held_out_check_fails_a_wrong_model_form() -> None:
     points = _synthetic(KNOWN)
-    for kind in ("memory", "cpu", "ray"):
+    for kind in ("memory", "cpu", "ray", "frames"):
         assert worst_factor(held_out_ratios(points, kind, 2)) == pytest.approx(1.0, abs=1e-6)
     # Memory that grows as the square of the arrays is not m_0 + beta x bytes: the largest
     # points, held out, are missed by far more than the bound.
@@ -244,7 +247,7 @@ def test_saved_points_cover_sizes_and_hosts(saved: dict) -> None:
 
 def test_largest_saved_points_predicted_within_2x_held_out(saved: dict) -> None:
     points = _points(saved)
-    for kind, n in (("memory", 2), ("cpu", 2), ("ray", 2)):
+    for kind, n in (("memory", 2), ("frames", 1), ("cpu", 2), ("ray", 2)):
         assert len(points[kind]) >= n + 3, f"too few {kind} points to hold {n} out"
         ratios = held_out_ratios(points, kind, n)
         assert worst_factor(ratios) <= HELD_OUT_FACTOR, (kind, ratios)

@@ -267,6 +267,9 @@ def fit(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
     ``memory``: rows with ``array_bytes`` and ``resident_bytes`` (one host process);
     ``cpu``: ``windows``, ``shards``, ``moves``, ``links``, ``entries``, ``frames`` and
     ``cpu_seconds`` (the simulator and in-process block hosts);
+    ``frames``: ``entries``, ``frames`` and ``exchange_cpu_seconds`` (the frame exchange
+    between in-process hosts timed alone: fits ``cpu_entry`` and ``cpu_frame`` first, and the
+    ``cpu`` rows then the rest);
     ``ray``: the same counts summed over a run's hosts and their ``cpu_seconds``.
     """
     model = CostModel()
@@ -277,18 +280,32 @@ def fit(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
         b = np.array([r["resident_bytes"] for r in rows], float)
         values["process_bytes"], values["memory_factor"] = (float(v) for v in
                                                             _relative_nnls(a, b))
+    rows = points.get("frames", ())
+    if rows:
+        # The frame exchange timed on its own: entries and frames only.
+        a = np.array([[r["entries"], r["frames"]] for r in rows], float)
+        b = np.array([r["exchange_cpu_seconds"] for r in rows], float)
+        values["cpu_entry"], values["cpu_frame"] = (float(v) for v in _relative_nnls(a, b))
     rows = points.get("cpu", ())
     if rows:
+        names = [n for n in CPU_NAMES if n not in values]
+        columns = [CPU_NAMES.index(n) for n in names]
         a = np.array([_work(r).features() for r in rows], float)
         b = np.array([r["cpu_seconds"] for r in rows], float)
-        values.update(zip(CPU_NAMES, (float(v) for v in _relative_nnls(a, b)), strict=True))
+        known = [(CPU_NAMES.index(n), values[n]) for n in CPU_NAMES if n in values]
+        rest = b - sum(a[:, i] * v for i, v in known) if known else b
+        if (rest <= 0).any():
+            raise ValueError("cpu: the frame exchange alone exceeds a point's CPU seconds")
+        values.update(zip(names, (float(v) for v in _relative_nnls(a[:, columns], rest)),
+                          strict=True))
     model = replace(model, **values)
     rows = [r for r in points.get("ray", ()) if r.get("frames", 0) > 0]
     if rows:
         # What a Ray frame costs beyond the in-process work of the same counts.
         extra = [(r["cpu_seconds"] - model.cpu_seconds(_work(r))) / r["frames"] for r in rows]
         model = replace(model, ray_frame_seconds=max(0.0, float(np.median(extra))))
-    return replace(model, fitted={k: len(points.get(k, ())) for k in ("memory", "cpu", "ray")})
+    return replace(model, fitted={k: len(points.get(k, ()))
+                                  for k in ("memory", "frames", "cpu", "ray")})
 
 
 def prediction_ratios(model: CostModel, points: Mapping[str, Sequence[Mapping[str, Any]]]
@@ -300,10 +317,12 @@ def prediction_ratios(model: CostModel, points: Mapping[str, Sequence[Mapping[st
         "cpu": [model.cpu_seconds(_work(r)) / r["cpu_seconds"] for r in points.get("cpu", ())],
         "ray": [model.ray_cpu_seconds(_work(r)) / r["cpu_seconds"]
                 for r in points.get("ray", ())],
+        "frames": [(model.cpu_entry * r["entries"] + model.cpu_frame * r["frames"])
+                   / r["exchange_cpu_seconds"] for r in points.get("frames", ())],
     }
 
 
-SIZE_KEYS = {"memory": "array_bytes", "cpu": "links", "ray": "links"}
+SIZE_KEYS = {"memory": "array_bytes", "cpu": "links", "ray": "links", "frames": "entries"}
 
 
 def held_out_ratios(points: Mapping[str, Sequence[Mapping[str, Any]]], kind: str,

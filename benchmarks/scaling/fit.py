@@ -18,7 +18,7 @@ from asyncbalance.runtime.costmodel import (
 )
 
 # Held out of each fit: the largest points of each kind (by its size key).
-HELD_OUT = {"memory": 2, "cpu": 2, "ray": 2}
+HELD_OUT = {"memory": 2, "cpu": 2, "ray": 2, "frames": 1}
 
 # The extrapolation's networks (hidden widths, fan_in) and clusters.
 EXTRAPOLATE_NETWORKS = (((25_000,) * 4, 133), ((250_000,) * 4, 133))
@@ -36,6 +36,7 @@ def points_of(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                    for r in ray_rows if r.get("resident_bytes")],
         "cpu": [r for r in data.get("sim", []) + data.get("pair", []) if r.get("converged")],
         "ray": [r for r in ray_rows if r["cpu_seconds"] > 0],
+        "frames": [r for r in data.get("pair", []) if "exchange_cpu_seconds" in r],
     }
 
 
@@ -93,7 +94,7 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
         f"Ray frame +{model.ray_frame_seconds * 1e6:.0f} us",
         f"array bytes predicted = counted on {sum(exact)} of {len(exact)} simulator layouts",
     ]
-    for kind in ("memory", "cpu", "ray"):
+    for kind in ("memory", "frames", "cpu", "ray"):
         lines.append(f"{kind}: in-sample worst factor {worst_factor(in_sample[kind]):.2f} over "
                      f"{len(in_sample[kind])} points; held out (largest "
                      f"{HELD_OUT[kind]}): ratios "

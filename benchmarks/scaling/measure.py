@@ -154,7 +154,7 @@ def pair_point(width: int, fan_in: int) -> dict[str, Any]:
     hosts = [BlockHost(h, layout, shard_host, settings_for(s, {}), means, step, level="none")
              for h in (0, 1)]
     target = optimum[layout.units]
-    now, error, cpu = 0.0, np.inf, 0.0
+    now, error, cpu, exchange = 0.0, np.inf, 0.0, 0.0
     frame_bytes = 0
     while error > TOL and now < MAX_TIME:
         c0 = time.process_time()
@@ -162,11 +162,13 @@ def pair_point(width: int, fan_in: int) -> dict[str, Any]:
             now += step
             for host in hosts:
                 host.advance(now)
+            e0 = time.process_time()
             for host in hosts:
                 for dst in host.pending_hosts():
                     payload = encode_frame(host.take_frame(dst))
                     frame_bytes += len(payload)
                     hosts[dst].receive_frame(decode_frame(payload), now)
+            exchange += time.process_time() - e0
         cpu += time.process_time() - c0
         own = np.zeros(layout.n_own)
         for host in hosts:
@@ -181,9 +183,11 @@ def pair_point(width: int, fan_in: int) -> dict[str, Any]:
         "shards": layout.n_shards, "moves": sum(h.unit_updates() for h in hosts),
         "links": total["delivered"], "entries": total["frame_entries"],
         "frames": total["frames"], "frame_bytes": frame_bytes, "cpu_seconds": cpu,
+        "exchange_cpu_seconds": exchange,
     }
     print(f"  pair {layout.n_own:>6} neurons fan_in {fan_in:>2}: {now:.0f} time units, CPU "
-          f"{cpu:.2f} s, {row['entries']:.3g} frame entries in {row['frames']} frames "
+          f"{cpu:.2f} s ({exchange:.2f} s exchanging frames), {row['entries']:.3g} frame "
+          f"entries in {row['frames']} frames "
           f"({frame_bytes / max(row['entries'], 1):.1f} bytes each)", flush=True)
     return row
 
@@ -264,15 +268,33 @@ def ray_point(width: int, fan_in: int, hosts: int, sample_seconds: float = 0.05
 
 
 def ray_points() -> list[dict[str, Any]]:
+    """Every Ray case; one that fails (e.g. a host killed by Ray's memory monitor on a
+    crowded machine) is recorded with its error and left out of the fit."""
     import ray
 
+    # Ray's memory monitor kills a worker when the *machine* is nearly full, whoever filled
+    # it; on a shared machine that killed a 130 MB host of this benchmark. These hosts are
+    # small (< 0.5 GB), so the monitor is turned off for this Ray instance only.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    rows = []
     try:
-        return [ray_point(width, fan_in, hosts) for width, fan_in in RAY_CASES
-                for hosts in RAY_HOSTS if hosts == 1 or width > 100]
+        for width, fan_in in RAY_CASES:
+            for hosts in RAY_HOSTS:
+                if hosts > 1 and width < 100:
+                    continue
+                try:
+                    rows.append(ray_point(width, fan_in, hosts))
+                except Exception as exc:  # noqa: BLE001 - recorded, the others still run
+                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    print(f"  ray width {width}, {hosts} host(s): failed ({message})",
+                          flush=True)
+                    rows.append({"width": width, "fan_in": fan_in, "hosts": hosts,
+                                 "converged": False, "error": message})
     finally:
         ray.shutdown()
+    return rows
 
 
 def machine() -> dict[str, Any]:
@@ -282,20 +304,35 @@ def machine() -> dict[str, Any]:
             "load_average": list(os.getloadavg())}
 
 
-def measure(skip_ray: bool = False, save: Any = None) -> dict[str, Any]:
+def measure(skip_ray: bool = False, save: Any = None,
+            previous: dict[str, Any] | None = None, pair: bool = False) -> dict[str, Any]:
     """Every point; ``skip_ray`` leaves the Ray section empty; ``save(data)`` after each
-    section, so that a failure later keeps what was measured."""
+    section, so that a failure later keeps what was measured. With ``previous`` (an earlier
+    result), only the Ray section (and the in-process pairs with ``pair``) is measured again
+    and the rest kept."""
     began = time.perf_counter()
-    data: dict[str, Any] = {"machine": machine(), "sim": [], "pair": [], "ray": []}
-    print("simulator (array_sim, one block host):", flush=True)
-    data["sim"] = [sim_point(w, k, step) for w, k, step in SIM_CASES]
-    print("two block hosts in one process, frames encoded:", flush=True)
-    data["pair"] = [pair_point(w, k) for w, k in PAIR_CASES]
-    if save is not None:
-        save(data)
+    if previous is not None:
+        data = previous
+        data["machine"]["ray_remeasured"] = machine()
+        if pair:
+            print("two block hosts in one process, frames encoded:", flush=True)
+            data["pair"] = [pair_point(w, k) for w, k in PAIR_CASES]
+            if save is not None:
+                save(data)
+    else:
+        data = {"machine": machine(), "sim": [], "pair": [], "ray": []}
+        print("simulator (array_sim, one block host):", flush=True)
+        data["sim"] = [sim_point(w, k, step) for w, k, step in SIM_CASES]
+        print("two block hosts in one process, frames encoded:", flush=True)
+        data["pair"] = [pair_point(w, k) for w, k in PAIR_CASES]
+        data["machine"]["load_average_end"] = list(os.getloadavg())
+        data["machine"]["measure_seconds"] = time.perf_counter() - began
+        if save is not None:
+            save(data)
     if not skip_ray:
         print("local Ray, free-running:", flush=True)
         data["ray"] = ray_points()
-    data["machine"]["load_average_end"] = list(os.getloadavg())
-    data["machine"]["measure_seconds"] = time.perf_counter() - began
+        stamp = data["machine"].get("ray_remeasured", data["machine"])
+        stamp["load_average_after_ray"] = list(os.getloadavg())
+        stamp["ray_seconds"] = time.perf_counter() - began
     return data
