@@ -24,11 +24,18 @@ def model_layout(model: nn.Module) -> BalanceLayout:
     return layout
 
 
+def _host_float64(param: torch.Tensor) -> np.ndarray:
+    """A float64 host copy of ``param`` (one copy: a conversion already makes a new array)."""
+    value = param.detach()
+    if value.dtype == torch.float64 and value.device.type == "cpu":
+        return value.numpy().copy()
+    return value.to("cpu", torch.float64).numpy()
+
+
 @torch.no_grad()
 def layout_network(layout: BalanceLayout) -> Network:
     """Float64 copies of the layout's parameters as an engine ``Network``."""
-    weights = {key: param.detach().to("cpu", torch.float64).numpy().copy()
-               for key, param in layout.params.items()}
+    weights = {key: _host_float64(param) for key, param in layout.params.items()}
     return Network(layout.groups, layout.connections, weights, kind="torch")
 
 
