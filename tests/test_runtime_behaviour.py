@@ -250,7 +250,8 @@ def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ra
         if seen["samples"] in (5, 15):
             os.kill(first_live_shard_pid(), signal.SIGKILL)
 
-    data = {"name": "run", "backend": "ray", "seed": 1, "ray": {**RAY, "max_restarts": 1},
+    data = {"name": "run", "backend": "ray", "seed": 1,
+            "ray": {**RAY, "max_restarts": 1, "hosts": 2},
             "network": LAYERED,
             "partition": PER_LAYER if partition == "layers" else {"granularity": "neuron"},
             "faults": {"checkpoint_interval": 3.0},
