@@ -360,6 +360,8 @@ class RayBackend:
         for record in reply["events"]:
             # Hosts stamp events in time units on the run's clock; the log is in seconds.
             record[1] = record[1] * unit
+            if record[0] == "batch":
+                record[2] = record[2] * unit  # the window's end, like its start
             self.events.write(*record)
         return checkpoints
 
