@@ -27,14 +27,20 @@ from benchmarks.scaling.large import balance_large, towers_network  # noqa: E402
 from benchmarks.scaling.page import write_page  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "scaling.json"
+PARTIAL = ROOT / "benchmarks" / "results" / "scaling.partial.json"
 DOC = ROOT / "docs" / "scaling.md"
 
 
-def _save(data: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+def _save(data: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    tmp.replace(RESULTS)
+    tmp.replace(path)
+
+
+def _save_partial(data: dict) -> None:
+    """What is measured so far, beside the results (which stay whole until the end)."""
+    _save(data, PARTIAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.scaling.measure import measure
 
         previous = json.loads(RESULTS.read_text()) if args.only_ray else None
-        data = measure(skip_ray=args.skip_ray, save=_save, previous=previous,
+        data = measure(skip_ray=args.skip_ray, save=_save_partial, previous=previous,
                        pair=args.only_ray and args.with_pairs)
         command = " ".join([".venv/bin/python benchmarks/bench_scaling.py",
                             *(argv if argv is not None else sys.argv[1:])])
         data["commands"] = [*(previous or {}).get("commands", []), command]
         _save(data)
+        PARTIAL.unlink(missing_ok=True)
     analysis = analyse(data)
     for line in analysis["summary_lines"]:
         print(line)

@@ -180,6 +180,19 @@ def test_held_out_check_fails_a_wrong_model_form() -> None:
     assert worst_factor(held_out_ratios(quadratic, "memory", 2)) > 10 * HELD_OUT_FACTOR
 
 
+def test_held_out_points_are_left_out_of_the_fit() -> None:
+    """The two largest points, made 3x what the model says, are predicted at exactly 1/3 of
+    their value: the fit saw only the others (a fit that saw them would be pulled up)."""
+    points = _synthetic(KNOWN)
+    for kind, size in (("memory", "array_bytes"), ("cpu", "links"), ("ray", "links")):
+        rows = sorted(points[kind], key=lambda r: r[size])
+        target = "resident_bytes" if kind == "memory" else "cpu_seconds"
+        bent = rows[:-2] + [{**r, target: 3 * r[target]} for r in rows[-2:]]
+        bent = [bent[i] for i in np.random.default_rng(5).permutation(len(bent))]
+        ratios = held_out_ratios({**points, kind: bent}, kind, 2)
+        assert ratios == pytest.approx([1 / 3, 1 / 3], rel=1e-6), kind
+
+
 def test_extrapolation_by_hand() -> None:
     """Two layers of 100 neurons, fan_in 10, on 2 nodes of 1 core: every count by hand."""
     model = CostModel(process_bytes=1e8, memory_factor=2.0, cpu_window=1e-5,
