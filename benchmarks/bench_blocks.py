@@ -8,7 +8,7 @@
    mean delay on both engines (the behaviour the array engine must keep).
 4. The same sweep at neuron granularity on a 16-48x3-4 MLP (144 neuron shards, p = 1).
 5. The array engine's window: time units to 1e-8 on the quickstart net at neuron granularity
-   with windows of 1/5 to 1/40 of the shorter of wake period and mean delay (default 1/10).
+   with windows of 1/2 to 1/20 of the shorter of wake period and mean delay (default 1/5).
 
 The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
 event); the array engine is ``array_sim.ArraySimulator``. The ``sim`` backend runs the array
@@ -121,7 +121,7 @@ def main() -> None:
     base = default_step(point.scenario) / STEP_FRACTION
     print("\n| window (fraction of min(period, mean delay)) | time units to 1e-8 | wall s |")
     print("|---|---|---|")
-    for fraction in (1 / 5, 1 / 10, 1 / 20, 1 / 40):
+    for fraction in (1 / 2, 1 / 3, 1 / 5, 1 / 10, 1 / 20):
         r = to_tolerance(problem, "array", step=fraction * base)
         print(f"| 1/{round(1 / fraction)} | {r['time']:.0f} | {r['wall']:.2f} |", flush=True)
 

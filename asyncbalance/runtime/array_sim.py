@@ -12,7 +12,7 @@ or from u = 0, anti-entropy re-sends. What changes is the bookkeeping:
   version rule), then every shard whose wake falls in the window moves, all in one array
   computation, on the view at the window's end. Send and delivery times stay exact; only the
   order of a wake and a delivery less than ``step`` apart can differ from the event-by-event
-  order. The default step is 1/10 of the shorter of the wake period and the mean delay.
+  order. The default step is 1/5 of the shorter of the wake period and the mean delay.
 - **Queue of arrays.** Messages in flight wait in a timing wheel: one bucket per window,
   each a list of array chunks (delivery times, links, versions, values), drawn as vectors from
   the scenario's seeded generator.
@@ -41,7 +41,7 @@ from .simulator import MessageCounters
 
 # Moves this small wait for the anti-entropy timer (the reference host's threshold).
 SEND_THRESHOLD = 1e-13
-STEP_FRACTION = 1.0 / 10.0
+STEP_FRACTION = 1.0 / 5.0
 
 
 # Shards of fewer units than this on average run as shard blocks; larger ones (layer slices
@@ -57,7 +57,7 @@ def uses_blocks(specs: Sequence[ShardSpec]) -> bool:
 
 
 def default_step(scenario: Scenario) -> float:
-    """1/10 of the shorter of the wake period and the mean delay (the period if no delay)."""
+    """1/5 of the shorter of the wake period and the mean delay (the period if no delay)."""
     period = scenario.wake.period
     mean = scenario.links.mean
     return STEP_FRACTION * (min(period, mean) if mean > 0 else period)
