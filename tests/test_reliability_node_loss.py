@@ -58,6 +58,7 @@ function_check = "final"
 time_unit = 0.05              # slow enough that the loss is noticed before convergence
 sample_seconds = 0.1
 actor_cpus = 1.0              # no CPU is free once a node is gone
+hosts = 3                     # one host per node (small shards would share one host)
 """
 
 
