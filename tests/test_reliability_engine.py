@@ -25,7 +25,8 @@ def _network(scale_in: float, scale_out: float):
 
 @pytest.mark.parametrize("method", ["full", "exact", "stochastic"])
 def test_underflowing_costs_are_refused_naming_p(method: str) -> None:
-    with pytest.raises(InvalidInputError, match=r"^p: every incoming cost \|w\|\^p .* underflows to 0"):
+    with pytest.raises(InvalidInputError,
+                       match=r"^p: every incoming cost \|w\|\^p .* underflows to 0"):
         run_schedule(build_cost_graph(_network(1e-170, 1e150), lp(2.0)), method)
 
 
