@@ -78,7 +78,10 @@ def test_shipped_scenarios_fit_in_a_gigabyte() -> None:
         for point in load_scenarios(path):
             checked += 1
             fp = scenario_footprint(point.scenario)
-            assert fp is None or fp.total < 1e9, (path.name, fp)
+            # The 10^5-neuron scaling scenario is meant to be large (13 GB peak measured,
+            # docs/scaling.md): it must still fit the 24 GiB machine.
+            limit = 16e9 if path.name == "neurons_100k.toml" else 1e9
+            assert fp is None or fp.total < limit, (path.name, fp)
     assert checked >= 5
 
 

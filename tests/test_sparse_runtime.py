@@ -120,3 +120,20 @@ def test_memory_estimate_counts_the_arrays_that_are_built() -> None:
     assert 1.3e7 <= sparse_footprint(big).links <= 1.35e7
     with pytest.raises(InvalidInputError, match="network.kind"):
         sparse_footprint(NetworkConfig(kind="mlp"))
+
+
+def test_run_refuses_a_sparse_scenario_that_cannot_fit() -> None:
+    from asyncbalance.runtime.memory_estimate import check_scenario_memory, scenario_footprint
+
+    base = {"network": {"kind": "sparse_mlp", "fan_in": 133,
+                        "sizes": [1000, 25000, 25000, 25000, 25000, 10]},
+            "partition": {"granularity": "neuron"}}
+    fits = scenario_from_mapping(base)
+    # Measured for this scenario: 6.55 GiB peak once the shard specs are built (see
+    # docs/scaling.md); the estimate is a floor for what backends add.
+    assert 4e9 <= scenario_footprint(fits).total <= 7.1e9
+    check_scenario_memory(fits, available=16 * 10**9)
+    wide = scenario_from_mapping({**base, "network": {**base["network"], "sizes": [
+        1000, 250000, 250000, 250000, 250000, 10]}})
+    with pytest.raises(InvalidInputError, match="partition.granularity"):
+        check_scenario_memory(wide, available=16 * 10**9)

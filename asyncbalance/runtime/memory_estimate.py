@@ -8,7 +8,8 @@ the hidden-to-hidden weights), plus ~2.5 KB of bookkeeping per shard. Backends a
 state on top (the estimate is a floor for them), so a scenario refused here could never run.
 Measured for ``sizes = [10, 3000, 3000, 10]`` in one shard per layer: 650 MB estimated,
 424 MB peak resident to build the problem (the shards' dense matrices are zeros that are not
-all touched).
+all touched). A ``sparse_mlp`` is estimated by ``sparse_footprint`` (CSR arrays, no dense
+matrix anywhere).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from ..memory import check_fits, format_bytes
 from .scenario import Scenario
+from .sparse_footprint import sparse_footprint
 
 __all__ = ["Footprint", "check_scenario_memory", "scenario_footprint"]
 
@@ -77,6 +79,8 @@ def _shard_sizes(scenario: Scenario, hidden: list[int]) -> list[int]:
 
 def scenario_footprint(scenario: Scenario) -> Footprint | None:
     """The estimate (see the module doc); None for a network read from a file."""
+    if scenario.network.kind == "sparse_mlp":
+        return _sparse_footprint(scenario)
     layers = _layers(scenario)
     if layers is None:
         return None
@@ -101,6 +105,22 @@ def scenario_footprint(scenario: Scenario) -> Footprint | None:
         field = size_key
         advice = f"use smaller layers ({size_key})"
     return Footprint(network, cost_graph, shards, field, advice)
+
+
+def _sparse_footprint(scenario: Scenario) -> Footprint:
+    """A ``sparse_mlp``: CSR weights, costs and shard specs (``sparse_footprint``)."""
+    part = sparse_footprint(scenario.network, scenario.partition)
+    # The weights twice (the function check's scaled copy) and the drawing's transient peak.
+    network = 2 * part.network + part.drawing
+    cost_graph = part.cost_graph + part.optimum
+    if part.shards >= max(network, cost_graph) and scenario.partition.granularity == "neuron":
+        field = "partition.granularity"
+        advice = ("balance slices of layers instead of single neurons (partition.granularity "
+                  "= 'shard') or use a smaller network.sizes or network.fan_in")
+    else:
+        field = "network.sizes"
+        advice = "use smaller layers (network.sizes) or fewer inputs per neuron (network.fan_in)"
+    return Footprint(network, cost_graph, part.shards, field, advice)
 
 
 def check_scenario_memory(scenario: Scenario, available: int | None = None) -> None:
