@@ -283,7 +283,10 @@ def test_ray_64_logical_shards_converge(tmp_path, ray_session, transport):
                       network={"kind": "mlp", "sizes": [16, 48, 48, 48, 48, 8],
                                "unit_spread": 1.0, "seed": 2},
                       partition={"granularity": "shard", "shards_per_layer": 16},
-                      ray={"time_unit": 0.03, "sample_seconds": 0.3, "transport": transport})
+                      # Shards of 3 units run as block hosts; two are asked for (a net this
+                      # small would get one by default), so batches cross between them.
+                      ray={"time_unit": 0.03, "sample_seconds": 0.3, "transport": transport,
+                           "hosts": 2})
     links = summary["transport"]
     assert summary["n_shards"] == 64 and links["hosts"] == 2
     assert_at_optimum(summary)

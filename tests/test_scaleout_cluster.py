@@ -58,8 +58,9 @@ tol = 1e-8
 max_wall_seconds = 30.0
 function_check = "every_sample"
 [ray]
-time_unit = 0.01
+time_unit = 0.04              # slow enough that the run outlasts the node's removal
 sample_seconds = 0.05
+hosts = 3                     # one per node (a net this small would get one host by default)
 """
 
 
