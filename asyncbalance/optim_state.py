@@ -1,4 +1,5 @@
-"""Optimiser state across a function-preserving rescaling of the weights.
+"""Optimiser state across a function-preserving rescaling of the weights (training's entry
+point; the per-optimiser rules are ``torch_optim_state``'s).
 
 Balancing replaces a weight ``w`` by ``s * w`` (``s > 0`` elementwise, from the unit
 log-scales) without changing the network's function. The loss gradient then scales
@@ -20,12 +21,6 @@ import torch
 from .errors import InvalidInputError
 
 OPTIMIZER_STATE_MODES = ("transform", "keep", "reset")
-# Per-element running averages of the gradient (scale like 1/s) and of its square (1/s^2),
-# by the state key torch's optimisers use.
-FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg", "grad_avg")
-SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
-# Scalars (step counters, learning-rate bookkeeping) that do not depend on the scale.
-SCALE_FREE_KEYS = ("step", "eta", "mu")
 
 
 def check_mode(mode: str, field: str = "optimizer_state") -> str:
@@ -64,21 +59,8 @@ def transform_optimizer_state_(optimizer: torch.optim.Optimizer,
         if not bool(torch.all(factor > 0)):
             raise InvalidInputError("scales", "factors must be positive (balancing rescales "
                                     "by exp(log-scale))")
-        if mode == "reset":
-            optimizer.state.pop(param, None)
-            continue
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or key in SCALE_FREE_KEYS:
-                continue
-            s = factor.to(device=value.device, dtype=value.dtype)
-            if key in FIRST_MOMENT_KEYS:
-                value.div_(s)
-            elif key in SECOND_MOMENT_KEYS:
-                value.div_(s * s)
-            elif value.shape == param.shape:
-                raise InvalidInputError("optimizer_state", f"state entry {key!r} of "
-                                        f"{type(optimizer).__name__} has no known scaling; use "
-                                        "keep or reset", OPTIMIZER_STATE_MODES)
+    # The rules per torch optimiser, derived from each update rule and checked against a
+    # replay, live in ``torch_optim_state``; every refusal comes before any change.
+    from .torch_optim_state import plan_state_transform
+
+    plan_state_transform(optimizer, scales, mode).apply()

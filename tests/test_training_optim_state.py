@@ -184,11 +184,39 @@ def test_bad_mode_and_bad_factors_name_the_choices() -> None:
 
 
 def test_unknown_per_element_state_is_refused() -> None:
+    # A subclass may change the update rule, so its state has no derived scaling.
+    class Custom(torch.optim.Adam):
+        pass
+
     model = MLP((3, 4, 2))
-    opt = torch.optim.Rprop(model.parameters(), lr=0.01)   # "prev", "step_size" per element
+    opt = Custom(model.parameters(), lr=0.01)
     x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
     _grads(model, x, y)
     opt.step()
     w = model.layers[0].weight
-    with pytest.raises(InvalidInputError, match="no known scaling"):
+    before = opt.state[w]["exp_avg"].clone()
+    with pytest.raises(InvalidInputError, match="not one of torch's optimisers"):
         transform_optimizer_state_(opt, {w: torch.full_like(w, 2.0)})
+    assert torch.equal(opt.state[w]["exp_avg"], before)
+
+
+def test_training_uses_the_rules_derived_per_optimiser() -> None:
+    # RMSprop's momentum buffer sums g / sqrt(v), which a rescaling leaves as it is (its
+    # square_avg scales by 1/s^2); Rprop's prev scales by 1/s and its step sizes stay.
+    model = MLP((3, 4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    w = model.layers[0].weight
+    rms = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+    rprop = torch.optim.Rprop(model.parameters(), lr=0.01)
+    _grads(model, x, y)
+    rms.step()
+    rprop.step()
+    momentum = rms.state[w]["momentum_buffer"].clone()
+    square = rms.state[w]["square_avg"].clone()
+    prev, steps = rprop.state[w]["prev"].clone(), rprop.state[w]["step_size"].clone()
+    transform_optimizer_state_(rms, {w: torch.full_like(w, 2.0)})
+    transform_optimizer_state_(rprop, {w: torch.full_like(w, 2.0)})
+    assert torch.equal(rms.state[w]["momentum_buffer"], momentum)
+    torch.testing.assert_close(rms.state[w]["square_avg"], square / 4, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rprop.state[w]["prev"], prev / 2, rtol=1e-6, atol=0)
+    assert torch.equal(rprop.state[w]["step_size"], steps)
