@@ -137,7 +137,7 @@ def test_entries_per_send_match_the_routes(width: int, fan_in: int, hosts: int) 
 
 KNOWN = CostModel(process_bytes=1.1e8, memory_factor=1.7, cpu_window=4e-5,
                   cpu_window_shard=2e-9, cpu_move=3e-7, cpu_link=5e-8, cpu_entry=9e-7,
-                  cpu_frame=6e-6, ray_frame_seconds=2e-4)
+                  cpu_frame=6e-6, ray_scale=0.6, ray_frame_seconds=2e-4)
 
 
 def _synthetic(model: CostModel, n: int = 12, seed: int = 0) -> dict:
@@ -162,7 +162,8 @@ def _synthetic(model: CostModel, n: int = 12, seed: int = 0) -> dict:
 def test_fit_recovers_known_constants() -> None:
     model = fit(_synthetic(KNOWN))
     for name in ("process_bytes", "memory_factor", "cpu_window", "cpu_window_shard",
-                 "cpu_move", "cpu_link", "cpu_entry", "cpu_frame", "ray_frame_seconds"):
+                 "cpu_move", "cpu_link", "cpu_entry", "cpu_frame", "ray_scale",
+                 "ray_frame_seconds"):
         assert getattr(model, name) == pytest.approx(getattr(KNOWN, name), rel=1e-6), name
     for ratios in prediction_ratios(model, _synthetic(KNOWN, seed=1)).values():
         assert worst_factor(ratios) == pytest.approx(1.0, abs=1e-6)
@@ -197,7 +198,7 @@ def test_extrapolation_by_hand() -> None:
     """Two layers of 100 neurons, fan_in 10, on 2 nodes of 1 core: every count by hand."""
     model = CostModel(process_bytes=1e8, memory_factor=2.0, cpu_window=1e-5,
                       cpu_window_shard=1e-9, cpu_move=1e-7, cpu_link=1e-8, cpu_entry=1e-6,
-                      cpu_frame=1e-5, ray_frame_seconds=1e-4)
+                      cpu_frame=1e-5, ray_scale=0.5, ray_frame_seconds=1e-4)
     row = extrapolate(model, (100, 100), 10, nodes=2, cores_per_node=1, move_activity=0.5,
                       link_activity=0.8, windows_per_time_unit=20, time_units_to_tol=50)
     # 200 units, 1,000 synapses -> 2,000 terms, slots and links; 200 shards; 2 hosts.
@@ -224,6 +225,7 @@ def test_extrapolation_by_hand() -> None:
     assert work.frames == 20
     cpu = (1e-5 * 20 + 1e-9 * 20 * 200 + 1e-7 * 50 + 1e-8 * 800 + 1e-6 * entries
            + 1e-5 * 20 + 1e-4 * 20)
+    # Paced hosts: no ray_scale (it is the free-running hosts' factor).
     assert row["cpu_per_time_unit"] == pytest.approx(cpu, rel=1e-12)
     assert row["wall_to_tol"] == pytest.approx(50 * cpu, rel=1e-12)
     assert row["wire_bytes_per_time_unit"] == pytest.approx(20 * FRAME_ENVELOPE

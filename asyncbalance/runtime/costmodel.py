@@ -27,9 +27,15 @@ built: a per-host sub-layout), for the extrapolation's second column.
 with W windows (the ``_next_window``/``_wake_due`` scans cost O(S) each: the ``W S`` term),
 M unit moves, D link messages delivered (the fan-out at the receiver), F frame entries
 (taken, encoded, decoded and fanned out: one per changed shard per destination host) and R
-frames. The constants are fitted on the simulator (one host: F = R = 0) and on two block
-hosts exchanging encoded frames in one process; on Ray each frame costs ``ray_frame_seconds``
-more (the event loop, the socket, the acknowledgement), fitted to the Ray hosts' CPU.
+frames. ``a_e`` and ``a_f`` are fitted first, to the frame exchange of two block hosts in one
+process timed on its own; the others then to the simulator (one host: F = R = 0) and those
+two hosts' whole CPU. A move's work over its unit's terms is proportional to the link
+messages that brought the news, so ``a_l`` may carry it and ``a_m`` come out near 0. On Ray
+free-running host's CPU is ``ray_scale`` times that (no delay drawn per link message, no
+spread of arrival windows) plus ``ray_frame_seconds`` per frame (the event loop, the socket,
+the acknowledgement), both fitted to the Ray hosts' CPU; Ray's windows are its hosts' loop
+turns. The extrapolation charges paced hosts (the simulator's activity): the in-process
+constants plus ``ray_frame_seconds`` per frame, without ``ray_scale``.
 
 **Wire bytes.** A frame of F entries of shards of u units each is ``frame_bytes``: an
 envelope of at most ``FRAME_ENVELOPE`` bytes plus ``4 + 8 + 8 + 8 u`` per entry (sender id,
@@ -51,9 +57,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "BYTES_PER_ENTRY_FIXED", "FRAME_ENVELOPE", "BlockCounts", "CostModel", "Work",
-    "array_bytes", "extrapolate", "fit", "frame_bytes", "held_out_ratios", "layer_shares",
-    "prediction_ratios", "rates_per_time_unit", "sparse_mlp_counts", "worst_factor",
+    "BYTES_PER_ENTRY_FIXED", "FRAME_ENVELOPE", "HELD_OUT_FACTOR", "BlockCounts", "CostModel",
+    "Work", "array_bytes", "entries_per_send", "extrapolate", "fit", "frame_bytes",
+    "held_out_ratios", "layer_shares", "prediction_ratios", "rates_per_time_unit",
+    "sparse_mlp_counts", "worst_factor",
 ]
 
 I8, F8, B1 = 8, 8, 1  # int64 index, float64 value, bool flag
@@ -232,6 +239,7 @@ class CostModel:
     cpu_link: float = 1e-7
     cpu_entry: float = 1e-6
     cpu_frame: float = 1e-5
+    ray_scale: float = 1.0
     ray_frame_seconds: float = 1e-4
     fitted: Mapping[str, Any] = field(default_factory=dict)
 
@@ -243,6 +251,11 @@ class CostModel:
         return float(np.dot(coef, work.features()))
 
     def ray_cpu_seconds(self, work: Work) -> float:
+        """CPU of free-running Ray hosts (see the module docstring)."""
+        return self.ray_scale * self.cpu_seconds(work) + self.ray_frame_seconds * work.frames
+
+    def paced_ray_cpu_seconds(self, work: Work) -> float:
+        """CPU of paced Ray hosts: the in-process work plus each frame's transport."""
         return self.cpu_seconds(work) + self.ray_frame_seconds * work.frames
 
     def as_dict(self) -> dict[str, Any]:
@@ -270,7 +283,8 @@ def fit(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
     ``frames``: ``entries``, ``frames`` and ``exchange_cpu_seconds`` (the frame exchange
     between in-process hosts timed alone: fits ``cpu_entry`` and ``cpu_frame`` first, and the
     ``cpu`` rows then the rest);
-    ``ray``: the same counts summed over a run's hosts and their ``cpu_seconds``.
+    ``ray``: the same counts summed over a run's hosts and their ``cpu_seconds``
+    (free-running), fitted last with the in-process constants fixed.
     """
     model = CostModel()
     values: dict[str, Any] = {}
@@ -299,11 +313,12 @@ def fit(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> CostModel:
         values.update(zip(names, (float(v) for v in _relative_nnls(a[:, columns], rest)),
                           strict=True))
     model = replace(model, **values)
-    rows = [r for r in points.get("ray", ()) if r.get("frames", 0) > 0]
+    rows = points.get("ray", ())
     if rows:
-        # What a Ray frame costs beyond the in-process work of the same counts.
-        extra = [(r["cpu_seconds"] - model.cpu_seconds(_work(r))) / r["frames"] for r in rows]
-        model = replace(model, ray_frame_seconds=max(0.0, float(np.median(extra))))
+        a = np.array([[model.cpu_seconds(_work(r)), r.get("frames", 0.0)] for r in rows], float)
+        b = np.array([r["cpu_seconds"] for r in rows], float)
+        scale, per_frame = (float(v) for v in _relative_nnls(a, b))
+        model = replace(model, ray_scale=scale, ray_frame_seconds=per_frame)
     return replace(model, fitted={k: len(points.get(k, ()))
                                   for k in ("memory", "frames", "cpu", "ray")})
 
@@ -359,7 +374,8 @@ def rates_per_time_unit(widths: Sequence[int], fan_in: int, hosts: int, move_act
     sends = counts.units * part * link_activity  # a send feeds each of the sender's links
     entries = sends * entries_per_send(widths, fan_in, hosts)
     # A frame per window to every host holding a neighbour layer of this host's layers
-    # (a host in the middle of the run of units, the busiest case).
+    # (a host in the middle of the run of units, the busiest case): as the in-process hosts
+    # exchanged them; an upper bound where a host batches several windows per frame.
     share = layer_shares(widths, hosts)
     me = hosts // 2
     near: set[int] = set()
@@ -381,7 +397,7 @@ def extrapolate(model: CostModel, widths: Sequence[int], fan_in: int, nodes: int
     counts = sparse_mlp_counts(widths, fan_in, hosts)
     work = rates_per_time_unit(widths, fan_in, hosts, move_activity, link_activity,
                                windows_per_time_unit)
-    cpu = model.ray_cpu_seconds(work) if hosts > 1 else model.cpu_seconds(work)
+    cpu = model.paced_ray_cpu_seconds(work)
     whole = array_bytes(counts)
     local = array_bytes(counts, local=True)
     units_per_shard = 1.0
@@ -399,5 +415,7 @@ def extrapolate(model: CostModel, widths: Sequence[int], fan_in: int, nodes: int
         "wall_per_time_unit": cpu,  # one core per host: CPU-bound, no waiting assumed
         "wall_to_tol": cpu * time_units_to_tol,
         "window_scan_share": (model.cpu_window_shard * work.windows * work.shards) / cpu
+        if cpu > 0 else 0.0,
+        "frame_share": ((model.cpu_frame + model.ray_frame_seconds) * work.frames) / cpu
         if cpu > 0 else 0.0,
     }

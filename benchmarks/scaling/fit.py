@@ -91,7 +91,8 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
         f" window {model.cpu_window * 1e6:.1f} us + {model.cpu_window_shard * 1e9:.2f} ns per "
         f"shard, move {model.cpu_move * 1e9:.0f} ns, link message {model.cpu_link * 1e9:.0f} ns,"
         f" frame entry {model.cpu_entry * 1e9:.0f} ns, frame {model.cpu_frame * 1e6:.1f} us, "
-        f"Ray frame +{model.ray_frame_seconds * 1e6:.0f} us",
+        f"Ray (free-running) x {model.ray_scale:.2f} + {model.ray_frame_seconds * 1e6:.0f} us per "
+        "frame",
         f"array bytes predicted = counted on {sum(exact)} of {len(exact)} simulator layouts",
     ]
     for kind in ("memory", "frames", "cpu", "ray"):

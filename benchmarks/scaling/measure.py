@@ -299,6 +299,7 @@ def ray_points() -> list[dict[str, Any]]:
 
 def machine() -> dict[str, Any]:
     return {"machine": platform.machine(), "cpus": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": list(os.getloadavg())}

@@ -114,15 +114,17 @@ def render(data: dict[str, Any], analysis: dict[str, Any], kept: dict[str, str])
         f"a_w = {m['cpu_window'] * 1e6:.3g} us, a_ws = {m['cpu_window_shard'] * 1e9:.3g} ns, "
         f"a_m = {m['cpu_move'] * 1e9:.3g} ns, a_l = {m['cpu_link'] * 1e9:.3g} ns, a_e = "
         f"{m['cpu_entry'] * 1e9:.3g} ns, a_f = {m['cpu_frame'] * 1e6:.3g} us |",
-        f"| CPU on Ray | the same + a_ray R | a_ray = {m['ray_frame_seconds'] * 1e6:.3g} us "
-        "per frame |",
+        f"| CPU on Ray, free-running | g x the same + a_ray R | g = {m['ray_scale']:.2f}, "
+        f"a_ray = {m['ray_frame_seconds'] * 1e6:.3g} us per frame |",
+        "| CPU on Ray, paced (extrapolation) | the same + a_ray R | |",
         f"| wire bytes | R x {FRAME_ENVELOPE} + F x ({BYTES_PER_ENTRY_FIXED} + 8 u) | exact "
         "bound |",
         "",
         "W windows (every window scans all S shards of the layout: the W S term), M unit moves,",
         "D link messages delivered (fan-out at the receiver), F frame entries (taken, encoded,",
-        "decoded, fanned out), R frames, u units per shard. Memory and the Ray frame cost are",
-        "fitted to Ray hosts; a_e and a_f to the frame exchange of two block hosts in one",
+        "decoded, fanned out), R frames, u units per shard. Memory, g and a_ray are fitted",
+        "to Ray hosts (free-running: no delay drawn per link message, hence g); a_e and a_f to",
+        "the frame exchange of two block hosts in one",
         "process, timed alone; the other CPU constants then to the simulator and those two",
         "hosts (non-negative least squares on relative errors).",
         "",
@@ -187,7 +189,7 @@ def render(data: dict[str, Any], analysis: dict[str, Any], kept: dict[str, str])
         if title in kept:
             lines += ["", kept[title].rstrip()]
     lines += extrapolation_section(analysis, act)
-    lines += limits_section()
+    lines += limits_section(analysis, data["machine"].get("memory_bytes", 0.0))
     return "\n".join(lines) + "\n"
 
 
@@ -202,13 +204,17 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
              f"link, {act['windows']:.0f} windows; {act['time_units']:.0f} time units to "
              "1e-8, the most any measured size took, assumed not to grow with width); a "
              "neuron's entry goes to every other host holding one of its neighbours "
-             "(`entries_per_send`). \"As built\" is the runtime today: every host holds the whole "
+             "(`entries_per_send`); each host sends every window one frame to each host holding a "
+             "neighbour layer of its own (as the in-process hosts did; an upper bound for hosts "
+             "that batch windows, as Ray's paced slices of up to 64 events do), each frame "
+             "costing a_f + a_ray. \"As built\" is the runtime today: every host holds the whole "
              "network's layout and block. \"Host-local\" is what a host would hold with a layout "
              "of its own shards and halos (not built).", "",
              "| neurons | synapses | nodes | hosts | memory per host, as built | per node | fits "
              "a node | memory per host, host-local | fits | CPU = wall per time unit per host |"
-             " share of it scanning windows | wire bytes per time unit per host | wall to 1e-8 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " share of it scanning windows | share of it in frames | wire bytes per time unit "
+             "per host | wall to 1e-8 (if the memory fits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in analysis["extrapolation"]:
         lines.append(
             f"| {r['neurons']:.3g} | {r['synapses']:.3g} | {r['nodes']:.0f} | "
@@ -217,6 +223,7 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
             f"{fmt_bytes(r['local_memory_per_host'])} | "
             f"{'yes' if r['local_fits_node'] else 'no'} | "
             f"{fmt_seconds(r['wall_per_time_unit'])} | {r['window_scan_share']:.0%} | "
+            f"{r['frame_share']:.0%} | "
             f"{fmt_bytes(r['wire_bytes_per_time_unit'])} | {fmt_seconds(r['wall_to_tol'])} |")
     biggest = max(analysis["extrapolation"], key=lambda r: r["synapses"])
     per_synapse = biggest["array_bytes_per_host"] / biggest["synapses"]
@@ -227,12 +234,32 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
               "The CPU per host falls with the hosts' share of the link messages until the "
               "per-window scans of all shards (which every host pays in full) and the frame "
               "entries (which grow with the hosts a neuron's neighbours are spread over) "
-              "dominate."]
+              "dominate. The frame cost per host grows with the hosts holding neighbour layers, "
+              "so beyond a few nodes more hosts slow each one down under the frame-per-window "
+              "assumption: a_ray is fitted to only the three two-host Ray runs (about 300 "
+              "frames each), so this part of the prediction is the least certain."]
     return lines
 
 
-def limits_section() -> list[str]:
+def cluster_note(analysis: dict[str, Any], total_memory: float) -> str:
+    """The 10^5-neuron run on the local 3-node cluster: predicted memory against this
+    machine's."""
+    from asyncbalance.runtime.costmodel import CostModel, array_bytes, sparse_mlp_counts
+
+    fields = {k: v for k, v in analysis["model"].items() if k != "fitted"}
+    model = CostModel(**fields)
+    per_host = model.resident_bytes(array_bytes(sparse_mlp_counts((25_000,) * 4, 133, 3)))
+    return (f"- Not run: `scenarios/neurons_100k.toml` (10^5 neurons, 10^7 synapses) on Ray "
+            f"over the 3-node local cluster (`actors.cluster`). Predicted {fmt_bytes(per_host)} "
+            f"per host as built, {fmt_bytes(3 * per_host)} for three hosts before the driver's "
+            f"network, cost graph, optimum and shard specs, on a machine of "
+            f"{fmt_bytes(total_memory)} shared with other work (Ray's memory monitor kills a "
+            "worker at 95 % of it, which it did to one 50 MB host of this benchmark).")
+
+
+def limits_section(analysis: dict[str, Any], total_memory: float) -> list[str]:
     return ["", "## Limits of these measurements", "",
+            cluster_note(analysis, total_memory),
             "- One machine, 2 shared cores: the Ray points are one node; frames between nodes "
             "would add the network's latency and bandwidth, which are not modelled here (the "
             "wire bytes per time unit are given so they can be charged).",
