@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true",
                         help=f"refit {RESULTS.relative_to(ROOT)} and rewrite the page only")
     args = parser.parse_args(argv)
+    if args.with_pairs and not args.only_ray:
+        parser.error("--with-pairs: only with --only-ray")
+    if sum((args.skip_ray, args.only_ray, args.from_json)) > 1:
+        parser.error("--skip-ray, --only-ray and --from-json: choose one")
     if (args.from_json or args.only_ray) and not RESULTS.is_file():
         print(f"error: {RESULTS.relative_to(ROOT)} is missing: run without --from-json or "
               "--only-ray", file=sys.stderr)
