@@ -36,6 +36,8 @@ from .monitors import (
 from .rules import FeedbackRule, add_regulariser_grad, make_optimizer, make_rule, regulariser_value
 from .weights_only import WeightsOnlyView
 
+DIVERGED_FACTOR = 1e6
+
 
 class DivergedError(InvalidInputError):
     """Training produced a non-finite loss (the learning rate is too large)."""
@@ -172,6 +174,14 @@ class SeedRun:
         if not math.isfinite(loss_sum):
             raise DivergedError("optimizer.lr", f"training diverged in epoch {epoch} "
                                 "(non-finite loss); lower the learning rate")
+        # A finite loss can have diverged too (4e27 after a few DFA epochs at a large rate):
+        # an epoch's mean loss a million times the untrained model's counts as diverged.
+        start = self.rows[0]["test_loss"] if self.rows else float("nan")
+        mean = loss_sum / max(seen, 1)
+        if math.isfinite(start) and mean > DIVERGED_FACTOR * max(start, 1.0):
+            raise DivergedError("optimizer.lr", f"training diverged in epoch {epoch} (mean "
+                                f"loss {mean:.3g}, {mean / max(start, 1.0):.3g} times the "
+                                "untrained model's); lower the learning rate")
         self.epoch_seconds += seconds
         config = self.config
         if epoch % config.monitor.eval_every and epoch != config.epochs:
