@@ -22,3 +22,15 @@ def test_a_finite_exploding_loss_is_reported_as_diverged(tmp_path: Path) -> None
     assert len(lines) == 1 and "optimizer.lr: training diverged in epoch" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_power_that_overflows_the_balanced_weights_names_balancing_p(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncbalance.cli", "train",
+         str(ROOT / "scenarios" / "train_digits_quick.toml"), "--set", "balancing.p=1e-9",
+         "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and ": balancing.p: p = 1e-09" in lines[0]
+    assert not out.exists()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ResultOverflowError
 from ..graph import CostGraph, build_cost_graph
 from ..network import scale_network
 from ..optimum import solve_optimum
@@ -119,7 +119,13 @@ def balance_model(model: nn.Module, p: float, kind: str, probe: torch.Tensor | N
     else:
         result = run_schedule(graph, full_method, tol=tol, seed=seed)
     u = result.log_scales
-    balanced = scale_network(network, u)
+    try:
+        balanced = scale_network(network, u)
+    except ResultOverflowError as exc:
+        # The scales follow from the regulariser's power: name the key that chose it.
+        raise InvalidInputError("balancing.p", f"p = {p:g} balances to weights that cannot be "
+                                f"represented ({str(exc).split(': ', 1)[-1]}); choose a "
+                                "larger p") from None
     imbalance_before = np.abs(kernels.log_imbalance(graph, u0))
     seconds = time.perf_counter() - start
     monitor_start = time.perf_counter()
