@@ -164,7 +164,8 @@ class RayBackend:
         self.members = [[s.shard_id for s in self.specs if self.shard_host[s.shard_id] == h]
                         for h in range(self.n_hosts)]
         self.rule = rule_of(scenario)
-        means = link_means(scenario, self.specs)
+        # Block hosts draw their links' means from the layout (``link_mean_array``).
+        means = {} if self.layout is not None else link_means(scenario, self.specs)
         paced = scenario.ray.clock == "paced"
         self.settings = [settings_for(scenario, means, members, paced)
                          for members in self.members]

@@ -31,7 +31,7 @@ from asyncbalance.runtime.array_sim import STEP_FRACTION, ArraySimulator, defaul
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import load_scenarios, scenario_from_mapping
-from asyncbalance.runtime.shard import gather_log_scales
+from asyncbalance.runtime.shard import build_shard_specs, gather_log_scales
 from asyncbalance.runtime.simulator import Simulator
 
 TOL = 1e-8
@@ -44,7 +44,9 @@ def to_tolerance(problem, engine: str, max_time: float = 5_000.0,
     s = problem.scenario
     events = EventWriter(None)
     sim = (ArraySimulator(problem.specs, s, events, problem.graph, step=step)
-           if engine == "array" else Simulator(problem.specs, s, events))
+           if engine == "array" else Simulator(
+               build_shard_specs(problem.graph, [spec.units for spec in problem.specs]), s,
+               events))
     target = problem.optimum.log_scales
     began = time.perf_counter()
     clock = 0.0

@@ -20,7 +20,7 @@ import pytest
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import scenario_from_mapping
-from asyncbalance.runtime.shard import Shard
+from asyncbalance.runtime.shard import Shard, build_shard_specs
 from asyncbalance.runtime.simulator import Simulator, rule_of
 
 LAYERED = {"kind": "mlp", "sizes": [6, 10, 10, 10, 3], "unit_spread": 1.0, "seed": 3}
@@ -41,8 +41,10 @@ def test_a_duplicated_message_is_delivered_twice() -> None:
         "seed": 5, "network": LAYERED, "partition": PER_LAYER,
         "links": {"delay": "lognormal", "mean": 1.0, "spread": 1.5, "duplication": 0.5}})
     problem = prepare(scenario)
+    # The per-message engine needs each shard's cost graph (a block run needs units only).
+    specs = build_shard_specs(problem.graph, [s.units for s in problem.specs])
     buffer = io.BytesIO()
-    simulator = Simulator(problem.specs, scenario, EventWriter(buffer))
+    simulator = Simulator(specs, scenario, EventWriter(buffer))
     simulator.advance(HORIZON)
     records = _events(buffer)
     sent_at = {tuple(r[2:6]): r[1] for r in records if r[0] == "send"}
@@ -77,7 +79,9 @@ def test_ray_host_that_dies_resumes_from_the_saved_checkpoints(ray_session) -> N
                 "hosts": 2, "max_restarts": 1},
         "stop": {"max_wall_seconds": 60.0}})
     problem = prepare(scenario)
-    backend = RayBackend(problem.specs, scenario, EventWriter(None))
+    # Per-shard hosts (no graph given) need each shard's cost graph.
+    specs = build_shard_specs(problem.graph, [s.units for s in problem.specs])
+    backend = RayBackend(specs, scenario, EventWriter(None))
     try:
         backend.start()
         # Balance until the driver holds checkpoints well away from u = 0 for host 1.
@@ -86,7 +90,7 @@ def test_ray_host_that_dies_resumes_from_the_saved_checkpoints(ray_session) -> N
         resend = scenario.links.resend_interval
 
         def saved_u() -> np.ndarray:
-            return np.concatenate([Shard.restore(problem.specs[s], rule, resend, 0,
+            return np.concatenate([Shard.restore(specs[s], rule, resend, 0,
                                                  backend.saved[s]).log_scales
                                    for s in members])
 
@@ -103,7 +107,7 @@ def test_ray_host_that_dies_resumes_from_the_saved_checkpoints(ray_session) -> N
             backend.final_poll()  # notices the loss and resumes the host
         assert [loss["host"] for loss in backend.host_losses] == [1]
         reply = ray.get(backend.actors[1].poll.remote(True), timeout=30)
-        resumed = np.concatenate([Shard.restore(problem.specs[s], rule, resend, 0,
+        resumed = np.concatenate([Shard.restore(specs[s], rule, resend, 0,
                                                 reply["checkpoints"][s]).log_scales
                                   for s in members])
         # The same values, bit for bit: a checkpoint is restored, not recomputed.

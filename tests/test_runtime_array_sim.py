@@ -11,7 +11,7 @@ from asyncbalance.runtime.array_sim import ArraySimulator
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import scenario_from_mapping
-from asyncbalance.runtime.shard import gather_log_scales
+from asyncbalance.runtime.shard import build_shard_specs, gather_log_scales
 from asyncbalance.runtime.simulator import Simulator
 
 NEURONS = {
@@ -26,8 +26,9 @@ NEURONS = {
 def _time_to_tol(engine: str, data: dict, tol: float = 1e-8) -> tuple[float, object]:
     problem = prepare(scenario_from_mapping(data))
     sim = (ArraySimulator(problem.specs, problem.scenario, EventWriter(None), problem.graph)
-           if engine == "array" else Simulator(problem.specs, problem.scenario,
-                                               EventWriter(None)))
+           if engine == "array" else Simulator(
+               build_shard_specs(problem.graph, [s.units for s in problem.specs]),
+               problem.scenario, EventWriter(None)))
     clock = 0.0
     while clock < 2_000:
         clock += 1.0

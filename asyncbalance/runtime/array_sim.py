@@ -35,6 +35,7 @@ from .block_host import BlockHost
 from .events import EventWriter
 from .host import settings_for
 from .layout import BlockLayout, build_layout
+from .partition import runs_as_blocks
 from .scenario import Scenario
 from .shard import ShardSpec
 from .simulator import MessageCounters
@@ -44,16 +45,9 @@ SEND_THRESHOLD = 1e-13
 STEP_FRACTION = 1.0 / 5.0
 
 
-# Shards of fewer units than this on average run as shard blocks; larger ones (layer slices
-# of dense layers) run the per-shard engine, whose dense block products are faster there
-# (benchmarks/bench_blocks.py: 0.03 s against 0.3-2.8 s for 3-4 layer shards).
-BLOCK_UNITS_PER_SHARD = 8
-
-
 def uses_blocks(specs: Sequence[ShardSpec]) -> bool:
-    """Whether a partition runs as shard blocks: shards of a few units each (neurons)."""
-    units = sum(spec.n_own for spec in specs)
-    return bool(specs) and units < BLOCK_UNITS_PER_SHARD * len(specs)
+    """Whether shards run as shard blocks: a few units each (``partition.runs_as_blocks``)."""
+    return runs_as_blocks([spec.units for spec in specs])
 
 
 def default_step(scenario: Scenario) -> float:

@@ -43,6 +43,9 @@ from .host import EPOCH_STRIDE, CrashRecord, HostSettings
 from .layout import BlockLayout, expand_ranges, shard_colours
 
 CHECKPOINT_FORMAT = 2
+# Messages beyond this share of a send batch (its slowest, by arrival window) are stored
+# apart, so that the batch's arrays are freed once the rest has arrived.
+TAIL_SHARE = 0.9
 COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
                  "stale", "frames", "frame_entries")
 
@@ -454,14 +457,28 @@ class BlockHost:
         chunk = _Chunk(times[order], links, versions[order], values[index], ptr)
         bounds = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1, [keys.shape[0]]])
         buckets = self.buckets
-        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        # A chunk lives until its last range is taken. The tail of a delay distribution (the
+        # last tenth of the messages, over many windows) would keep whole chunks alive for
+        # its longest delay: those ranges get chunks of their own.
+        tail = int(np.searchsorted(bounds, TAIL_SHARE * keys.shape[0]))
+        for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(),
+                                         strict=True)):
             key = int(keys[lo])
+            if i >= tail and i > 0:
+                part = slice(lo, hi)
+                chunk_of = _Chunk(chunk.times[part].copy(), chunk.links[part].copy(),
+                                  chunk.versions[part].copy(),
+                                  chunk.values[chunk.ptr[lo]:chunk.ptr[hi]].copy(),
+                                  chunk.ptr[lo:hi + 1] - chunk.ptr[lo])
+                lo, hi = 0, hi - lo
+            else:
+                chunk_of = chunk
             entry = buckets.get(key)
             if entry is None:
-                buckets[key] = [(chunk, lo, hi)]
+                buckets[key] = [(chunk_of, lo, hi)]
                 heapq.heappush(self.bucket_keys, key)  # one heap entry per bucket
             else:
-                entry.append((chunk, lo, hi))
+                entry.append((chunk_of, lo, hi))
         self.in_flight += keys.shape[0]
 
     def queue_length(self) -> int:

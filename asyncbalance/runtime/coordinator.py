@@ -34,7 +34,7 @@ from ..regularisers import lp
 from .array_sim import ArraySimulator, uses_blocks
 from .backends import Backend, backend_factory
 from .events import EventWriter
-from .partition import partition_units
+from .partition import UnitShard, partition_units, runs_as_blocks
 from .record import Sample, plot_convergence, plot_sweep, write_summary, write_trace_csv
 from .scenario import Scenario, ScenarioPoint, build_network
 from .shard import ShardSpec, build_shard_specs, gather_log_scales
@@ -77,7 +77,11 @@ def prepare(scenario: Scenario, base_dir: Path | None = None) -> Problem:
     if not shards:
         raise InvalidInputError("network", "has no hidden unit that can be balanced")
     _check_fault_targets(scenario, len(shards))
-    specs = (build_sparse_shard_specs if graph.sparse else build_shard_specs)(graph, shards)
+    if runs_as_blocks(shards):
+        # Block runs build their layout from the graph: shards are their units only.
+        specs = [UnitShard(sid, units) for sid, units in enumerate(shards)]
+    else:
+        specs = (build_sparse_shard_specs if graph.sparse else build_shard_specs)(graph, shards)
     has_output = not (network.kind == "recurrent" and "W_out" not in network.weights)
     probe = probe_inputs(network) if has_output else None
     return Problem(scenario, network, graph, optimum, specs, probe)
@@ -419,7 +423,8 @@ class _Run:
         if not ray_clock:
             busy = getattr(runtime, "busy_seconds", 0.0)
             summary["unit_updates_per_second"] = counters.unit_updates / busy if busy else None
-        summary["shard_cost_bytes"] = [spec.cost_bytes for spec in problem.specs]
+        summary["shard_cost_bytes"] = (None if runs_as_blocks([s.units for s in problem.specs])
+                                       else [spec.cost_bytes for spec in problem.specs])
         for key, method in (("actor_resident_bytes", "resident_bytes"),
                             ("shard_nodes", "shard_nodes"), ("transport", "transport"),
                             ("crash_records", "crash_records")):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import InvalidInputError
@@ -44,3 +47,32 @@ def partition_units(graph: CostGraph, granularity: str = "shard", shards_per_lay
         shards += [piece for piece in np.array_split(layer, min(shards_per_layer, layer.size))
                    if piece.size] if layer.size else []
     return shards
+
+
+# Shards of fewer units than this on average run as shard blocks; larger ones (layer slices
+# of dense layers) run the per-shard engine, whose dense block products are faster there
+# (benchmarks/bench_blocks.py: 0.03 s against 0.3-2.8 s for 3-4 layer shards).
+BLOCK_UNITS_PER_SHARD = 8
+
+
+def runs_as_blocks(partition: Sequence[np.ndarray]) -> bool:
+    """Whether a partition runs as shard blocks: shards of a few units each (neurons)."""
+    units = sum(len(p) for p in partition)
+    return bool(len(partition)) and units < BLOCK_UNITS_PER_SHARD * len(partition)
+
+
+@dataclass(frozen=True, eq=False)
+class UnitShard:
+    """A shard known by its units only: all a block run needs (the block layout holds the
+    costs), so that 10^5 neuron shards cost no per-shard cost graphs."""
+
+    shard_id: int
+    units: np.ndarray
+
+    @property
+    def n_own(self) -> int:
+        return int(self.units.shape[0])
+
+    @property
+    def cost_bytes(self) -> None:
+        return None
