@@ -12,7 +12,8 @@ or from u = 0, anti-entropy re-sends. What changes is the bookkeeping:
   version rule), then every shard whose wake falls in the window moves, all in one array
   computation, on the view at the window's end. Send and delivery times stay exact; only the
   order of a wake and a delivery less than ``step`` apart can differ from the event-by-event
-  order. The default step is 1/5 of the shorter of the wake period and the mean delay.
+  order. The default step is 1/5 of the shorter of the wake period and the mean delay
+  (1/20 of the period without delays).
 - **Queue of arrays.** Messages in flight wait in a timing wheel: one bucket per window,
   each a list of array chunks (delivery times, links, versions, values), drawn as vectors from
   the scenario's seeded generator.
@@ -51,10 +52,13 @@ def uses_blocks(specs: Sequence[ShardSpec]) -> bool:
 
 
 def default_step(scenario: Scenario) -> float:
-    """1/5 of the shorter of the wake period and the mean delay (the period if no delay)."""
+    """1/5 of the shorter of the wake period and the mean delay; without delays, 1/20 of
+    the period (then only the order of wakes within a window differs from event by event,
+    and a message reaches a shard that wakes later in the window only across windows:
+    measured 36 time units to 1e-8 at 1/5 against 30 event by event, 32 at 1/20)."""
     period = scenario.wake.period
     mean = scenario.links.mean
-    return STEP_FRACTION * (min(period, mean) if mean > 0 else period)
+    return STEP_FRACTION * min(period, mean) if mean > 0 else period / 20.0
 
 
 def event_level(scenario: Scenario) -> str:
