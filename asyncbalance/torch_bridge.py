@@ -488,6 +488,9 @@ class TorchBalanceReport:
     function_change_float64: float | None
     factors: dict[str, torch.Tensor] = field(repr=False)
     originals: dict[str, torch.Tensor] = field(repr=False)
+    # A fingerprint of every rewritten tensor as balance_ left it: ``undo`` refuses to
+    # overwrite edits made since (see ``_fingerprint``).
+    balanced: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     @property
     def balanced_modules(self) -> tuple[str, ...]:
@@ -499,10 +502,18 @@ class TorchBalanceReport:
 
     @torch.no_grad()
     def undo(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             optimizer_state: str = "transform") -> None:
+             optimizer_state: str = "transform", force: bool = False) -> None:
         """Restore the parameters and buffers exactly as they were before ``balance_`` (and
-        the optimiser state by the inverse factors). A state that cannot be transformed is
-        refused before anything changes."""
+        the optimiser state by the inverse factors). A state that cannot be transformed, or
+        a rewritten tensor changed since ``balance_`` (unless ``force``), is refused before
+        anything changes."""
+        edited = [name for name, mark in self.balanced.items()
+                  if _fingerprint(_tensor(model, name)) != mark]
+        if edited and not force:
+            raise InvalidInputError("model", f"{', '.join(edited[:3])}"
+                                    f"{' and others' if len(edited) > 3 else ''} changed "
+                                    "since balance_ (a training step?); undo would overwrite "
+                                    "that change: pass force=True to restore anyway")
         plan = _plan_state(model, optimizer, {n: 1.0 / f for n, f in self.factors.items()},
                            optimizer_state)
         for name, value in self.originals.items():
@@ -713,7 +724,15 @@ def balance_(model: nn.Module, p: float | Regulariser = 2.0, *,
         model_cost_before=model_cost_before, model_cost_after=float(sum(param_costs.values())),
         max_log_imbalance=float(result.max_log_imbalance), iterations=result.iterations,
         seconds=time.perf_counter() - start, function_change=change,
-        function_change_float64=change64, factors=factors, originals=originals)
+        function_change_float64=change64, factors=factors, originals=originals,
+        balanced={name: _fingerprint(_tensor(model, name)) for name in originals})
+
+
+@torch.no_grad()
+def _fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
+    """Sum and norm of a tensor: any arithmetic edit changes them (a permutation of its
+    entries would not), at two passes over the data rather than a copy of it."""
+    return float(tensor.sum()), float(torch.linalg.vector_norm(tensor))
 
 
 def _float64_change(model: nn.Module, symmetry: Symmetry, example: tuple[torch.Tensor, ...],

@@ -437,3 +437,23 @@ def test_a_weight_also_read_outside_its_module_is_pinned() -> None:
     assert ("c", "Linear") in {(b.path, b.op) for b in report.boundaries}
     assert [g.name for g in report.groups] == ["a"]
     assert_rel(outputs(model, x), before, FUNCTION_RTOL, "outputs")
+
+
+def test_undo_refuses_to_overwrite_edits_made_after_balancing() -> None:
+    model, x = build("vgg")
+    before = state_copy(model)
+    report = balance_(model, p=2.0, example=x)
+    balanced = state_copy(model)
+    name = next(iter(report.originals))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].mul_(1.01)  # as a training step would
+    edited = state_copy(model)
+    with pytest.raises(InvalidInputError, match=f"{name} changed since balance_"):
+        report.undo(model)
+    # Refused before anything changed; with force the originals come back.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, edited[key]), key
+    report.undo(model, force=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert any(not torch.equal(balanced[k], before[k]) for k in before)

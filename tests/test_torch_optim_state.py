@@ -200,8 +200,9 @@ def test_undo_is_refused_before_anything_changes_too() -> None:
     optimizer.param_groups[0]["weight_decay"] = 0.1  # now underivable
     _step(model, optimizer, 0, False)
     balanced = state_copy(model)
+    # force: the step changed the weights on purpose; the state is what is refused here.
     with pytest.raises(InvalidInputError, match="weight_decay=0.1"):
-        report.undo(model, optimizer)
+        report.undo(model, optimizer, force=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, balanced[key]), key
 
