@@ -31,6 +31,8 @@ class BalanceReport:
     function_max_rel_error: float | None
     n_units: int
     dead_units: list[int]
+    # The same units by hidden group (layer) and index in it: ``{"group": name, "unit": i}``.
+    dead_units_named: list[dict]
     gauge: str
     gauge_components: list[list[int]]
     optimum_max_abs_log_scale_error: float | None
@@ -81,8 +83,19 @@ def balance_network(
         max_log_imbalance=result.max_log_imbalance, iterations=result.iterations,
         seconds=seconds, function_max_rel_error=error, n_units=graph.n_units,
         dead_units=[int(i) for i in np.nonzero(graph.dead)[0]],
+        dead_units_named=_named_units(graph, np.nonzero(graph.dead)[0]),
         gauge=("mean log-scale of each listed component fixed at 0 (R is flat along it)"
                if components else "none needed: every unit is tied to a visible unit"),
         gauge_components=[[int(i) for i in m] for m in components],
         optimum_max_abs_log_scale_error=distance)
     return balanced, result.log_scales, report
+
+
+def _named_units(graph, units: np.ndarray) -> list[dict]:
+    """Flat hidden-unit indices as (hidden group name, index within the group)."""
+    named = []
+    for unit in units.tolist():
+        g = graph.group_of(int(unit))
+        named.append({"group": graph.group_names[g], "unit": int(unit) -
+                      graph.group_ranges[g][0]})
+    return named

@@ -175,6 +175,11 @@ def test_dead_units_are_left_alone_and_listed(method: str, p: float) -> None:
     net, dead = _dead_net()
     balanced, u, report = balance_network(net, p, method=method, tol=SCHEDULE_TOL)
     assert report.dead_units == dead
+    # The same units by layer: h1 units 1 and 3, h2 unit 2 (built by hand above).
+    groups = [g.name for g in net.hidden_groups]
+    assert report.dead_units_named == [{"group": groups[0], "unit": 1},
+                                       {"group": groups[0], "unit": 3},
+                                       {"group": groups[1], "unit": 2}]
     assert np.all(u[dead] == 0.0)
     # A dead unit's own incoming row is only scaled by nothing (u = 0 at both ends for the
     # first layer): W1[1] and b1[1] stay zero, W1[3] and b1[3] are unchanged.
