@@ -68,3 +68,28 @@ def test_report_plot_names_are_the_ones_checked(tmp_path: Path) -> None:
     assert _run_cli(["report", str(tmp_path / "runs"), "-o", str(out)])[0] == 0
     for png in out.parent.glob("*.png"):
         assert png.name.startswith("r-") and png.name.endswith(PLOT_SUFFIXES), png.name
+
+
+def test_report_pairs_labels_by_seed_with_an_interval() -> None:
+    import math
+
+    from scipy import stats
+
+    from asyncbalance.training.report import Run, _paired_lines
+
+    def runs(label: str, accs: dict[int, float]) -> list[Run]:
+        return [Run(path=Path(f"{label}-{s}"), summary={"seed": s, "label": label,
+                                                         "test_accuracy": a}, rows=[])
+                for s, a in accs.items()]
+
+    base = {0: 0.80, 1: 0.82, 2: 0.78, 3: 0.81}
+    other = {0: 0.85, 1: 0.86, 2: 0.84, 3: 0.88, 9: 0.99}   # seed 9 has no partner
+    lines = _paired_lines({"a": runs("a", base), "b": runs("b", other)})
+    row = next(line for line in lines if line.startswith("| b |"))
+    d = [other[s] - base[s] for s in base]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    half = stats.t.ppf(0.975, 3) * sd / 2
+    assert f"| b | 4 | {100 * mean:+.2f} points [{100 * (mean - half):+.2f}, " \
+           f"{100 * (mean + half):+.2f}]" in row
+    assert row.endswith("| higher |")

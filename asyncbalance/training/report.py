@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..io import StagedFiles, atomic_write
+from ..study.stats import format_interval, paired_interval
 from .records import EPOCHS, SUMMARY, find_runs, read_epochs
 
 
@@ -21,6 +22,10 @@ class Run:
     path: Path
     summary: dict
     rows: list[dict]
+
+
+# The label of runs whose scenario names none (one arm of their own).
+UNLABELLED = "(no label)"
 
 
 def load_runs(paths: list[str]) -> list[Run]:
@@ -99,7 +104,7 @@ def group_runs(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
     configuration (a different epoch count, say) or that holds one seed twice."""
     grouped: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        grouped[run.summary.get("name", "?")][run.summary.get("label") or "default"].append(run)
+        grouped[run.summary.get("name", "?")][run.summary.get("label") or UNLABELLED].append(run)
     for name, groups in grouped.items():
         for label, group in groups.items():
             first = group[0]
@@ -233,6 +238,31 @@ def build_report(paths: list[str], output: str | Path) -> str:
     return text
 
 
+def _paired_lines(groups: dict[str, list[Run]]) -> list[str]:
+    """Each label against the first, paired by seed: final test accuracy differences with a
+    95 % Student-t interval over the seeds both have (a direction only when it excludes 0)."""
+    labels = sorted(groups)
+    if len(labels) < 2:
+        return []
+    base = labels[0]
+    by_seed = {label: {r.summary.get("seed"): r.summary["test_accuracy"]
+                       for r in groups[label]} for label in labels}
+    lines = [f"Paired by seed against `{base}` (final test accuracy, points):", "",
+             "| label | seeds paired | difference [95 % t interval] | reads |",
+             "|---|---|---|---|"]
+    for label in labels[1:]:
+        seeds = sorted(set(by_seed[label]) & set(by_seed[base]), key=str)
+        if not seeds:
+            lines.append(f"| {label} | 0 | – | no common seed |")
+            continue
+        iv = paired_interval([by_seed[label][k] for k in seeds],
+                             [by_seed[base][k] for k in seeds])
+        reads = ("higher" if iv.sign > 0 else "lower" if iv.sign < 0
+                 else "no detectable difference")
+        lines.append(f"| {label} | {len(seeds)} | {format_interval(iv)} | {reads} |")
+    return lines + [""]
+
+
 def _write_report(runs: list[Run], out: Path, staged: StagedFiles) -> str:
     lines = ["# Training report", "",
              f"{len(runs)} runs. Accuracies are percentages, mean ± sample std (n − 1) over "
@@ -263,6 +293,7 @@ def _write_report(runs: list[Run], out: Path, staged: StagedFiles) -> str:
                 f"{'–' if not align else f'{np.mean(align):.1f}'} | "
                 f"{'–' if not epoch_s else f'{np.mean(epoch_s):.2f}'} |")
         lines.append("")
+        lines += _paired_lines(groups)
         stem = f"{out.stem}-{_slug(name)}"
         figures = [
             (plot_metric(groups, "test_accuracy", "test accuracy (%)",
