@@ -255,3 +255,15 @@ def test_shipped_sweep_headers_count_their_runs() -> None:
         said = re.search(r"#\s*(\d+) runs", path.read_text())
         if said:
             assert int(said.group(1)) == len(load_scenarios(path)), path.name
+
+
+def test_a_large_sweep_reports_its_checking_progress(tmp_path: Path) -> None:
+    from asyncbalance.runtime.scenario import load_scenarios
+
+    # Checking a 10^5-point sweep takes ~20 s: `run` shows how far it got, every 1,000.
+    path = tmp_path / "sweep.toml"
+    path.write_text('name = "s"\n[sweep]\nseed = ' + str(list(range(2500))) + "\n")
+    seen: list[tuple[int, int]] = []
+    points = load_scenarios(path, (), lambda done, total: seen.append((done, total)))
+    assert len(points) == 2500
+    assert seen == [(0, 2500), (1000, 2500), (2000, 2500)]

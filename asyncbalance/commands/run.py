@@ -71,7 +71,11 @@ class _ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     check_scenario_command(args.scenario, "run")
-    points = load_scenarios(args.scenario, args.overrides)
+    checking = Progress("run", args.quiet)
+    points = load_scenarios(args.scenario, args.overrides,
+                            lambda done, total: checking.update(
+                                f"checking sweep point {done}/{total}", force=done == 0))
+    checking.close()
     for point in points:
         # Before anything is built: a scenario too large for this machine is refused.
         check_scenario_memory(point.scenario)

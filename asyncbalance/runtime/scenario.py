@@ -9,7 +9,7 @@ to lists turns a file into a grid of scenarios.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -313,16 +313,21 @@ class ScenarioPoint:
     base_dir: Path | None = None
 
 
-def load_scenarios(path: str | Path, overrides: Sequence[str] = ()) -> list[ScenarioPoint]:
+def load_scenarios(path: str | Path, overrides: Sequence[str] = (),
+                   progress: Callable[[int, int], None] | None = None) -> list[ScenarioPoint]:
     """Read a scenario file, apply ``--set`` overrides, expand the sweep and validate each point.
 
     Every point is validated before anything runs, so a mistake anywhere in a sweep is
-    reported before any output is written.
+    reported before any output is written. ``progress(done, total)`` is told how far the
+    validation got, every 1,000 points (a 10^5-point sweep takes ~20 s to check).
     """
     data = apply_overrides(load_toml(path), overrides)
     base_dir = Path(path).resolve().parent
+    raws = expand_sweep(data)
     points = []
-    for raw in expand_sweep(data):
+    for i, raw in enumerate(raws):
+        if progress is not None and i % 1000 == 0 and len(raws) > 1000:
+            progress(i, len(raws))
         sweep = raw.pop("_sweep_point", {})
         points.append(ScenarioPoint(from_mapping(Scenario, raw), sweep, base_dir))
     return points
