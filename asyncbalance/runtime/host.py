@@ -45,7 +45,7 @@ EPOCH_STRIDE = 1 << 20
 
 _WAKE, _DELIVER, _RELEASE, _CRASH, _RESTART = range(5)
 COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
-                 "stale")
+                 "stale", "superseded")
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,11 @@ class ShardHost:
         older = box.get(link)
         if older is not None:
             if older.version >= message.version:
-                return  # a duplicate, or overtaken by a newer state already waiting
+                # A duplicate, or overtaken by a newer state already waiting: counted, so
+                # that sent + duplicated = delivered + dropped + coalesced + superseded
+                # plus what is still on its way.
+                self.counters["superseded"] += 1
+                return
             self.counters["coalesced"] += 1
         box[link] = message
 
