@@ -265,10 +265,12 @@ class ShardBlock:
         differs = self.values[target] != new
         self.values[target] = new
         if differs.any():
-            counts = lay.link_slot_ptr[win_links + 1] - lay.link_slot_ptr[win_links]
-            link_changed = np.zeros(winners.shape[0], dtype=bool)
-            np.logical_or.at(link_changed, np.repeat(np.arange(winners.shape[0]), counts),
-                             differs)
+            if slots.shape[0] == winners.shape[0]:
+                link_changed = differs  # one slot per link (neuron shards)
+            else:
+                counts = lay.link_slot_ptr[win_links + 1] - lay.link_slot_ptr[win_links]
+                link_changed = np.bincount(np.repeat(np.arange(winners.shape[0]), counts),
+                                           differs, minlength=winners.shape[0]) > 0
             changed[winners[link_changed]] = True
             self.dirty[lay.link_dst[win_links[link_changed]]] = True
         return changed
