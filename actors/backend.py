@@ -26,9 +26,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncbalance.errors import InvalidInputError
 from asyncbalance.graph import CostGraph
-from asyncbalance.runtime.array_sim import default_step, event_level, link_mean_array
+from asyncbalance.runtime.array_sim import default_step, event_level
 from asyncbalance.runtime.block_host import COUNTER_NAMES as BLOCK_COUNTER_NAMES
-from asyncbalance.runtime.block_host import decode_checkpoint, zero_checkpoint
+from asyncbalance.runtime.block_host import decode_checkpoint
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.host import (
     COUNTER_NAMES,
@@ -37,7 +37,7 @@ from asyncbalance.runtime.host import (
     settings_for,
     split_by_shard,
 )
-from asyncbalance.runtime.layout import build_layout
+from asyncbalance.runtime.layout import count_edges
 from asyncbalance.runtime.scenario import Scenario
 from asyncbalance.runtime.shard import Shard, ShardSpec
 from asyncbalance.runtime.simulator import MessageCounters, rule_of
@@ -133,9 +133,11 @@ class RayBackend:
         self.scenario = scenario
         self.events = events
         # With the global cost graph the hosts run shard blocks (array frames between
-        # hosts); without it (training's reloads) they run the per-shard reference.
-        self.layout = (build_layout(graph, [spec.units for spec in self.specs])
-                       if graph is not None else None)
+        # hosts), each building its own part of the layout; without it (training's
+        # reloads) they run the per-shard reference.
+        self.graph = graph
+        self.graph_ref: Any = None
+        self.blocks = graph is not None
         cfg = scenario.ray
         self.time_unit = cfg.time_unit
         self.owns_ray = connect_ray(address or cfg.address or None,
@@ -157,7 +159,7 @@ class RayBackend:
             raise InvalidInputError("ray.placement", f"no node offers the resource(s) {missing}",
                                     offered or ["(this cluster offers no custom resources)"])
         n_hosts = plan_host_count(scenario, len(self.specs), float(resources.get("CPU", 0.0)),
-                                  None if self.layout is None else self.layout.n_links)
+                                  2 * count_edges(self.graph) if self.blocks else None)
         self.node_slots = _node_slots()
         self.shard_host = assign_hosts(self.specs, n_hosts)
         self.n_hosts = max(self.shard_host) + 1
@@ -165,7 +167,7 @@ class RayBackend:
                         for h in range(self.n_hosts)]
         self.rule = rule_of(scenario)
         # Block hosts draw their links' means from the layout (``link_mean_array``).
-        means = {} if self.layout is not None else link_means(scenario, self.specs)
+        means = {} if self.blocks else link_means(scenario, self.specs)
         paced = scenario.ray.clock == "paced"
         self.settings = [settings_for(scenario, means, members, paced)
                          for members in self.members]
@@ -214,20 +216,23 @@ class RayBackend:
 
     def _plan(self, host: int, members: list[int]) -> tuple:
         """What host ``host`` is set up with (shipped by reference)."""
-        if self.layout is None:
+        if not self.blocks:
             return ([self.specs[sid] for sid in members], self.shard_host, self.settings[host])
+        if self.graph_ref is None:
+            self.graph_ref = ray.put(self.graph)  # once, for every host
         scenario = self.scenario
-        return ("blocks", self.layout, np.asarray(self.shard_host, dtype=np.int64),
-                self.settings[host], link_mean_array(scenario, self.layout),
-                default_step(scenario), event_level(scenario))
+        return ("blocks", [self.graph_ref], [spec.units for spec in self.specs],
+                np.asarray(self.shard_host, dtype=np.int64), self.settings[host],
+                default_step(scenario), event_level(scenario),
+                (scenario.links.mean, scenario.links.heterogeneity, scenario.seed))
 
-    def _zero_checkpoints(self) -> dict[int, bytes]:
+    def _zero_checkpoints(self) -> dict[int, bytes | None]:
         """Every shard at u = 0 with an empty view: what a host lost before its first
-        checkpoint resumes from."""
-        if self.layout is None:
+        checkpoint resumes from (None for a block host: it starts its shards there)."""
+        if not self.blocks:
             return {s.shard_id: Shard(s, self.rule, self.scenario.links.resend_interval)
                     .checkpoint() for s in self.specs}
-        return {s.shard_id: zero_checkpoint(self.layout, s.shard_id) for s in self.specs}
+        return {s.shard_id: None for s in self.specs}
 
     def _create(self, host: int, cpus: float | None = None) -> Any:
         cfg = self.scenario.ray
@@ -448,9 +453,10 @@ class RayBackend:
 
     def _set_latest_from_saved(self, host: int) -> None:
         # Latest state of a lost host: what it resumed from.
-        if self.layout is not None:
+        if self.blocks:
             self.latest[host] = np.concatenate(
-                [decode_checkpoint(self.saved[sid])["own"] for sid in self.members[host]])
+                [np.zeros(self.specs[sid].n_own) if self.saved[sid] is None
+                 else decode_checkpoint(self.saved[sid])["own"] for sid in self.members[host]])
             return
         self.latest[host] = np.concatenate(
             [Shard.restore(self.specs[sid], self.rule, self.scenario.links.resend_interval, 0,
@@ -497,7 +503,7 @@ class RayBackend:
         """New costs for the same shards (training): every shard restarts at u = 0."""
         if [s.shard_id for s in specs] != [s.shard_id for s in self.specs]:
             raise ValueError("a reload must keep the shards")
-        if self.layout is not None:
+        if self.blocks:
             raise ValueError("hosts running shard blocks take no reloads")
         self.specs = list(specs)
         self.generation += 1

@@ -34,9 +34,11 @@ import numpy as np
 import ray
 
 from asyncbalance.errors import InvalidInputError
+from asyncbalance.runtime.array_sim import link_means_of
 from asyncbalance.runtime.block_host import BlockHost
 from asyncbalance.runtime.frames import decode_frame, encode_frame
 from asyncbalance.runtime.host import HostSettings, ShardHost
+from asyncbalance.runtime.layout import build_layout
 from asyncbalance.runtime.messages import decode_batch, encode_batch
 from asyncbalance.runtime.shard import ShardSpec
 
@@ -115,7 +117,11 @@ class HostActor:
         plan = await plan_box[0]
         blocks = plan[0] == "blocks"
         if blocks:
-            _, layout, shard_host, settings, link_mean, step, level = plan
+            _, graph_box, partition, shard_host, settings, step, level, delays = plan
+            # This host's part of the layout: its shards' terms, halo slots and in-links.
+            graph = await graph_box[0]
+            layout = build_layout(graph, partition, local=shard_host == self.host_id)
+            link_mean = link_means_of(layout, *delays)
         else:
             specs, shard_host, settings = plan
         self.settings: HostSettings = settings

@@ -24,13 +24,18 @@ SCENARIO = {
 }
 
 
-def _hosts(n_hosts: int, paced: bool = True, data: dict | None = None):
+def _hosts(n_hosts: int, paced: bool = True, data: dict | None = None, local: bool = True):
+    # Each host builds its own part of the layout (as on Ray), or all hosts share the whole.
     problem = prepare(scenario_from_mapping(data or SCENARIO))
-    layout = build_layout(problem.graph, [spec.units for spec in problem.specs])
+    partition = [spec.units for spec in problem.specs]
+    layout = build_layout(problem.graph, partition)
     shard_host = np.array(assign_hosts(problem.specs, n_hosts))
     s = problem.scenario
-    hosts = [BlockHost(h, layout, shard_host, settings_for(s, {}, paced=paced),
-                       link_mean_array(s, layout), default_step(s)) for h in range(n_hosts)]
+    hosts = []
+    for h in range(n_hosts):
+        own = build_layout(problem.graph, partition, shard_host == h) if local else layout
+        hosts.append(BlockHost(h, own, shard_host, settings_for(s, {}, paced=paced),
+                               link_mean_array(s, own), default_step(s)))
     return problem, layout, hosts
 
 
@@ -73,16 +78,17 @@ def test_a_neurons_change_leaves_once_per_destination_host() -> None:
         assert (hosts[src].routes.shard_host[frame.senders] == src).all()
         links, _ = hosts[dst].routes.links_to(frame.senders, dst)
         fanned += links.shape[0]
-        assert (hosts[dst].routes.shard_host[layout.link_dst[links]] == dst).all()
+        assert (hosts[dst].routes.shard_host[hosts[dst].layout.link_dst[links]] == dst).all()
     entries = sum(f.n_entries for _, _, f in frames)
     # A 20-wide dense layer: each entry feeds its neighbours on the other host (~20 of them).
     assert fanned >= 10 * entries
     assert sum(h.counters["frame_entries"] for h in hosts) == entries
 
 
+@pytest.mark.parametrize("local", [True, False])
 @pytest.mark.parametrize("paced", [True, False])
-def test_block_hosts_converge_to_the_optimum(paced: bool) -> None:
-    problem, layout, hosts = _hosts(3, paced=paced)
+def test_block_hosts_converge_to_the_optimum(paced: bool, local: bool) -> None:
+    problem, layout, hosts = _hosts(3, paced=paced, local=local)
     units = _run(problem, layout, hosts)
     assert np.abs(_gather(layout, hosts) - problem.optimum.log_scales).max() <= 1e-8
     # Every link message into a host was counted there, and none was lost.
@@ -197,3 +203,40 @@ def test_ten_thousand_neurons_on_ray_reach_the_optimum(tmp_path, ray_session) ->
     assert summary["converged"] and summary["max_abs_log_scale_error"] <= 1e-6
     assert summary["transport"]["hosts"] == 2 and summary["transport"]["calls"] > 0
     assert summary["function_max_rel_error"] <= 1e-12
+
+
+def test_a_hosts_part_of_the_layout_holds_only_what_it_reads() -> None:
+    problem, layout, hosts = _hosts(3)
+    for host in hosts:
+        part = host.layout
+        # Only links into this host's shards, each with the whole layout's slots and mean.
+        assert (host.routes.shard_host[part.link_dst] == host.host_id).all()
+        keys = part.link_src * layout.n_shards + part.link_dst
+        full = layout.link_src * layout.n_shards + layout.link_dst
+        at = np.searchsorted(full, keys)
+        assert (full[at] == keys).all()
+        np.testing.assert_array_equal(np.diff(part.link_slot_ptr),
+                                      np.diff(layout.link_slot_ptr)[at])
+        np.testing.assert_array_equal(host.link_mean, link_mean_array(problem.scenario,
+                                                                      layout)[at])
+        # Terms of its own units only.
+        mine = host.routes.shard_host[layout.shard_of_unit] == host.host_id
+        counts = np.diff(part.incoming.ptr)
+        assert (counts[~mine] == 0).all()
+        np.testing.assert_array_equal(counts[mine], np.diff(layout.incoming.ptr)[mine])
+    total = sum(h.layout.n_links for h in hosts)
+    assert total == layout.n_links
+
+
+def test_link_means_are_lognormal_per_link_and_the_same_on_every_host() -> None:
+    data = {**SCENARIO, "links": {"delay": "exponential", "mean": 0.5, "heterogeneity": 0.3},
+            "network": {"kind": "sparse_mlp", "sizes": [50, 500, 500, 10], "fan_in": 20,
+                        "seed": 1}}
+    problem, layout, hosts = _hosts(2, data=data)
+    means = link_mean_array(problem.scenario, layout)
+    # Mean-one factors of sigma 0.3: over ~2e4 links, the mean within 1 % of 0.5 and the
+    # log-spread within 3 % of 0.3.
+    assert layout.n_links > 15_000
+    assert abs(means.mean() - 0.5) < 0.005
+    assert abs(np.log(means).std() - 0.3) < 0.01
+    assert np.unique(means).shape[0] == layout.n_links

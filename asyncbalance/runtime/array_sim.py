@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import special
 
 from ..graph import CostGraph
 from .block_host import BlockHost
@@ -155,9 +156,30 @@ class ArraySimulator:
 
 def link_mean_array(scenario: Scenario, layout: BlockLayout) -> np.ndarray:
     """Mean delay of every link of ``layout``: a mean-one lognormal factor per directed link
-    (sigma ``links.heterogeneity``) drawn in link order from the scenario's seed."""
-    h = scenario.links.heterogeneity
-    factors = (np.random.default_rng(scenario.seed).lognormal(-0.5 * h * h, h,
-                                                              size=layout.n_links)
-               if h > 0 else np.ones(layout.n_links))
-    return scenario.links.mean * factors
+    (sigma ``links.heterogeneity``), a function of the seed and the link's two shards only,
+    so that every host's part of a layout draws the same mean for the same link."""
+    links = scenario.links
+    return link_means_of(layout, links.mean, links.heterogeneity, scenario.seed)
+
+
+def link_means_of(layout: BlockLayout, mean: float, heterogeneity: float,
+                  seed: int) -> np.ndarray:
+    """``link_mean_array`` from the three numbers it depends on."""
+    h = heterogeneity
+    if h <= 0:
+        return np.full(layout.n_links, mean)
+    key = (layout.link_src.astype(np.uint64) << np.uint64(32)) ^ \
+        layout.link_dst.astype(np.uint64)
+    uniform = (_splitmix64(key ^ _splitmix64(np.uint64(seed))) >> np.uint64(11)) \
+        .astype(np.float64) * 2.0 ** -53 + 2.0 ** -54
+    return mean * np.exp(-0.5 * h * h + h * special.ndtri(uniform))
+
+
+def _splitmix64(x: np.ndarray | np.uint64) -> np.ndarray:
+    """A counter-based mix of 64-bit integers (SplitMix64's finaliser): uniform bits from a
+    key, the same on every host and platform."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

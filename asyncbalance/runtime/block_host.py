@@ -70,6 +70,7 @@ class Routes:
     shard_host: np.ndarray
     pair_ptr: np.ndarray    # CSR over keys sender * n_hosts + host, into ``pair_links``
     pair_links: np.ndarray  # links sorted by (sender, host of receiver, receiver)
+    feeds_host: np.ndarray  # (shards, hosts): the shard has a neighbour on that host
 
     @classmethod
     def build(cls, layout: BlockLayout, shard_host: np.ndarray) -> Routes:
@@ -78,7 +79,12 @@ class Routes:
         keys = layout.link_src * n_hosts + shard_host[layout.link_dst]
         order = np.lexsort((layout.link_dst, keys))
         pair_ptr = np.searchsorted(keys[order], np.arange(layout.n_shards * n_hosts + 1))
-        return cls(n_hosts, shard_host, pair_ptr.astype(np.int64), order.astype(np.int64))
+        # Neighbourhood is symmetric: a receiver r of a link a -> r feeds a's host. So a
+        # host's own part of the layout (links into its shards) tells where its shards send.
+        feeds_host = np.zeros((layout.n_shards, n_hosts), dtype=bool)
+        feeds_host[layout.link_dst, shard_host[layout.link_src]] = True
+        return cls(n_hosts, shard_host, pair_ptr.astype(np.int64), order.astype(np.int64),
+                   feeds_host)
 
     def links_to(self, senders: np.ndarray, host: int) -> tuple[np.ndarray, np.ndarray]:
         """Links from each of ``senders`` to shards of ``host``, and the sender index of each."""
@@ -88,8 +94,7 @@ class Routes:
 
     def feeds(self, senders: np.ndarray, host: int) -> np.ndarray:
         """Whether each sender has a neighbour on ``host``."""
-        keys = senders * self.n_hosts + host
-        return self.pair_ptr[keys + 1] > self.pair_ptr[keys]
+        return self.feeds_host[senders, host]
 
 
 class BlockHost:

@@ -135,7 +135,8 @@ def host_bytes(c: BlockCounts) -> int:
     per_shard = I8 * 6 + B1 * 2  # shard_host, restarts, next_tick, wake_at, saved_time,
     #                              colour; local, alive
     pair_ptr = I8 * (c.shards * c.hosts + 1)
-    return saved_values + per_link * c.links + per_shard * c.shards + pair_ptr
+    feeds_host = B1 * c.shards * c.hosts  # which hosts each shard sends frames to
+    return saved_values + per_link * c.links + per_shard * c.shards + pair_ptr + feeds_host
 
 
 def array_bytes(c: BlockCounts, local: bool = False) -> int:

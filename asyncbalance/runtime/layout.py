@@ -136,6 +136,16 @@ class BlockLayout:
         return at
 
 
+def count_edges(graph: CostGraph) -> int:
+    """Hidden-to-hidden edges with a nonzero cost (each joins two units)."""
+    total = 0
+    for block in graph.blocks:
+        cost = sum(block.costs)
+        total += int(cost.count_nonzero() if hasattr(cost, "count_nonzero")
+                     else np.count_nonzero(cost))
+    return total
+
+
 def _edges(graph: CostGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every hidden-to-hidden edge with a nonzero cost: (dst, src, cost (T, E))."""
     dst, src, cost = [], [], []
@@ -162,8 +172,14 @@ def _edges(graph: CostGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.concatenate(cost, axis=1))
 
 
-def build_layout(graph: CostGraph, partition: Sequence[np.ndarray]) -> BlockLayout:
-    """The layout of ``partition`` (disjoint sorted arrays of live global unit ids)."""
+def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
+                 local: np.ndarray | None = None) -> BlockLayout:
+    """The layout of ``partition`` (disjoint sorted arrays of live global unit ids).
+
+    ``local`` (a mask over shards) builds a host's part only: the terms, halo slots and
+    links *into* its shards, which is all a host reads (it fans incoming entries out to its
+    own links) and what dominates memory; unit positions and shard ranges stay global.
+    """
     n_global = graph.n_units
     n_shards = len(partition)
     units = (np.concatenate([np.asarray(p, dtype=np.int64) for p in partition])
@@ -179,8 +195,11 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray]) -> BlockLayo
     powers = graph.powers.astype(np.float64)
 
     # Terms: (position of the owned unit, neighbour's global id, cost) for each direction.
+    kept = np.ones(n_shards, dtype=bool) if local is None else np.asarray(local, dtype=bool)
+
     def side(unit: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keep = pos_of[unit] >= 0
+        keep = owner[unit] >= 0
+        keep[keep] = kept[owner[unit[keep]]]
         pos, nb, k = pos_of[unit[keep]], other[keep], cost[:, keep]
         order = np.lexsort((nb, pos))
         return pos[order], nb[order], k[:, order]

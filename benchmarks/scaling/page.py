@@ -207,13 +207,15 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
              "(`entries_per_send`); each host sends every window one frame to each host holding a "
              "neighbour layer of its own (as the in-process hosts did; an upper bound for hosts "
              "that batch windows, as Ray's paced slices of up to 64 events do), each frame "
-             "costing a_f + a_ray. \"As built\" is the runtime today: every host holds the whole "
-             "network's layout and block. \"Host-local\" is what a host would hold with a layout "
-             "of its own shards and halos (not built).", "",
-             "| neurons | synapses | nodes | hosts | memory per host, as built | per node | fits "
-             "a node | memory per host, host-local | fits | CPU = wall per time unit per host |"
-             " share of it scanning windows | share of it in frames | wire bytes per time unit "
-             "per host | wall to 1e-8 (if the memory fits) |",
+             "costing a_f + a_ray. \"Whole layout\" is a host holding the whole network's "
+             "layout and block, as the measured points did (and as the simulator's single host "
+             "does). \"Host-local\" is what a Ray block host holds now: a layout of its own "
+             "shards' terms, halo slots and in-links (`build_layout(..., local=...)`); its "
+             "predicted bytes scale the counts by 1 / hosts and were not measured on Ray.", "",
+             "| neurons | synapses | nodes | hosts | memory per host, whole layout | per node "
+             "| fits a node | memory per host, host-local | fits | CPU = wall per time unit "
+             "per host | share of it scanning windows | share of it in frames | wire bytes "
+             "per time unit per host | wall to 1e-8 (if the memory fits) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in analysis["extrapolation"]:
         lines.append(
@@ -227,10 +229,10 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
             f"{fmt_bytes(r['wire_bytes_per_time_unit'])} | {fmt_seconds(r['wall_to_tol'])} |")
     biggest = max(analysis["extrapolation"], key=lambda r: r["synapses"])
     per_synapse = biggest["array_bytes_per_host"] / biggest["synapses"]
-    lines += ["", "Reading it: as built, memory per host does not fall with more nodes (each "
-              f"host holds the whole layout and block, {per_synapse:.0f} bytes per synapse), so "
+    lines += ["", "Reading it: with the whole layout, memory per host does not fall with more "
+              f"nodes ({per_synapse:.0f} bytes per synapse), so "
               f"{biggest['synapses']:.2g} synapses do not fit a node at any node count; "
-              "host-local layouts would divide it by the hosts. "
+              "host-local layouts, which Ray block hosts now build, divide it by the hosts. "
               "The CPU per host falls with the hosts' share of the link messages until the "
               "per-window scans of all shards (which every host pays in full) and the frame "
               "entries (which grow with the hosts a neuron's neighbours are spread over) "
@@ -251,7 +253,8 @@ def cluster_note(analysis: dict[str, Any], total_memory: float) -> str:
     per_host = model.resident_bytes(array_bytes(sparse_mlp_counts((25_000,) * 4, 133, 3)))
     return (f"- Not run: `scenarios/neurons_100k.toml` (10^5 neurons, 10^7 synapses) on Ray "
             f"over the 3-node local cluster (`actors.cluster`). Predicted {fmt_bytes(per_host)} "
-            f"per host as built, {fmt_bytes(3 * per_host)} for three hosts before the driver's "
+            f"per host with the whole layout, {fmt_bytes(3 * per_host)} for three hosts before "
+            "the driver's "
             f"network, cost graph, optimum and shard specs, on a machine of "
             f"{fmt_bytes(total_memory)} shared with other work (Ray's memory monitor kills a "
             "worker at 95 % of it, which it did to one 50 MB host of this benchmark).")
