@@ -42,8 +42,6 @@ from .scenario import Scenario
 from .shard import ShardSpec
 from .simulator import MessageCounters
 
-# Moves this small wait for the anti-entropy timer (the reference host's threshold).
-SEND_THRESHOLD = 1e-13
 STEP_FRACTION = 1.0 / 5.0
 
 
