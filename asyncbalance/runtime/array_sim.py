@@ -40,7 +40,7 @@ from .layout import BlockLayout, build_layout
 from .partition import runs_as_blocks
 from .scenario import Scenario
 from .shard import ShardSpec
-from .simulator import MessageCounters
+from .simulator import HostReadings
 
 STEP_FRACTION = 1.0 / 5.0
 
@@ -70,7 +70,7 @@ def event_level(scenario: Scenario) -> str:
     return str(level)
 
 
-class ArraySimulator:
+class ArraySimulator(HostReadings):
     """Runs a block host of every shard in simulated time; ``advance(until)`` plays up to
     ``until``."""
 
@@ -132,18 +132,6 @@ class ArraySimulator:
         lay = self.layout
         own = self.host.owned_log_scales()
         return [own[lay.unit_ptr[s]:lay.unit_ptr[s + 1]].copy() for s in range(lay.n_shards)]
-
-    def message_counters(self) -> MessageCounters:
-        c = self.host.counters
-        log = self.host.crash_log
-        return MessageCounters(
-            sent=c["sent"], delivered=c["delivered"], applied=c["applied"],
-            dropped=c["dropped"] + c["stale"], duplicated=c["duplicated"],
-            unit_updates=self.host.unit_updates(), crashes=len(log),
-            restarts=sum(r.restarted_at is not None for r in log))
-
-    def crash_records(self) -> list[dict]:
-        return [record.as_dict() for record in self.host.crash_log]
 
     def queue_length(self) -> int:
         return self.host.queue_length()

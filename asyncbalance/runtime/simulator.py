@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,26 @@ def rule_of(scenario: Scenario) -> Rule:
     return Rule(b.rule, b.alpha, b.eta)
 
 
-class Simulator:
+class HostReadings:
+    """Counters and crash records of a simulator that runs one host (``self.host``: a
+    ``ShardHost`` or a ``BlockHost``, which keep the same counters and crash log)."""
+
+    host: Any
+
+    def message_counters(self) -> MessageCounters:
+        c = self.host.counters
+        log = self.host.crash_log
+        return MessageCounters(
+            sent=c["sent"], delivered=c["delivered"], applied=c["applied"],
+            dropped=c["dropped"] + c["stale"], duplicated=c["duplicated"],
+            unit_updates=self.host.unit_updates(), crashes=len(log),
+            restarts=sum(r.restarted_at is not None for r in log))
+
+    def crash_records(self) -> list[dict]:
+        return [record.as_dict() for record in self.host.crash_log]
+
+
+class Simulator(HostReadings):
     """Runs the shards in simulated time; ``advance(until)`` plays every event up to ``until``."""
 
     name = "sim"
@@ -79,18 +99,6 @@ class Simulator:
         """Each owner's own log-scales; a shard that is down counts with what it restarts from."""
         owned = split_by_shard(self.specs, self.host.order, self.host.owned_log_scales())
         return [owned[spec.shard_id] for spec in self.specs]
-
-    def message_counters(self) -> MessageCounters:
-        c = self.host.counters
-        log = self.host.crash_log
-        return MessageCounters(
-            sent=c["sent"], delivered=c["delivered"], applied=c["applied"],
-            dropped=c["dropped"] + c["stale"], duplicated=c["duplicated"],
-            unit_updates=self.host.unit_updates(), crashes=len(log),
-            restarts=sum(r.restarted_at is not None for r in log))
-
-    def crash_records(self) -> list[dict]:
-        return [record.as_dict() for record in self.host.crash_log]
 
     def checkpoints(self) -> dict[int, bytes]:
         return dict(self.host.checkpoints)
