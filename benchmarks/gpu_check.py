@@ -13,7 +13,7 @@ timed and guarded (a failure is recorded and the next part runs):
    function check at the boundary <= 1e-12 on both;
 4. a 5-seed ensemble cell (784-256-10, batch 256, L1 partial balancing, 1 epoch) against the
    5 seeds one after another, on the device, side by side;
-5. ``balance_`` on a ResNet-18-style model (BasicBlocks 64-128-256-512 with BatchNorm, eval
+5. ``balance_`` on the CIFAR ResNet-18 of ``bench_torch_balance.py`` (BatchNorm drawn, eval
    mode) on the device: function change and time, against one forward+backward pass;
 6. the engine's optimum for an 8 x 4096 MLP (8 Linear layers 4096 -> 4096) whose weights live
    on the device: the engine is numpy-only, so the transfer (device -> float64 host arrays)
@@ -233,67 +233,21 @@ def ensemble_cell(args: argparse.Namespace, device) -> dict:
 
 # -- 5. balance_ on a ResNet-18-style model -------------------------------------------------
 
-def resnet18(n_out: int = 1000):
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c_out)
-            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c_out)
-            self.shortcut = nn.Sequential()
-            if stride != 1 or c_in != c_out:
-                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                              nn.BatchNorm2d(c_out))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-    class ResNet18(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn = nn.BatchNorm2d(64)
-            self.pool = nn.MaxPool2d(3, 2, 1)
-            widths = (64, 64, 128, 256, 512)
-            blocks = []
-            for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                blocks += [Block(c_in, c_out, 1 if i == 0 else 2), Block(c_out, c_out, 1)]
-            self.blocks = nn.Sequential(*blocks)
-            self.head = nn.Linear(512, n_out)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.pool(torch.relu(self.bn(self.stem(x))))
-            x = self.blocks(x)
-            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-    return ResNet18()
-
-
 def resnet_balance(args: argparse.Namespace, device) -> dict:
     import torch
 
+    # The ResNet-18 of benchmarks/bench_torch_balance.py (BatchNorm drawn away from its
+    # defaults, eval mode), so that the GPU figures compare with BENCHMARKS.md's CPU ones.
+    from bench_torch_balance import trained_like_resnet18
+
     from asyncbalance.torch_bridge import balance_
 
-    torch.manual_seed(0)
-    model = resnet18().to(device)
-    with torch.no_grad():  # BatchNorm statistics away from the identity, as after training
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.1)
-    model.eval()
+    model = trained_like_resnet18(0).to(device)
     side, batch = (224, 16) if device.type == "cuda" else (64, 4)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, side, side, generator=generator).to(device)
     probe = torch.randn(batch, 3, side, side, generator=generator).to(device)
-    target = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    target = torch.randint(0, 10, (batch,), generator=generator).to(device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
