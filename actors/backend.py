@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -65,6 +66,28 @@ PENDING_SECONDS = 5.0
 # Even a run whose wall budget is spent gives a lost host this long, so that its last
 # sample can include it when it comes back quickly.
 MIN_RECOVERY_SECONDS = 2.0
+# A process Ray is restarting refuses calls for a moment: ask it again after this long.
+RETRY_SECONDS = 0.05
+
+
+@dataclass
+class _Recovery:
+    """A lost host on its way back, stepped from the sampling loop and never waited on.
+
+    ``loss`` is its entry of ``transport.host_losses``, completed when the recovery ends;
+    ``setup`` the pending ``setup`` call on the restarted or replacement actor (checked with
+    ``ray.wait(timeout=0)``); times are ``time.perf_counter`` seconds.
+    """
+
+    loss: dict[str, Any]
+    state: dict[int, bytes | None]
+    deadline: float
+    window: float
+    shared: bool = False  # whether the host now runs without reserved CPUs
+    setup: Any = None
+    issued_at: float = 0.0
+    retry_at: float = 0.0
+    unreachable_since: float | None = None
 
 
 def connect_ray(address: str | None, field: str = "--address") -> bool:
@@ -184,6 +207,11 @@ class RayBackend:
         self.addresses = {h: tuple(a) for h, a in enumerate(replies) if a is not None}
         if self.addresses:
             ray.get([a.connect.remote(self.peers, self.addresses) for a in self.actors])
+        self.abandoned: set[int] = set()  # lost hosts that could not be brought back
+        self.recovering: dict[int, _Recovery] = {}
+        # Ray polls not answered yet, with when they were made: a host that answers late is
+        # taken at a later sample, one silent for PENDING_SECONDS is lost.
+        self.pending_polls: dict[int, tuple[Any, float]] = {}
         self.monitors: dict[int, MonitorClient] = {}
         # Per monitor link, the log-scales its replies add up to (a reply may be a delta).
         self.monitored: dict[int, np.ndarray] = {}
@@ -203,8 +231,7 @@ class RayBackend:
         self.retired_updates = 0
         self.crash_logs: list[list[dict]] = [[] for _ in range(self.n_hosts)]
         self.retired_crash_logs: list[dict] = []
-        self.host_losses: list[dict] = []
-        self.abandoned: set[int] = set()  # lost hosts that could not be brought back
+        self.host_losses: list[dict] = []  # ended recoveries (pending ones: ``recovering``)
         self._recovery_window = RECOVERY_SECONDS
         self.queue_max = [0] * self.n_hosts
         self.resident: list[int | None] = [None] * self.n_hosts
@@ -269,13 +296,23 @@ class RayBackend:
         if remaining > 0:
             # The driver only watches: the shards balance in their own processes meanwhile.
             time.sleep(remaining)
-        self._poll()
+        # A host slower than one sampling interval is taken at a later sample: the live
+        # hosts' samples keep their pace while one is lost or being brought back.
+        self._poll(wait=self.scenario.ray.sample_seconds)
         return self.elapsed()
 
+    def _active_hosts(self) -> list[int]:
+        """Hosts that run: neither being brought back nor given up."""
+        return [h for h in range(self.n_hosts)
+                if h not in self.recovering and h not in self.abandoned]
+
     def _open_monitors(self) -> None:
-        """A monitor link to every host that listens and has none (stream links only)."""
+        """A monitor link to every active host that listens and has none (stream links
+        only); not to one whose Ray poll is unanswered (it may be gone: a connect to a dead
+        node waits for the link's timeout)."""
         for host, address in self.addresses.items():
-            if host not in self.monitors:
+            if host not in self.monitors and host not in self.pending_polls and \
+                    host not in self.recovering and host not in self.abandoned:
                 try:
                     self.monitors[host] = MonitorClient(address, self.token)
                 except OSError:
@@ -287,21 +324,22 @@ class RayBackend:
         if monitor is not None:
             monitor.close()
 
-    def _fast_poll(self) -> bool:
-        """Each host's log-scales and counters over the monitor links; False (and nothing
-        taken) if any link fails or a host answers empty (restarted: ``poll`` resumes it)."""
+    def _fast_poll(self, hosts: list[int]) -> bool:
+        """Each of ``hosts``' log-scales and counters over the monitor links; False (and
+        nothing taken) if any link fails or a host answers empty (restarted: ``poll`` finds
+        it)."""
         try:
-            for host in range(self.n_hosts):
+            for host in hosts:
                 self.monitors[host].request()
             replies = [msgpack.unpackb(self.monitors[host].reply(), raw=False)
-                       for host in range(self.n_hosts)]
+                       for host in hosts]
         except (OSError, ValueError, msgpack.UnpackException):
             for host in list(self.monitors):
                 self._close_monitor(host)
             return False
         if any(reply.get("log_scales") is None and "delta" not in reply for reply in replies):
             return False
-        for host, reply in enumerate(replies):
+        for host, reply in zip(hosts, replies, strict=True):
             if "delta" in reply:
                 # Only what changed since this link's previous reply, applied to that reply.
                 index, values = reply["delta"]
@@ -313,30 +351,48 @@ class RayBackend:
             self._absorb_sample(host, reply)
         return True
 
-    def _poll(self) -> None:
+    def _poll(self, wait: float) -> None:
+        """Sample the active hosts (waiting at most ``wait`` s for Ray polls), then take one
+        step of every recovery in progress."""
+        self._sample_hosts(wait)
+        for host in list(self.recovering):
+            self._step_recovery(host)
+
+    def _sample_hosts(self, wait: float) -> None:
         every = max(self.scenario.ray.checkpoint_seconds, 0.0)
         now = time.perf_counter()
         with_checkpoints = now - self.last_checkpoint_poll >= every
+        active = self._active_hosts()
         if not with_checkpoints and now - self.last_full_poll < FULL_POLL_SECONDS and \
-                len(self.monitors) == self.n_hosts and self._fast_poll():
+                all(h in self.monitors for h in active) and self._fast_poll(active):
             return
         self.last_full_poll = now
         if with_checkpoints:
             self.last_checkpoint_poll = now
-        live = [h for h in range(self.n_hosts) if h not in self.abandoned]
-        refs = {h: self.actors[h].poll.remote(with_checkpoints) for h in live}
+        for host in active:
+            # One poll per host at a time (a late reply is taken, in order, when it comes).
+            if host not in self.pending_polls:
+                self.pending_polls[host] = (self.actors[host].poll.remote(with_checkpoints),
+                                            now)
+        refs = [ref for ref, _ in self.pending_polls.values()]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=max(wait, 0.0))[0]) \
+            if refs else set()
         fresh: dict[int, bytes] = {}
-        for host, ref in refs.items():
+        for host, (ref, asked_at) in list(self.pending_polls.items()):
+            if ref not in ready:
+                if time.perf_counter() - asked_at >= PENDING_SECONDS:
+                    # Unanswered this long: its process is being restarted where no CPU is
+                    # free, or its node is gone (declared dead only after ~15 s).
+                    self._lose(host)
+                continue
+            del self.pending_polls[host]
             try:
-                # Bounded: a host whose process is being restarted where no CPU is free
-                # would otherwise keep this call (and the run) waiting for ever.
-                reply = ray.get(ref, timeout=PENDING_SECONDS)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
-                    ray.exceptions.GetTimeoutError):
+                reply = ray.get(ref)  # ready: returns at once
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
                 reply = {"log_scales": None}
             if reply["log_scales"] is None:
                 # Its process or node died (or Ray already restarted it, empty): resume it.
-                self._recover(host)
+                self._lose(host)
                 continue
             fresh.update(self._absorb(host, reply))
         if fresh and self.checkpoint_sink is not None:
@@ -371,9 +427,16 @@ class RayBackend:
             self.events.write(*record)
         return checkpoints
 
-    def _recover(self, host: int) -> None:
-        """A host process is gone: count it, then resume its shards from saved checkpoints."""
+    def _lose(self, host: int) -> None:
+        """A host process is gone: count it and start bringing it back (``_step_recovery``).
+
+        Until it is back its shards count with the checkpoints it resumes from, as a shard
+        that is down does in the simulators; the ``crash`` events now and the ``restart``
+        events when it is back say when they were down.
+        """
         lost_at = self.elapsed()
+        self.pending_polls.pop(host, None)
+        self._close_monitor(host)
         for name, value in self.current[host].items():
             self.retired[name] += value
         self.current[host] = dict.fromkeys(self.current[host], 0)
@@ -387,69 +450,93 @@ class RayBackend:
             self.restarts[sid] += self.crashes_per_shard[sid] + 1
         for sid in members:
             self.events.write("crash", lost_at * self.time_unit, sid)
-        state = {sid: self.saved[sid] for sid in members}
+        self._set_latest_from_saved(host)
         deadline = self._recovery_deadline()
-        shared = False  # whether the host now runs without reserved CPUs
-        address = None
-        resumed = False
-        unreachable_since: float | None = None
-        while (left := deadline - time.perf_counter()) > 0:
-            try:
-                address = ray.get(self.actors[host].setup.remote(
-                    [self.plan_refs[host]], self.peers, self.addresses, self.origin,
-                    self.generation, state, {sid: self.restarts[sid] for sid in members}),
-                    timeout=min(left, PENDING_SECONDS))
-                resumed = True
-                break
-            except ray.exceptions.GetTimeoutError:
-                # Still pending: its restart or replacement waits for CPUs that no live
-                # node has free. One that reserves none can be placed at once.
-                if self.scenario.ray.actor_cpus > 0 and not shared:
-                    shared = True
-                    self._replace(host, cpus=0.0)
-            except ray.exceptions.ActorUnavailableError:
-                # Restarting a process takes a moment; setup is idempotent, so ask again.
-                # Unreachable for longer, its node is most likely gone, which the control
-                # store declares only after its health checks fail (~15 s): replace it now.
-                now = time.perf_counter()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since < PENDING_SECONDS:
-                    time.sleep(0.05)
-                    continue
-                unreachable_since = None
-                shared = shared or not self._cpus_free(self.scenario.ray.actor_cpus)
-                self._replace(host, cpus=0.0 if shared else None)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
-                # Restarts used up, or its node is gone: a fresh actor takes the host over,
-                # reserving CPUs only where one is free.
-                shared = shared or not self._cpus_free(self.scenario.ray.actor_cpus)
-                self._replace(host, cpus=0.0 if shared else None)
-        self._close_monitor(host)
         loss = {"host": host, "shards": len(members), "lost_at": lost_at,
                 "resumed_at": None, "real_down_for": None,
-                "cpus": 0.0 if shared else self.scenario.ray.actor_cpus}
-        if not resumed:
+                "cpus": self.scenario.ray.actor_cpus, "outcome": "pending"}
+        self.recovering[host] = _Recovery(loss, {sid: self.saved[sid] for sid in members},
+                                          deadline, self._recovery_window)
+
+    def _step_recovery(self, host: int) -> None:
+        """One step of bringing ``host`` back; nothing here waits on the host."""
+        recovery = self.recovering[host]
+        now = time.perf_counter()
+        members = self.members[host]
+        if recovery.setup is None and now >= recovery.retry_at and now < recovery.deadline:
+            recovery.setup = self.actors[host].setup.remote(
+                [self.plan_refs[host]], self.peers, self.addresses, self.origin,
+                self.generation, recovery.state, {sid: self.restarts[sid] for sid in members})
+            recovery.issued_at = now
+        if recovery.setup is not None:
+            ready, _ = ray.wait([recovery.setup], timeout=0)
+            if ready:
+                ref, recovery.setup = recovery.setup, None
+                try:
+                    address = ray.get(ref)  # ready: returns at once
+                except ray.exceptions.ActorUnavailableError:
+                    # Restarting a process takes a moment; setup is idempotent, so ask
+                    # again. Unreachable for longer, its node is most likely gone, which
+                    # the control store declares only after its health checks fail
+                    # (~15 s): replace it now.
+                    if recovery.unreachable_since is None:
+                        recovery.unreachable_since = now
+                    if now - recovery.unreachable_since < PENDING_SECONDS:
+                        recovery.retry_at = now + RETRY_SECONDS
+                    else:
+                        recovery.unreachable_since = None
+                        self._replace_lost(host, recovery)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+                    # Restarts used up, or its node is gone: a fresh actor takes it over.
+                    self._replace_lost(host, recovery)
+                else:
+                    self._resumed(host, recovery, address)
+                    return
+            elif now - recovery.issued_at >= PENDING_SECONDS and \
+                    self.scenario.ray.actor_cpus > 0 and not recovery.shared:
+                # Still pending: its restart or replacement waits for CPUs that no live
+                # node has free. One that reserves none can be placed at once.
+                recovery.shared = True
+                recovery.setup = None
+                self._replace(host, cpus=0.0)
+        if now >= recovery.deadline:
             # Not back by the deadline: the run goes on without it (its shards keep their
             # checkpointed values) and the record says so; it ends at its wall budget.
-            self.abandoned.add(host)
-            loss["outcome"] = (f"not resumed within {self._recovery_window:.0f} s "
-                               "(no live node could place a replacement host)")
-            self.host_losses.append(loss)
-            self._set_latest_from_saved(host)
-            return
+            self._give_up(host, f"not resumed within {recovery.window:.0f} s "
+                                "(no live node could place a replacement host)")
+
+    def _replace_lost(self, host: int, recovery: _Recovery) -> None:
+        """A fresh actor for a lost host, reserving CPUs only where one is free."""
+        recovery.shared = recovery.shared or \
+            not self._cpus_free(self.scenario.ray.actor_cpus)
+        self._replace(host, cpus=0.0 if recovery.shared else None)
+
+    def _resumed(self, host: int, recovery: _Recovery, address: Any) -> None:
+        del self.recovering[host]
         if address is not None:
             # A restarted process listens on a new port: every host must dial it there.
             self.addresses[host] = tuple(address)
-            self._tell_hosts(lambda a: a.connect.remote(self.peers, self.addresses))
+        # Every host, the resumed one included: a host replaced while it was being set up
+        # (or this one's new address) is not in what the others were last told.
+        self._tell_hosts(lambda a: a.connect.remote(self.peers, self.addresses))
         back_at = self.elapsed()
-        for sid in members:
+        for sid in self.members[host]:
             self.events.write("restart", back_at * self.time_unit, sid, "checkpoint",
                               self.restarts[sid])
-        loss.update(resumed_at=back_at, real_down_for=back_at - lost_at,
+        loss = recovery.loss
+        loss.update(resumed_at=back_at, real_down_for=back_at - loss["lost_at"],
+                    cpus=0.0 if recovery.shared else self.scenario.ray.actor_cpus,
                     outcome="resumed from checkpoints" + (
-                        " on a shared CPU (no CPU was free)" if shared else ""))
+                        " on a shared CPU (no CPU was free)" if recovery.shared else ""))
         self.host_losses.append(loss)
-        self._set_latest_from_saved(host)
+
+    def _give_up(self, host: int, outcome: str) -> None:
+        """``host`` stays out for the rest of the run, its shards at their checkpoints."""
+        recovery = self.recovering.pop(host)
+        self.abandoned.add(host)
+        recovery.loss.update(outcome=outcome,
+                             cpus=0.0 if recovery.shared else self.scenario.ray.actor_cpus)
+        self.host_losses.append(recovery.loss)
 
     def _set_latest_from_saved(self, host: int) -> None:
         # Latest state of a lost host: what it resumed from.
@@ -471,22 +558,17 @@ class RayBackend:
         self._recovery_window = deadline - now
         return deadline
 
-    def _wait_seconds(self, at_most: float) -> float:
-        """How long a call to a host may take: ``at_most``, less near the end of the run."""
-        run_end = self.started + self.scenario.stop.max_wall_seconds
-        return max(min(at_most, run_end - time.perf_counter()), MIN_RECOVERY_SECONDS)
-
     def _cpus_free(self, cpus: float) -> bool:
         """Whether the cluster has ``cpus`` CPUs unreserved now (0 always fits)."""
         return cpus <= 0 or float(ray.available_resources().get("CPU", 0.0)) + 1e-9 >= cpus
 
     def _tell_hosts(self, call: Callable[[Any], Any], skip: int | None = None) -> None:
-        """Make ``call`` on every live host, bounded: one that does not answer is lost and is
-        recovered at the next poll."""
-        refs = [call(a) for h, a in enumerate(self.actors)
-                if h != skip and h not in self.abandoned]
+        """Make ``call`` on every active host, waiting at most one sampling interval: the
+        answers are not needed (a host's calls run in the order made), and one that does not
+        answer is found lost by its polls."""
+        refs = [call(self.actors[h]) for h in self._active_hosts() if h != skip]
         with contextlib.suppress(ray.exceptions.RayError):
-            ray.wait(refs, num_returns=len(refs), timeout=self._wait_seconds(PENDING_SECONDS))
+            ray.wait(refs, num_returns=len(refs), timeout=self.scenario.ray.sample_seconds)
 
     def _replace(self, host: int, cpus: float | None = None) -> None:
         """A fresh actor for ``host``; ``cpus`` overrides ``ray.actor_cpus`` (0: shared)."""
@@ -530,10 +612,15 @@ class RayBackend:
             sent=total["sent"], delivered=total["delivered"], applied=total["applied"],
             dropped=total["dropped"] + total["stale"], duplicated=total["duplicated"],
             unit_updates=self.retired_updates + sum(self.updates),
-            crashes=len(crashes) + sum(loss["shards"] for loss in self.host_losses),
+            crashes=len(crashes) + sum(loss["shards"] for loss in self._losses()),
             restarts=sum(r["restarted_at"] is not None for r in crashes)
             + sum(loss["shards"] for loss in self.host_losses
                   if loss["resumed_at"] is not None))
+
+    def _losses(self) -> list[dict]:
+        """Every host loss: ended ones, then those still being recovered (outcome
+        ``pending``; only a record written while the run goes on shows one)."""
+        return list(self.host_losses) + [dict(r.loss) for r in self.recovering.values()]
 
     def crash_records(self) -> list[dict]:
         return self.retired_crash_logs + [r for log in self.crash_logs for r in log]
@@ -551,7 +638,7 @@ class RayBackend:
         return {**total, "transport": self.scenario.ray.transport, "hosts": self.n_hosts,
                 "host_of_shard": list(self.shard_host),
                 "max_host_queue": max(self.queue_max) if self.queue_max else 0,
-                "host_losses": list(self.host_losses)}
+                "host_losses": self._losses()}
 
     def checkpoints(self) -> dict[int, bytes]:
         return dict(self.saved)
@@ -567,17 +654,26 @@ class RayBackend:
     def final_poll(self) -> None:
         """A Ray ``poll`` now, for the run's last sample: the events and crash logs since the
         last one come only with it, and the counters of the same moment with them, so that
-        the event log and the record's counters agree."""
+        the event log and the record's counters agree. Bounded like every wait on a host;
+        a recovery in progress takes one step, as at any sample."""
         self.last_full_poll = -np.inf
-        self._poll()
+        self._poll(wait=PENDING_SECONDS)
 
     def close(self) -> None:
+        """Stop the hosts; a recovery still in progress ends here, recorded as not resumed."""
+        for host in list(getattr(self, "recovering", {})):
+            down = (self.elapsed() - self.recovering[host].loss["lost_at"]) * self.time_unit
+            self._give_up(host, f"not resumed: the run ended {down:.1f} s after the loss, "
+                                "before its replacement host was back")
         actors = [a for a in getattr(self, "actors", []) if a is not None]
+        # A host given up on may never have been placed: a call to it would wait in vain.
+        running = [a for h, a in enumerate(getattr(self, "actors", []))
+                   if a is not None and h not in getattr(self, "abandoned", ())]
         for host in list(getattr(self, "monitors", {})):
             self._close_monitor(host)
         try:
             with contextlib.suppress(ray.exceptions.RayError):
-                ray.get([a.stop.remote() for a in actors], timeout=10)
+                ray.get([a.stop.remote() for a in running], timeout=10)
         finally:
             for actor in actors:
                 with contextlib.suppress(ray.exceptions.RayError):
