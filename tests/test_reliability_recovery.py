@@ -1,0 +1,121 @@
+"""A lost host whose replacement can never be placed: the run still ends, on time, with a
+record that says so.
+
+One of two hosts is killed for good (``max_restarts = 0``) at the run's third sample, and
+from then on every host the driver starts asks for a node resource that no node offers (the
+hosts of the run itself were placed before that), so Ray keeps the replacement pending for
+ever. The driver keeps sampling the live host meanwhile, gives the lost one up at its
+recovery deadline (shortened here to 2 s), and the run ends at ``stop.max_wall_seconds``
+with exit status 1 (ran, did not converge), ``summary.json`` complete and the loss recorded
+as not resumed. In process, on the session's Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+MAX_WALL_SECONDS = 5.0
+RECOVERY_SECONDS = 2.0
+TIME_UNIT = 0.05
+SAMPLE_SECONDS = 0.1
+# As in test_reliability_node_loss: at most two intervals of the loop's own waits, the rest
+# slack for 2 shared cores; a recovery that blocked the sampling would pause it for the whole
+# recovery window (2 s).
+MAX_SAMPLE_GAP_SECONDS = 1.5
+# Start-up of two hosts, the wall budget, closing and writing the record, with room for a
+# loaded machine: a hang (a wait on the unplaceable host) would exceed it.
+WITHIN_SECONDS = 45.0
+
+SCENARIO = f"""
+name = "unplaceable"
+seed = 1
+backend = "ray"
+[network]
+kind = "mlp"
+sizes = [6, 10, 10, 10, 3]
+unit_spread = 1.0
+seed = 3
+[partition]
+granularity = "shard"
+shards_per_layer = 2
+[links]
+delay = "exponential"
+mean = 0.5
+[stop]
+tol = 1e-8
+max_wall_seconds = {MAX_WALL_SECONDS}
+function_check = "final"
+[ray]
+time_unit = {TIME_UNIT}
+sample_seconds = {SAMPLE_SECONDS}
+hosts = 2
+max_restarts = 0
+"""
+
+ABSENT_RESOURCE = "asyncbalance_no_node_offers_this"
+
+
+def test_a_host_that_can_never_be_placed_again_is_given_up_at_its_deadline(
+        tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import ray
+
+    from actors import backend as backend_module
+    from asyncbalance.cli import main
+
+    monkeypatch.setattr(backend_module, "RECOVERY_SECONDS", RECOVERY_SECONDS)
+    monkeypatch.setattr(backend_module, "MIN_RECOVERY_SECONDS", 1.0)
+    build = backend_module.RayBackend._build
+    advance = backend_module.RayBackend.advance
+    killed: dict[str, float] = {}
+
+    def build_then_lose_the_resource(self, cfg) -> None:
+        build(self, cfg)
+        # From now on a host is placed only on a node offering ABSENT_RESOURCE: none does.
+        pinned = dataclasses.replace(self.scenario.ray, placement=(ABSENT_RESOURCE,))
+        self.scenario = dataclasses.replace(self.scenario, ray=pinned)
+
+    def advance_and_kill_host_0_at_the_third_sample(self, until: float) -> float:
+        killed["calls"] = killed.get("calls", 0) + 1
+        if killed["calls"] == 3:
+            killed["at"] = self.elapsed() * TIME_UNIT
+            ray.kill(self.actors[0], no_restart=True)
+        return advance(self, until)
+
+    monkeypatch.setattr(backend_module.RayBackend, "_build", build_then_lose_the_resource)
+    monkeypatch.setattr(backend_module.RayBackend, "advance",
+                        advance_and_kill_host_0_at_the_third_sample)
+    scenario = tmp_path / "unplaceable.toml"
+    scenario.write_text(SCENARIO)
+    out = tmp_path / "run"
+    began = time.perf_counter()
+    code = main(["run", str(scenario), "--out", str(out), "--quiet"])
+    seconds = time.perf_counter() - began
+    capsys.readouterr()
+    assert seconds <= WITHIN_SECONDS, seconds
+    assert code == 1, code  # documented: 1 = ran but did not converge
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["stop_reason"] == "max_wall_seconds"
+    losses = summary["transport"]["host_losses"]
+    assert [loss["host"] for loss in losses] == [0], losses
+    loss = losses[0]
+    assert loss["resumed_at"] is None and loss["real_down_for"] is None, loss
+    # The window: RECOVERY_SECONDS, as the wall budget was far from spent at the loss.
+    assert loss["outcome"] == ("not resumed within 2 s (no live node could place a "
+                               "replacement host)"), loss["outcome"]
+    assert abs(loss["lost_at"] * TIME_UNIT - killed["at"]) <= 1.5, (loss, killed)
+    assert summary["crashes"] == loss["shards"] and summary["restarts"] == 0, summary
+    assert not summary["converged"]
+    # The live host was sampled throughout, the lost one's pending replacement included.
+    with open(out / "trace.csv", newline="") as handle:
+        times = [float(row[0]) * TIME_UNIT for row in list(csv.reader(handle))[1:]]
+    gaps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+    assert max(gaps) <= MAX_SAMPLE_GAP_SECONDS, max(gaps)
+    assert times[-1] - loss["lost_at"] * TIME_UNIT > RECOVERY_SECONDS
