@@ -7,7 +7,8 @@ its host cannot be placed again with a CPU of its own. Before the fix the driver
 that placement for ever (``summary.json`` stayed ``running``). Now the lost host is replaced
 by one that reserves no CPU (it shares a core) or, failing that, the run goes on without it
 and stops at ``stop.max_wall_seconds``; either way the record's ``transport.host_losses``
-says which host was lost, when, and how it ended.
+says which host was lost, when, and how it ended. The driver keeps sampling the live hosts
+while the lost one is brought back (no pause over ``MAX_SAMPLE_GAP_SECONDS``).
 
 The cluster runs in a subprocess (``python -m actors.cluster``), killed as a whole if it
 outlives its bound.
