@@ -324,10 +324,11 @@ class RayBackend:
         if monitor is not None:
             monitor.close()
 
-    def _fast_poll(self, hosts: list[int]) -> bool:
-        """Each of ``hosts``' log-scales and counters over the monitor links; False (and
-        nothing taken) if any link fails or a host answers empty (restarted: ``poll`` finds
-        it)."""
+    def _fast_poll(self, hosts: list[int] | None = None) -> bool:
+        """Each of ``hosts``' (default: the active hosts') log-scales and counters over the
+        monitor links; False (and nothing taken) if any link fails or a host answers empty
+        (restarted: ``poll`` finds it)."""
+        hosts = self._active_hosts() if hosts is None else hosts
         try:
             for host in hosts:
                 self.monitors[host].request()
