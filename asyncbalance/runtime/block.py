@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels
+from . import block_loops
 from .layout import BlockLayout, expand_ranges
 from .shard import Rule
 
@@ -189,6 +190,8 @@ class ShardBlock:
         if m == 0:
             empty = np.zeros(0, dtype=bool)
             return empty, empty
+        if block_loops.COMPILED:
+            return self.deliver_from(links, versions, values, value_ptr[:-1], times)
         # Deliveries on a link that occurs once are independent of the order (the common
         # case); only the others need sorting.
         index = np.arange(m)
@@ -207,6 +210,25 @@ class ShardBlock:
             won = self._running_newest(repeated, links, versions, times, applied)
             winners = np.concatenate([winners, won])
         return applied, self._write(winners, links, versions, values, value_ptr, m)
+
+    def deliver_from(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
+                     starts: np.ndarray, times: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``deliver`` (compiled) with delivery i's values at ``values[starts[i]:]``."""
+        status, changed = self.deliver_live(links, versions, values, starts, times,
+                                            np.zeros(0, dtype=bool))
+        return status == 2, changed
+
+    def deliver_live(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
+                     starts: np.ndarray, times: np.ndarray | None, alive: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``deliver_from`` dropping deliveries to shards not ``alive``: per delivery 0
+        (dropped), 1 (delivered) or 2 (applied), and whether it changed the view."""
+        lay = self.layout
+        return block_loops.deliver(
+            links, versions, np.zeros(0) if times is None else times, times is None, values,
+            np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
+            lay.link_dst, self.link_version, self.values, self.dirty, self._mark, alive)
 
     def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
                         times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:

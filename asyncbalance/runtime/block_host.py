@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from . import block_loops
 from .block import ShardBlock, version_of
 from .delays import DelaySampler, WakeSchedule
 from .frames import Frame
@@ -276,11 +277,14 @@ class BlockHost:
             order = np.argsort(times, kind="stable")
             times, links, versions, starts = times[order], links[order], versions[order], \
                 starts[order]
+        processed = int(times.shape[0])
+        if block_loops.COMPILED:
+            self._deliver_compiled(times, links, versions, values, starts)
+            return processed
         lay = self.layout
         counts = self.slot_count[links]
         receivers = lay.link_dst[links]
         up = self.alive[receivers]
-        processed = int(times.shape[0])
         if self.level == "messages":
             for i in np.nonzero(~up)[0]:
                 self._message_record("drop", times[i], links[i], versions[i], "down")
@@ -307,6 +311,26 @@ class BlockHost:
             candidate = np.maximum(first[hit], self.next_tick[hit])
             self.wake_at[hit] = np.minimum(self.wake_at[hit], candidate)
         return processed
+
+    def _deliver_compiled(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
+                          values: np.ndarray, starts: np.ndarray) -> None:
+        """The deliveries of ``_deliver_due`` in compiled loops (same results)."""
+        alive = self.alive if not self.alive[self.local].all() else np.zeros(0, dtype=bool)
+        status, _ = self.block.deliver_live(links, versions, values, starts, times, alive)
+        dropped = int(np.count_nonzero(status == 0)) if alive.size else 0
+        applied = int(np.count_nonzero(status == 2))
+        self.counters["dropped"] += dropped
+        self.counters["delivered"] += int(times.shape[0]) - dropped
+        self.counters["applied"] += applied
+        if self.level == "messages":
+            for i in np.nonzero(status == 0)[0]:
+                self._message_record("drop", times[i], links[i], versions[i], "down")
+            for i in np.nonzero(status)[0]:
+                self._message_record("deliver", times[i], links[i], versions[i],
+                                     bool(status[i] == 2))
+        if applied:
+            block_loops.wake_on_news(status, links, times, self.layout.link_dst,
+                                     self.block.dirty, self.next_tick, self.wake_at)
 
     # -- wakes and sends --------------------------------------------------------------------
 
@@ -393,6 +417,13 @@ class BlockHost:
             return np.zeros(0)
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
                   if s.paced else np.zeros(copies.shape[0]))
+        if block_loops.COMPILED:
+            carried, starts = block_loops.link_values(
+                copies, entry, senders, value_ptr, lay.link_slot_ptr, lay.slot_sender_pos,
+                lay.unit_ptr, links, values)
+            self._enqueue(sent_at[copies] + delays, links[copies], link_versions[copies],
+                          carried, starts)
+            return delays
         # Each link's slots read the sender's values at the slot's unit.
         slots, link_index = expand_ranges(lay.link_slot_ptr[links[copies]],
                                           lay.link_slot_ptr[links[copies] + 1])
@@ -451,15 +482,22 @@ class BlockHost:
         keys = np.floor(times / self.step).astype(np.int64)
         base = int(keys.min())
         span = int(keys.max()) - base
-        # Window keys span a narrow range: as 16-bit integers they sort by radix, in O(n).
-        order = (np.argsort((keys - base).astype(np.uint16), kind="stable") if span < 65_536
-                 else np.argsort(keys, kind="stable"))
+        if block_loops.COMPILED and span < 1 << 20:
+            order = block_loops.window_order(keys, base, span)
+        else:
+            # Window keys span a narrow range: as 16-bit integers they sort by radix, in O(n).
+            order = (np.argsort((keys - base).astype(np.uint16), kind="stable")
+                     if span < 65_536 else np.argsort(keys, kind="stable"))
         keys = keys[order]
         links = links[order]
         counts = self.slot_count[links]
-        index, _ = expand_ranges(starts[order], starts[order] + counts)
-        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        chunk = _Chunk(times[order], links, versions[order], values[index], ptr)
+        if block_loops.COMPILED:
+            carried, ptr = block_loops.gather_runs(values, starts[order], counts)
+        else:
+            index, _ = expand_ranges(starts[order], starts[order] + counts)
+            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            carried = values[index]
+        chunk = _Chunk(times[order], links, versions[order], carried, ptr)
         bounds = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1, [keys.shape[0]]])
         buckets = self.buckets
         # A chunk lives until its last range is taken. The tail of a delay distribution (the

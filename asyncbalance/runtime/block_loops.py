@@ -1,0 +1,183 @@
+"""Compiled loops for the hot paths of shard blocks and block hosts (numba).
+
+At neuron granularity every window moves thousands of units and carries millions of link
+messages; done as chains of numpy passes, each message costs ~200 ns of temporaries and
+gathers. These loops do the same work in one pass per step, with the same results:
+
+- ``deliver``: link deliveries with the reference's version rule (in order of arrival when
+  a link occurs more than once), writing the winners' values into the halo;
+- ``wake_on_news``: the wake times of receivers whose view changed;
+- ``link_values``: the values each link message carries, gathered from its sender's entry;
+- ``window_order``: a stable counting sort of messages by arrival window.
+
+They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
+without numba) to use the numpy passes of ``block`` and ``block_host`` instead: the tests run
+both and compare them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # the numpy passes take over
+    numba = None
+
+COMPILED = numba is not None and os.environ.get("ASYNCBALANCE_NO_JIT", "") not in ("1", "true")
+
+
+def _jit(function):
+    if numba is None:
+        return function
+    return numba.njit(cache=True, nogil=True)(function)
+
+
+@_jit
+def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_own,
+            link_dst, link_version, state, dirty, mark, alive):  # pragma: no cover
+    """Apply link deliveries; per delivery 0 (its receiver is down: dropped), 1 (delivered,
+    not newer) or 2 (applied), and whether it changed the receiver's view.
+
+    Delivery i carries ``values[starts[i]:starts[i] + slots of its link]``. It is applied
+    when its version is newer than every version seen on its link before it, in order of
+    ``times`` (stable) unless ``ordered`` says the input order is the delivery order. Only
+    the last applied delivery of a link writes the halo; a changed view marks the receiver
+    ``dirty``. ``alive`` (per shard; empty: all) drops deliveries to down receivers. ``mark``
+    is scratch per link, -1 on entry and on exit.
+    """
+    m = links.shape[0]
+    status = np.ones(m, dtype=np.int8)
+    winner = np.zeros(m, dtype=np.bool_)
+    check_alive = alive.shape[0] > 0
+    for i in range(m):
+        link = links[i]
+        if check_alive and not alive[link_dst[link]]:
+            status[i] = 0
+        elif mark[link] == -1:
+            mark[link] = i
+        elif mark[link] >= 0:
+            mark[link] = -2
+    rest = np.empty(m, dtype=np.int64)
+    n_rest = 0
+    for i in range(m):
+        if status[i] == 0:
+            continue
+        link = links[i]
+        if mark[link] >= 0:
+            if versions[i] > link_version[link]:
+                status[i] = 2
+                winner[i] = True
+        else:
+            rest[n_rest] = i
+            n_rest += 1
+    if n_rest:
+        rest = rest[:n_rest]
+        if not ordered:
+            rest = rest[np.argsort(times[rest], kind="mergesort")]
+        # A running maximum per link in delivery order; the link's last applied one wins.
+        for i in rest:
+            link = links[i]
+            if versions[i] > link_version[link]:
+                status[i] = 2
+                link_version[link] = versions[i]
+                mark[link] = i
+        for i in rest:
+            if mark[links[i]] == i:
+                winner[i] = True
+    changed = np.zeros(m, dtype=np.bool_)
+    for i in range(m):
+        link = links[i]
+        mark[link] = -1
+        if not winner[i]:
+            continue
+        link_version[link] = versions[i]
+        source = starts[i]
+        differs = False
+        for slot in range(link_slot_ptr[link], link_slot_ptr[link + 1]):
+            new = values[source]
+            source += 1
+            if state[n_own + slot] != new:
+                differs = True
+                state[n_own + slot] = new
+        if differs:
+            changed[i] = True
+            dirty[link_dst[link]] = True
+    return status, changed
+
+
+@_jit
+def wake_on_news(status, links, times, link_dst, dirty, next_tick, wake_at):  # pragma: no cover
+    """News wakes its receiver at its next tick, not before the news arrived: for every
+    receiver that an applied delivery left dirty, ``wake_at = min(wake_at, max(first
+    arrival, next_tick))``."""
+    first = np.full(next_tick.shape[0], np.inf)
+    for i in range(links.shape[0]):
+        if status[i] == 2:
+            r = link_dst[links[i]]
+            if dirty[r] and times[i] < first[r]:
+                first[r] = times[i]
+    for r in range(first.shape[0]):
+        if first[r] < np.inf:
+            wake_at[r] = min(wake_at[r], max(first[r], next_tick[r]))
+
+
+@_jit
+def link_values(copies, entry, senders, entry_start, link_slot_ptr, slot_sender_pos,
+                unit_ptr, links, values):  # pragma: no cover
+    """The values carried by link messages ``copies`` (indices into ``links``/``entry``):
+    each reads, per slot of its link, the sender's value at the slot's unit, from the
+    sender's entry ``values[entry_start[e]:]``. Returns ``(carried, starts)``."""
+    n = copies.shape[0]
+    starts = np.empty(n, dtype=np.int64)
+    total = 0
+    for j in range(n):
+        starts[j] = total
+        link = links[copies[j]]
+        total += link_slot_ptr[link + 1] - link_slot_ptr[link]
+    carried = np.empty(total)
+    at = 0
+    for j in range(n):
+        c = copies[j]
+        link = links[c]
+        e = entry[c]
+        first = unit_ptr[senders[e]]
+        for slot in range(link_slot_ptr[link], link_slot_ptr[link + 1]):
+            carried[at] = values[entry_start[e] + slot_sender_pos[slot] - first]
+            at += 1
+    return carried, starts
+
+
+@_jit
+def window_order(keys, base, span):  # pragma: no cover
+    """A stable counting sort of ``keys`` (all in ``base .. base + span``): the order."""
+    counts = np.zeros(span + 2, dtype=np.int64)
+    for k in keys:
+        counts[k - base + 1] += 1
+    for b in range(1, span + 2):
+        counts[b] += counts[b - 1]
+    order = np.empty(keys.shape[0], dtype=np.int64)
+    for i in range(keys.shape[0]):
+        b = keys[i] - base
+        order[counts[b]] = i
+        counts[b] += 1
+    return order
+
+
+@_jit
+def gather_runs(values, starts, counts):  # pragma: no cover
+    """``concatenate([values[s:s + c] for s, c in zip(starts, counts)])`` and its row
+    pointers."""
+    n = starts.shape[0]
+    ptr = np.empty(n + 1, dtype=np.int64)
+    ptr[0] = 0
+    for i in range(n):
+        ptr[i + 1] = ptr[i] + counts[i]
+    out = np.empty(ptr[n])
+    for i in range(n):
+        s = starts[i]
+        for j in range(counts[i]):
+            out[ptr[i] + j] = values[s + j]
+    return out, ptr
