@@ -9,6 +9,9 @@
 4. The same sweep at neuron granularity on a 16-48x3-4 MLP (144 neuron shards, p = 1).
 5. The array engine's window: time units to 1e-8 on the quickstart net at neuron granularity
    with windows of 1/2 to 1/20 of the shorter of wake period and mean delay (default 1/5).
+6. The array engine's compiled loops (``block_loops``, numba) against its numpy passes on
+   10^4 neurons (``scenarios/neurons_100k.toml`` at a tenth of the width: fan-in 133,
+   1.3e6 synapses): wall seconds and delivered neighbour updates per second, same records.
 
 The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
 event); the array engine is ``array_sim.ArraySimulator``. The ``sim`` backend runs the array
@@ -17,7 +20,7 @@ larger ones (``array_sim.uses_blocks``): cases 2 and 3 show why. The wall ratio 
 per-message over array (above 1: the array engine is faster).
 
 Usage: .venv/bin/python benchmarks/bench_blocks.py [--skip-reference-neuron]
-       [--delays 0,1,2,4,8]
+       [--delays 0,1,2,4,8] [--only-loops]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 
 import numpy as np
 
+from asyncbalance.runtime import block_loops
 from asyncbalance.runtime.array_sim import STEP_FRACTION, ArraySimulator, default_step
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
@@ -81,7 +85,12 @@ def main() -> None:
     parser.add_argument("--skip-reference-neuron", action="store_true",
                         help="skip the per-message engine at neuron granularity (~2 min)")
     parser.add_argument("--delays", default="0,1,2,4,8")
+    parser.add_argument("--only-loops", action="store_true",
+                        help="run only case 6 (compiled loops against numpy passes)")
     args = parser.parse_args()
+    if args.only_loops:
+        compare_loops()
+        return
     print("| case | per-message: units | wall s | delivered/s / moves/s "
           "| array: units | wall s | delivered/s / moves/s | wall ratio | units ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -126,6 +135,33 @@ def main() -> None:
     for fraction in (1 / 2, 1 / 3, 1 / 5, 1 / 10, 1 / 20):
         r = to_tolerance(problem, "array", step=fraction * base)
         print(f"| 1/{round(1 / fraction)} | {r['time']:.0f} | {r['wall']:.2f} |", flush=True)
+
+    compare_loops()
+
+
+def compare_loops() -> None:
+    point = load_scenarios("scenarios/neurons_100k.toml",
+                           ["network.sizes=[100,2500,2500,2500,2500,10]",
+                            "record_events=false"])[0]
+    problem = prepare(point.scenario, point.base_dir)
+    print("\n| 10^4 neurons, array engine | units to 1e-8 | wall s | delivered/s / moves/s |")
+    print("|---|---|---|---|")
+    results = {}
+    saved = block_loops.COMPILED
+    try:
+        for compiled in (False, True) if saved else (False,):
+            block_loops.COMPILED = compiled
+            r = results[compiled] = to_tolerance(problem, "array")
+            print(f"| {'compiled loops' if compiled else 'numpy passes'} | {r['time']:.0f} | "
+                  f"{r['wall']:.2f} | {r['delivered'] / r['busy']:.3g} / "
+                  f"{r['moves'] / r['busy']:.3g} |", flush=True)
+    finally:
+        block_loops.COMPILED = saved
+    if len(results) == 2:
+        same = results[True]["delivered"] == results[False]["delivered"] and \
+            results[True]["error"] == results[False]["error"]
+        print(f"\ncompiled loops {results[False]['wall'] / results[True]['wall']:.2f}x the "
+              f"numpy passes' speed; same deliveries and final error: {same}")
 
 
 if __name__ == "__main__":

@@ -479,34 +479,24 @@ class BlockHost:
 
     def _enqueue(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
                  values: np.ndarray, starts: np.ndarray) -> None:
-        keys = np.floor(times / self.step).astype(np.int64)
-        base = int(keys.min())
-        span = int(keys.max()) - base
-        if block_loops.COMPILED and span < 1 << 20:
-            order = block_loops.window_order(keys, base, span)
-        else:
-            # Window keys span a narrow range: as 16-bit integers they sort by radix, in O(n).
-            order = (np.argsort((keys - base).astype(np.uint16), kind="stable")
-                     if span < 65_536 else np.argsort(keys, kind="stable"))
-        keys = keys[order]
-        links = links[order]
-        counts = self.slot_count[links]
         if block_loops.COMPILED:
-            carried, ptr = block_loops.gather_runs(values, starts[order], counts)
+            window_keys, bounds, *arrays = block_loops.sort_into_windows(
+                times, links, versions, values, np.ascontiguousarray(starts, dtype=np.int64),
+                self.slot_count, self.step)
+            chunk = _Chunk(*arrays)
+            first_keys = window_keys.tolist()
         else:
-            index, _ = expand_ranges(starts[order], starts[order] + counts)
-            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            carried = values[index]
-        chunk = _Chunk(times[order], links, versions[order], carried, ptr)
-        bounds = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1, [keys.shape[0]]])
+            chunk, bounds, first_keys = self._sort_into_windows(times, links, versions,
+                                                                values, starts)
         buckets = self.buckets
         # A chunk lives until its last range is taken. The tail of a delay distribution (the
         # last tenth of the messages, over many windows) would keep whole chunks alive for
         # its longest delay: those ranges get chunks of their own.
-        tail = int(np.searchsorted(bounds, TAIL_SHARE * keys.shape[0]))
+        n = int(bounds[-1])
+        tail = int(np.searchsorted(bounds, TAIL_SHARE * n))
         for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(),
                                          strict=True)):
-            key = int(keys[lo])
+            key = first_keys[i]
             if i >= tail and i > 0:
                 part = slice(lo, hi)
                 chunk_of = _Chunk(chunk.times[part].copy(), chunk.links[part].copy(),
@@ -522,7 +512,26 @@ class BlockHost:
                 heapq.heappush(self.bucket_keys, key)  # one heap entry per bucket
             else:
                 entry.append((chunk_of, lo, hi))
-        self.in_flight += keys.shape[0]
+        self.in_flight += n
+
+    def _sort_into_windows(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
+                           values: np.ndarray, starts: np.ndarray
+                           ) -> tuple[_Chunk, np.ndarray, list[int]]:
+        """``block_loops.sort_into_windows`` in numpy passes."""
+        keys = np.floor(times / self.step).astype(np.int64)
+        base = int(keys.min())
+        span = int(keys.max()) - base
+        # Window keys span a narrow range: as 16-bit integers they sort by radix, in O(n).
+        order = (np.argsort((keys - base).astype(np.uint16), kind="stable")
+                 if span < 65_536 else np.argsort(keys, kind="stable"))
+        keys = keys[order]
+        links = links[order]
+        counts = self.slot_count[links]
+        index, _ = expand_ranges(starts[order], starts[order] + counts)
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        chunk = _Chunk(times[order], links, versions[order], values[index], ptr)
+        bounds = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1, [keys.shape[0]]])
+        return chunk, bounds, keys[bounds[:-1]].tolist()
 
     def queue_length(self) -> int:
         return self.in_flight + sum(len(p[0]) for parts in self.outbox.values() for p in parts)

@@ -181,3 +181,42 @@ def gather_runs(values, starts, counts):  # pragma: no cover
         for j in range(counts[i]):
             out[ptr[i] + j] = values[s + j]
     return out, ptr
+
+
+@_jit
+def sort_into_windows(times, links, versions, values, starts, slot_count,
+                      step):  # pragma: no cover
+    """Link messages sorted (stably) by arrival window ``floor(time / step)``: their times,
+    links, versions, carried values with row pointers, and the first message of each window
+    with the window's key (``bounds`` ends with the message count)."""
+    n = times.shape[0]
+    keys = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        keys[i] = np.int64(np.floor(times[i] / step))
+    base, top = keys.min(), keys.max()
+    if top - base < 1 << 20:
+        order = window_order(keys, base, top - base)
+    else:
+        order = np.argsort(keys, kind="mergesort")
+    sorted_times = times[order]
+    sorted_links = links[order]
+    sorted_versions = versions[order]
+    counts = np.empty(n, dtype=np.int64)
+    run_starts = np.empty(n, dtype=np.int64)
+    n_windows = 0
+    for j in range(n):
+        counts[j] = slot_count[sorted_links[j]]
+        run_starts[j] = starts[order[j]]
+        if j == 0 or keys[order[j]] != keys[order[j - 1]]:
+            n_windows += 1
+    carried, ptr = gather_runs(values, run_starts, counts)
+    window_keys = np.empty(n_windows, dtype=np.int64)
+    bounds = np.empty(n_windows + 1, dtype=np.int64)
+    w = 0
+    for j in range(n):
+        if j == 0 or keys[order[j]] != keys[order[j - 1]]:
+            window_keys[w] = keys[order[j]]
+            bounds[w] = j
+            w += 1
+    bounds[n_windows] = n
+    return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr
