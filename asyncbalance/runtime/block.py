@@ -58,6 +58,10 @@ class ShardBlock:
         # Scratch for finding repeated links in a batch without sorting it (always -1 between
         # calls).
         self._mark = np.full(layout.n_links, -1, dtype=np.int64)
+        # Link l fills halo slot l alone (neuron shards): the compiled delivery skips the
+        # slot table.
+        self._one_slot = bool(layout.n_slots == layout.n_links and
+                              (np.diff(layout.link_slot_ptr) == 1).all())
 
     @property
     def own(self) -> np.ndarray:
@@ -228,7 +232,8 @@ class ShardBlock:
         return block_loops.deliver(
             links, versions, np.zeros(0) if times is None else times, times is None, values,
             np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
-            lay.link_dst, self.link_version, self.values, self.dirty, self._mark, alive)
+            lay.link_dst, self.link_version, self.values, self.dirty, alive,
+            np.argsort(links, kind="stable"), self._one_slot)
 
     def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
                         times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:

@@ -37,7 +37,8 @@ def _jit(function):
 
 @_jit
 def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_own,
-            link_dst, link_version, state, dirty, mark, alive):  # pragma: no cover
+            link_dst, link_version, state, dirty, alive, by_link,
+            one_slot):  # pragma: no cover
     """Apply link deliveries; per delivery 0 (its receiver is down: dropped), 1 (delivered,
     not newer) or 2 (applied), and whether it changed the receiver's view.
 
@@ -45,65 +46,60 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     when its version is newer than every version seen on its link before it, in order of
     ``times`` (stable) unless ``ordered`` says the input order is the delivery order. Only
     the last applied delivery of a link writes the halo; a changed view marks the receiver
-    ``dirty``. ``alive`` (per shard; empty: all) drops deliveries to down receivers. ``mark``
-    is scratch per link, -1 on entry and on exit.
+    ``dirty``. ``alive`` (per shard; empty: all) drops deliveries to down receivers.
+    ``by_link`` is the stable order of ``links``: links are independent, so they are taken
+    in that order (memory in address order, a link's deliveries side by side);
+    ``one_slot`` says link l fills slot l only.
     """
     m = links.shape[0]
     status = np.ones(m, dtype=np.int8)
-    winner = np.zeros(m, dtype=np.bool_)
-    check_alive = alive.shape[0] > 0
-    for i in range(m):
-        link = links[i]
-        if check_alive and not alive[link_dst[link]]:
-            status[i] = 0
-        elif mark[link] == -1:
-            mark[link] = i
-        elif mark[link] >= 0:
-            mark[link] = -2
-    rest = np.empty(m, dtype=np.int64)
-    n_rest = 0
-    for i in range(m):
-        if status[i] == 0:
-            continue
-        link = links[i]
-        if mark[link] >= 0:
-            if versions[i] > link_version[link]:
-                status[i] = 2
-                winner[i] = True
-        else:
-            rest[n_rest] = i
-            n_rest += 1
-    if n_rest:
-        rest = rest[:n_rest]
-        if not ordered:
-            rest = rest[np.argsort(times[rest], kind="mergesort")]
-        # A running maximum per link in delivery order; the link's last applied one wins.
-        for i in rest:
-            link = links[i]
-            if versions[i] > link_version[link]:
-                status[i] = 2
-                link_version[link] = versions[i]
-                mark[link] = i
-        for i in rest:
-            if mark[links[i]] == i:
-                winner[i] = True
     changed = np.zeros(m, dtype=np.bool_)
-    for i in range(m):
-        link = links[i]
-        mark[link] = -1
-        if not winner[i]:
+    check_alive = alive.shape[0] > 0
+    j = 0
+    while j < m:
+        first = by_link[j]
+        link = links[first]
+        k = j + 1
+        while k < m and links[by_link[k]] == link:
+            k += 1
+        if check_alive and not alive[link_dst[link]]:
+            for q in range(j, k):
+                status[by_link[q]] = 0
+            j = k
             continue
-        link_version[link] = versions[i]
-        source = starts[i]
+        winner = -1
+        if k - j == 1:
+            if versions[first] > link_version[link]:
+                status[first] = 2
+                winner = first
+        else:
+            group = by_link[j:k]  # in input order (the sort is stable)
+            if not ordered:
+                group = group[np.argsort(times[group], kind="mergesort")]
+            # A running maximum in delivery order; the link's last applied one wins.
+            for i in group:
+                if versions[i] > link_version[link]:
+                    status[i] = 2
+                    link_version[link] = versions[i]
+                    winner = i
+        j = k
+        if winner < 0:
+            continue
+        link_version[link] = versions[winner]
+        if one_slot:
+            lo, hi = link, link + 1
+        else:
+            lo, hi = link_slot_ptr[link], link_slot_ptr[link + 1]
+        source = starts[winner]
         differs = False
-        for slot in range(link_slot_ptr[link], link_slot_ptr[link + 1]):
+        for slot in range(lo, hi):
             new = values[source]
             source += 1
             if state[n_own + slot] != new:
                 differs = True
                 state[n_own + slot] = new
         if differs:
-            changed[i] = True
+            changed[winner] = True
             dirty[link_dst[link]] = True
     return status, changed
 
