@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -324,23 +325,37 @@ class RayBackend:
         if monitor is not None:
             monitor.close()
 
-    def _fast_poll(self, hosts: list[int] | None = None) -> bool:
+    def _fast_poll(self, hosts: list[int] | None = None, wait: float = PENDING_SECONDS) -> bool:
         """Each of ``hosts``' (default: the active hosts') log-scales and counters over the
-        monitor links; False (and nothing taken) if any link fails or a host answers empty
-        (restarted: ``poll`` finds it)."""
+        monitor links, waiting at most ``wait`` s for the replies; True if every host answered.
+
+        A host that has not begun to answer by then (busy, or gone) loses its link and is
+        sampled by a Ray poll, which takes a late reply at a later sample: reading its link
+        until the link's own timeout (seconds) would pause the sampling of every host. A host
+        that answers empty (restarted: ``poll`` finds it) loses its link too. If any link
+        fails, all are closed and nothing is taken.
+        """
         hosts = self._active_hosts() if hosts is None else hosts
         try:
             for host in hosts:
                 self.monitors[host].request()
-            replies = [msgpack.unpackb(self.monitors[host].reply(), raw=False)
-                       for host in hosts]
+            answering = self._monitor_answers(hosts, wait)
+            # A reply that has begun to arrive was sent whole: read it at the link's pace.
+            replies = {host: msgpack.unpackb(self.monitors[host].reply(), raw=False)
+                       for host in answering}
         except (OSError, ValueError, msgpack.UnpackException):
             for host in list(self.monitors):
                 self._close_monitor(host)
             return False
-        if any(reply.get("log_scales") is None and "delta" not in reply for reply in replies):
-            return False
-        for host, reply in zip(hosts, replies, strict=True):
+        for host in hosts:
+            if host not in replies:
+                self._close_monitor(host)  # its reply would come after the next request
+        complete = len(replies) == len(hosts)
+        for host, reply in replies.items():
+            if reply.get("log_scales") is None and "delta" not in reply:
+                self._close_monitor(host)
+                complete = False
+                continue
             if "delta" in reply:
                 # Only what changed since this link's previous reply, applied to that reply.
                 index, values = reply["delta"]
@@ -350,7 +365,20 @@ class RayBackend:
                 self.monitored[host] = log_scales_of(reply)
             reply["log_scales"] = self.monitored[host].astype("<f8").tobytes()
             self._absorb_sample(host, reply)
-        return True
+        return complete
+
+    def _monitor_answers(self, hosts: list[int], wait: float) -> set[int]:
+        """Those of ``hosts`` whose monitor reply begins to arrive within ``wait`` s."""
+        waiting = {self.monitors[host].sock: host for host in hosts}
+        answering: set[int] = set()
+        deadline = time.perf_counter() + max(wait, 0.0)
+        while waiting:
+            readable, _, _ = select.select(list(waiting), [], [],
+                                           max(deadline - time.perf_counter(), 0.0))
+            if not readable:
+                break
+            answering.update(waiting.pop(sock) for sock in readable)
+        return answering
 
     def _poll(self, wait: float) -> None:
         """Sample the active hosts (waiting at most ``wait`` s for Ray polls), then take one
@@ -365,7 +393,7 @@ class RayBackend:
         with_checkpoints = now - self.last_checkpoint_poll >= every
         active = self._active_hosts()
         if not with_checkpoints and now - self.last_full_poll < FULL_POLL_SECONDS and \
-                all(h in self.monitors for h in active) and self._fast_poll(active):
+                all(h in self.monitors for h in active) and self._fast_poll(active, wait):
             return
         self.last_full_poll = now
         if with_checkpoints:
