@@ -60,7 +60,7 @@ class ShardBlock:
         self._mark = np.full(layout.n_links, -1, dtype=np.int64)
         # Link l fills halo slot l alone (neuron shards): the compiled delivery skips the
         # slot table.
-        self._one_slot = bool(layout.n_slots == layout.n_links and
+        self.one_slot = bool(layout.n_slots == layout.n_links and
                               (np.diff(layout.link_slot_ptr) == 1).all())
 
     @property
@@ -220,20 +220,22 @@ class ShardBlock:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """``deliver`` (compiled) with delivery i's values at ``values[starts[i]:]``."""
         status, changed = self.deliver_live(links, versions, values, starts, times,
-                                            np.zeros(0, dtype=bool))
+                                            np.zeros(0, dtype=bool), np.zeros(0))
         return status == 2, changed
 
     def deliver_live(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
-                     starts: np.ndarray, times: np.ndarray | None, alive: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """``deliver_from`` dropping deliveries to shards not ``alive``: per delivery 0
-        (dropped), 1 (delivered) or 2 (applied), and whether it changed the view."""
+                     starts: np.ndarray, times: np.ndarray | None, alive: np.ndarray,
+                     first_arrival: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``deliver_from`` dropping deliveries to shards not ``alive`` (empty: all live)
+        and keeping each receiver's earliest applied arrival in ``first_arrival`` (empty:
+        not kept): per delivery 0 (dropped), 1 (delivered) or 2 (applied), and whether it
+        changed the view."""
         lay = self.layout
         return block_loops.deliver(
             links, versions, np.zeros(0) if times is None else times, times is None, values,
             np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
             lay.link_dst, self.link_version, self.values, self.dirty, alive,
-            np.argsort(links, kind="stable"), self._one_slot)
+            np.argsort(links, kind="stable"), self.one_slot, first_arrival)
 
     def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
                         times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:

@@ -316,7 +316,9 @@ class BlockHost:
                           values: np.ndarray, starts: np.ndarray) -> None:
         """The deliveries of ``_deliver_due`` in compiled loops (same results)."""
         alive = self.alive if not self.alive[self.local].all() else np.zeros(0, dtype=bool)
-        status, _ = self.block.deliver_live(links, versions, values, starts, times, alive)
+        first_arrival = np.full(self.layout.n_shards, np.inf)
+        status, _ = self.block.deliver_live(links, versions, values, starts, times, alive,
+                                            first_arrival)
         dropped = int(np.count_nonzero(status == 0)) if alive.size else 0
         applied = int(np.count_nonzero(status == 2))
         self.counters["dropped"] += dropped
@@ -329,8 +331,8 @@ class BlockHost:
                 self._message_record("deliver", times[i], links[i], versions[i],
                                      bool(status[i] == 2))
         if applied:
-            block_loops.wake_on_news(status, links, times, self.layout.link_dst,
-                                     self.block.dirty, self.next_tick, self.wake_at)
+            block_loops.wake_on_news(first_arrival, self.block.dirty, self.next_tick,
+                                     self.wake_at)
 
     # -- wakes and sends --------------------------------------------------------------------
 
@@ -482,7 +484,7 @@ class BlockHost:
         if block_loops.COMPILED:
             window_keys, bounds, *arrays = block_loops.sort_into_windows(
                 times, links, versions, values, np.ascontiguousarray(starts, dtype=np.int64),
-                self.slot_count, self.step)
+                self.slot_count, self.step, self.block.one_slot)
             chunk = _Chunk(*arrays)
             first_keys = window_keys.tolist()
         else:

@@ -37,8 +37,8 @@ def _jit(function):
 
 @_jit
 def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_own,
-            link_dst, link_version, state, dirty, alive, by_link,
-            one_slot):  # pragma: no cover
+            link_dst, link_version, state, dirty, alive, by_link, one_slot,
+            first_arrival):  # pragma: no cover
     """Apply link deliveries; per delivery 0 (its receiver is down: dropped), 1 (delivered,
     not newer) or 2 (applied), and whether it changed the receiver's view.
 
@@ -49,12 +49,14 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     ``dirty``. ``alive`` (per shard; empty: all) drops deliveries to down receivers.
     ``by_link`` is the stable order of ``links``: links are independent, so they are taken
     in that order (memory in address order, a link's deliveries side by side);
-    ``one_slot`` says link l fills slot l only.
+    ``one_slot`` says link l fills slot l only. ``first_arrival`` (per shard; empty: not
+    kept) takes the earliest time of an applied delivery to each receiver.
     """
     m = links.shape[0]
     status = np.ones(m, dtype=np.int8)
     changed = np.zeros(m, dtype=np.bool_)
     check_alive = alive.shape[0] > 0
+    keep_first = first_arrival.shape[0] > 0
     j = 0
     while j < m:
         first = by_link[j]
@@ -82,9 +84,15 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
                     status[i] = 2
                     link_version[link] = versions[i]
                     winner = i
-        j = k
+        begin, j = j, k
         if winner < 0:
             continue
+        if keep_first:
+            receiver = link_dst[link]
+            for q in range(begin, k):
+                i = by_link[q]
+                if status[i] == 2 and times[i] < first_arrival[receiver]:
+                    first_arrival[receiver] = times[i]
         link_version[link] = versions[winner]
         if one_slot:
             lo, hi = link, link + 1
@@ -105,19 +113,13 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
 
 
 @_jit
-def wake_on_news(status, links, times, link_dst, dirty, next_tick, wake_at):  # pragma: no cover
+def wake_on_news(first_arrival, dirty, next_tick, wake_at):  # pragma: no cover
     """News wakes its receiver at its next tick, not before the news arrived: for every
-    receiver that an applied delivery left dirty, ``wake_at = min(wake_at, max(first
+    receiver that applied deliveries left dirty, ``wake_at = min(wake_at, max(first
     arrival, next_tick))``."""
-    first = np.full(next_tick.shape[0], np.inf)
-    for i in range(links.shape[0]):
-        if status[i] == 2:
-            r = link_dst[links[i]]
-            if dirty[r] and times[i] < first[r]:
-                first[r] = times[i]
-    for r in range(first.shape[0]):
-        if first[r] < np.inf:
-            wake_at[r] = min(wake_at[r], max(first[r], next_tick[r]))
+    for r in range(first_arrival.shape[0]):
+        if first_arrival[r] < np.inf and dirty[r]:
+            wake_at[r] = min(wake_at[r], max(first_arrival[r], next_tick[r]))
 
 
 @_jit
@@ -181,10 +183,11 @@ def gather_runs(values, starts, counts):  # pragma: no cover
 
 @_jit
 def sort_into_windows(times, links, versions, values, starts, slot_count,
-                      step):  # pragma: no cover
+                      step, one_slot):  # pragma: no cover
     """Link messages sorted (stably) by arrival window ``floor(time / step)``: their times,
     links, versions, carried values with row pointers, and the first message of each window
-    with the window's key (``bounds`` ends with the message count)."""
+    with the window's key (``bounds`` ends with the message count). ``one_slot``: every
+    message carries one value."""
     n = times.shape[0]
     keys = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -194,25 +197,35 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
         order = window_order(keys, base, top - base)
     else:
         order = np.argsort(keys, kind="mergesort")
-    sorted_times = times[order]
-    sorted_links = links[order]
-    sorted_versions = versions[order]
-    counts = np.empty(n, dtype=np.int64)
-    run_starts = np.empty(n, dtype=np.int64)
+    sorted_times = np.empty(n)
+    sorted_links = np.empty(n, dtype=np.int64)
+    sorted_versions = np.empty(n, dtype=np.int64)
+    window_keys = np.empty(n, dtype=np.int64)
+    bounds = np.empty(n + 1, dtype=np.int64)
     n_windows = 0
+    previous = base - 1
     for j in range(n):
-        counts[j] = slot_count[sorted_links[j]]
-        run_starts[j] = starts[order[j]]
-        if j == 0 or keys[order[j]] != keys[order[j - 1]]:
+        o = order[j]
+        sorted_times[j] = times[o]
+        sorted_links[j] = links[o]
+        sorted_versions[j] = versions[o]
+        if keys[o] != previous:
+            previous = keys[o]
+            window_keys[n_windows] = previous
+            bounds[n_windows] = j
             n_windows += 1
-    carried, ptr = gather_runs(values, run_starts, counts)
-    window_keys = np.empty(n_windows, dtype=np.int64)
-    bounds = np.empty(n_windows + 1, dtype=np.int64)
-    w = 0
-    for j in range(n):
-        if j == 0 or keys[order[j]] != keys[order[j - 1]]:
-            window_keys[w] = keys[order[j]]
-            bounds[w] = j
-            w += 1
     bounds[n_windows] = n
-    return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr
+    if one_slot:
+        carried = np.empty(n)
+        for j in range(n):
+            carried[j] = values[starts[order[j]]]
+        ptr = np.arange(n + 1)
+    else:
+        counts = np.empty(n, dtype=np.int64)
+        run_starts = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            counts[j] = slot_count[sorted_links[j]]
+            run_starts[j] = starts[order[j]]
+        carried, ptr = gather_runs(values, run_starts, counts)
+    return (window_keys[:n_windows], bounds[:n_windows + 1], sorted_times, sorted_links,
+            sorted_versions, carried, ptr)
