@@ -33,11 +33,16 @@ PARTITIONS = {"slices": {"granularity": "shard", "shards_per_layer": 2},
               "neurons": {"granularity": "neuron"}}
 
 
-def _run(tmp_path: Path, name: str, partition: str, level: str | bool,
+# Without loss, duplicates or partitions the fan-out takes its short path.
+CLEAN = {**FAULTY, "links": {"delay": "exponential", "mean": 0.7, "heterogeneity": 0.5},
+         "faults": {}}
+
+
+def _run(tmp_path: Path, name: str, data: dict, partition: str, level: str | bool,
          compiled: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, dict]:
     monkeypatch.setattr(block_loops, "COMPILED", compiled)
     summary = run_scenario(scenario_from_mapping({
-        **FAULTY, "name": name, "seed": 5, "record_events": level,
+        **data, "name": name, "seed": 5, "record_events": level,
         "partition": PARTITIONS[partition]}), tmp_path / name)
     return (tmp_path / name / "events.msgpack").read_bytes(), summary
 
@@ -46,12 +51,21 @@ def _run(tmp_path: Path, name: str, partition: str, level: str | bool,
 @pytest.mark.parametrize("level", ["messages", "batches"])
 def test_compiled_loops_write_the_numpy_passes_records_byte_for_byte(
         tmp_path: Path, partition: str, level: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    compiled, summary = _run(tmp_path, "a", partition, level, True, monkeypatch)
-    numpy_passes, _ = _run(tmp_path, "b", partition, level, False, monkeypatch)
+    compiled, summary = _run(tmp_path, "a", FAULTY, partition, level, True, monkeypatch)
+    numpy_passes, _ = _run(tmp_path, "b", FAULTY, partition, level, False, monkeypatch)
     # Loss, duplicates, reordering (Pareto delays), a partition, restarts from a checkpoint
     # and from zero: every path of the delivery loop ran, and the run still converged.
     assert summary["converged"]
     assert summary["messages_dropped"] > 0 and summary["crashes"] == 2
+    assert compiled == numpy_passes
+
+
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_compiled_loops_match_the_numpy_passes_without_faults(
+        tmp_path: Path, partition: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled, summary = _run(tmp_path, "a", CLEAN, partition, "messages", True, monkeypatch)
+    numpy_passes, _ = _run(tmp_path, "b", CLEAN, partition, "messages", False, monkeypatch)
+    assert summary["converged"] and summary["messages_dropped"] == 0
     assert compiled == numpy_passes
 
 

@@ -382,14 +382,20 @@ class BlockHost:
                  values: np.ndarray) -> np.ndarray:
         """Link messages from each sender's entry to this host's shards; their delays."""
         lay = self.layout
-        links, entry = self.routes.links_to(senders, self.host_id)
+        routes = self.routes
+        if block_loops.COMPILED:
+            links, entry, link_versions, sent_at = block_loops.messages_from(
+                senders, versions, times, routes.pair_ptr, routes.pair_links, routes.n_hosts,
+                self.host_id)
+        else:
+            links, entry = routes.links_to(senders, self.host_id)
+            link_versions = versions[entry]
+            sent_at = times[entry]
         m = links.shape[0]
         if m == 0:
             return np.zeros(0)
         counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
         value_ptr = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        link_versions = versions[entry]
-        sent_at = times[entry]
         self.counters["sent"] += m
         if self.level == "messages":
             for i in range(m):
@@ -414,6 +420,15 @@ class BlockHost:
             if self.level == "messages":
                 for i in np.nonzero(twice)[0]:
                     self._message_record("duplicate", sent_at[i], links[i], link_versions[i])
+        if block_loops.COMPILED and keep.all() and not twice.any():
+            # Nothing lost or doubled: every link message leaves once, in order.
+            delays = (self.sampler.sample_many(self.rng, self.link_mean[links])
+                      if s.paced else np.zeros(m))
+            carried, starts = block_loops.link_values(
+                np.zeros(0, dtype=np.int64), entry, senders, value_ptr, lay.link_slot_ptr,
+                lay.slot_sender_pos, lay.unit_ptr, links, values)
+            self._enqueue(sent_at + delays, links, link_versions, carried, starts)
+            return delays
         copies = np.concatenate([np.nonzero(keep)[0], np.nonzero(twice)[0]])
         if copies.size == 0:
             return np.zeros(0)

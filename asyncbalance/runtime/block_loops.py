@@ -7,7 +7,8 @@ gathers. These loops do the same work in one pass per step, with the same result
 - ``deliver``: link deliveries with the reference's version rule (in order of arrival when
   a link occurs more than once), writing the winners' values into the halo;
 - ``wake_on_news``: the wake times of receivers whose view changed;
-- ``link_values``: the values each link message carries, gathered from its sender's entry;
+- ``messages_from``, ``link_values``: the link messages of a batch of sends and the values
+  each carries, gathered from its sender's entry;
 - ``window_order``: a stable counting sort of messages by arrival window.
 
 They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
@@ -123,22 +124,49 @@ def wake_on_news(first_arrival, dirty, next_tick, wake_at):  # pragma: no cover
 
 
 @_jit
+def messages_from(senders, versions, times, pair_ptr, pair_links, n_hosts,
+                  host):  # pragma: no cover
+    """The link messages of entries ``senders`` to the shards of ``host``: their links, the
+    entry of each, its version and its send time."""
+    total = 0
+    for e in range(senders.shape[0]):
+        key = senders[e] * n_hosts + host
+        total += pair_ptr[key + 1] - pair_ptr[key]
+    links = np.empty(total, dtype=np.int64)
+    entry = np.empty(total, dtype=np.int64)
+    link_versions = np.empty(total, dtype=np.int64)
+    sent_at = np.empty(total)
+    at = 0
+    for e in range(senders.shape[0]):
+        key = senders[e] * n_hosts + host
+        for q in range(pair_ptr[key], pair_ptr[key + 1]):
+            links[at] = pair_links[q]
+            entry[at] = e
+            link_versions[at] = versions[e]
+            sent_at[at] = times[e]
+            at += 1
+    return links, entry, link_versions, sent_at
+
+
+@_jit
 def link_values(copies, entry, senders, entry_start, link_slot_ptr, slot_sender_pos,
                 unit_ptr, links, values):  # pragma: no cover
-    """The values carried by link messages ``copies`` (indices into ``links``/``entry``):
-    each reads, per slot of its link, the sender's value at the slot's unit, from the
-    sender's entry ``values[entry_start[e]:]``. Returns ``(carried, starts)``."""
-    n = copies.shape[0]
+    """The values carried by link messages ``copies`` (indices into ``links``/``entry``;
+    empty: every message): each reads, per slot of its link, the sender's value at the
+    slot's unit, from the sender's entry ``values[entry_start[e]:]``. Returns
+    ``(carried, starts)``."""
+    every = copies.shape[0] == 0
+    n = links.shape[0] if every else copies.shape[0]
     starts = np.empty(n, dtype=np.int64)
     total = 0
     for j in range(n):
         starts[j] = total
-        link = links[copies[j]]
+        link = links[j if every else copies[j]]
         total += link_slot_ptr[link + 1] - link_slot_ptr[link]
     carried = np.empty(total)
     at = 0
     for j in range(n):
-        c = copies[j]
+        c = j if every else copies[j]
         link = links[c]
         e = entry[c]
         first = unit_ptr[senders[e]]
