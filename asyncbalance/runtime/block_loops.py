@@ -2,14 +2,18 @@
 
 At neuron granularity every window moves thousands of units and carries millions of link
 messages; done as chains of numpy passes, each message costs ~200 ns of temporaries and
-gathers. These loops do the same work in one pass per step, with the same results:
+gathers. These loops do the same work in fewer passes, with the same results, bit for bit:
 
 - ``deliver``: link deliveries with the reference's version rule (in order of arrival when
   a link occurs more than once), writing the winners' values into the halo;
 - ``wake_on_news``: the wake times of receivers whose view changed;
 - ``messages_from``, ``link_values``: the link messages of a batch of sends and the values
   each carries, gathered from its sender's entry;
-- ``window_order``: a stable counting sort of messages by arrival window.
+- ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
+  link messages by arrival window, into the arrays of a chunk of the timing wheel.
+
+The moves themselves (exponential sums over each unit's terms) stay in numpy: measured, a
+compiled loop around a scalar ``exp`` was slower than numpy's vectorised passes.
 
 They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
 without numba) to use the numpy passes of ``block`` and ``block_host`` instead: the tests run
