@@ -344,7 +344,8 @@ class RayBackend:
             for host in hosts:
                 self.monitors[host].request()
             answering = self._monitor_answers(hosts, wait)
-            # A reply that has begun to arrive was sent whole: read it at the link's pace.
+            # A reply that has begun to arrive comes at once (the host writes it in one
+            # go): the rest is read at the link's pace.
             replies = {host: msgpack.unpackb(self.monitors[host].reply(), raw=False)
                        for host in answering}
         except (OSError, ValueError, msgpack.UnpackException):
