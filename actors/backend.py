@@ -335,10 +335,6 @@ class RayBackend:
         that answers empty (restarted: ``poll`` finds it) loses its link too. If any link
         fails, all are closed and nothing is taken.
         """
-        # A sample waits for its monitor replies up to FULL_POLL_SECONDS (they take
-        # milliseconds; a host that slow would be taken by the next Ray poll anyway): a
-        # shorter wait sends busy hosts to Ray polls whose late replies are older than a
-        # monitor sample taken meanwhile.
         hosts = self._active_hosts() if hosts is None else hosts
         try:
             for host in hosts:
@@ -397,6 +393,10 @@ class RayBackend:
         now = time.perf_counter()
         with_checkpoints = now - self.last_checkpoint_poll >= every
         active = self._active_hosts()
+        # A monitor sample waits for its replies up to FULL_POLL_SECONDS (they take
+        # milliseconds; a host that slow would be taken by the next Ray poll anyway): a
+        # shorter wait sends busy hosts to Ray polls whose late replies are older than a
+        # monitor sample taken meanwhile.
         if not with_checkpoints and now - self.last_full_poll < FULL_POLL_SECONDS and \
                 all(h in self.monitors for h in active) and \
                 self._fast_poll(active, max(wait, FULL_POLL_SECONDS)):
