@@ -8,6 +8,9 @@ ever. The driver keeps sampling the live host meanwhile, gives the lost one up a
 recovery deadline (shortened here to 2 s), and the run ends at ``stop.max_wall_seconds``
 with exit status 1 (ran, did not converge), ``summary.json`` complete and the loss recorded
 as not resumed. In process, on the session's Ray.
+
+A host that does not answer its monitor link (busy, or gone) delays a sample by one wait,
+not by the link's own timeout (2 s): checked without Ray, on socket pairs.
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-pytestmark = pytest.mark.ray
 
 MAX_WALL_SECONDS = 5.0
 RECOVERY_SECONDS = 2.0
@@ -63,6 +65,7 @@ max_restarts = 0
 ABSENT_RESOURCE = "asyncbalance_no_node_offers_this"
 
 
+@pytest.mark.ray
 def test_a_host_that_can_never_be_placed_again_is_given_up_at_its_deadline(
         tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import ray
@@ -119,3 +122,52 @@ def test_a_host_that_can_never_be_placed_again_is_given_up_at_its_deadline(
     gaps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
     assert max(gaps) <= MAX_SAMPLE_GAP_SECONDS, max(gaps)
     assert times[-1] - loss["lost_at"] * TIME_UNIT > RECOVERY_SECONDS
+
+
+# The monitor sample's wait in the test below; a reply that never comes cost the link's own
+# timeout (2 s) before. The bound leaves 0.8 s of slack for a loaded machine.
+MONITOR_WAIT_SECONDS = 0.2
+MONITOR_SAMPLE_WITHIN_SECONDS = 1.0
+
+
+def test_a_silent_monitor_link_delays_a_sample_by_one_wait_at_most() -> None:
+    import socket
+
+    import msgpack
+
+    from actors.backend import RayBackend
+    from actors.links import _LENGTH, MonitorClient
+
+    backend = object.__new__(RayBackend)  # the sampling state alone, no hosts
+    backend.n_hosts = 2
+    backend.recovering, backend.abandoned = {}, set()
+    backend.monitors, backend.monitored = {}, {}
+    backend.latest = [np.zeros(3), np.zeros(3)]
+    backend.current, backend.updates = [{}, {}], [0, 0]
+    host_ends = []
+    for host in range(2):
+        driver_end, host_end = socket.socketpair()
+        driver_end.settimeout(2.0)  # as MonitorClient's own connections
+        client = object.__new__(MonitorClient)
+        client.sock = driver_end
+        backend.monitors[host] = client
+        host_ends.append(host_end)
+    values = np.array([0.5, -1.25, 2.0])
+    # Host 0 answers (its reply is waiting when the request goes out); host 1 never does.
+    reply = msgpack.packb({"log_scales": values.astype("<f8").tobytes(),
+                           "counters": {"sent": 4}, "unit_updates": 7}, use_bin_type=True)
+    host_ends[0].sendall(_LENGTH.pack(len(reply)) + reply)
+    try:
+        began = time.perf_counter()
+        complete = backend._fast_poll([0, 1], MONITOR_WAIT_SECONDS)
+        seconds = time.perf_counter() - began
+        assert seconds <= MONITOR_SAMPLE_WITHIN_SECONDS, seconds
+        assert not complete  # host 1 is left to a Ray poll
+        assert list(backend.monitors) == [0]  # its reply would come after a later request
+        np.testing.assert_array_equal(backend.latest[0], values)
+        assert backend.updates == [7, 0] and backend.current[0] == {"sent": 4}
+    finally:
+        for host in list(backend.monitors):
+            backend._close_monitor(host)
+        for end in host_ends:
+            end.close()
