@@ -34,6 +34,7 @@ import numpy as np
 import ray
 
 from asyncbalance.errors import InvalidInputError
+from asyncbalance.runtime import block_loops
 from asyncbalance.runtime.array_sim import link_means_of
 from asyncbalance.runtime.block_host import BlockHost
 from asyncbalance.runtime.frames import decode_frame, encode_frame
@@ -122,6 +123,8 @@ class HostActor:
             graph = await graph_box[0]
             layout = build_layout(graph, partition, local=shard_host == self.host_id)
             link_mean = link_means_of(layout, *delays)
+            # Compile the block loops now, not on the running clock.
+            block_loops.warm_up()
         else:
             specs, shard_host, settings = plan
         self.settings: HostSettings = settings

@@ -132,3 +132,18 @@ def test_gather_runs_concatenates_the_runs() -> None:
     np.testing.assert_array_equal(
         out, np.concatenate([values[s:s + c] for s, c in zip(starts, counts, strict=True)]))
     np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(counts)]))
+
+
+def test_warm_up_compiles_every_signature_the_engine_uses(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray hosts compile before their clock starts: nothing may be left to compile later.
+    block_loops.warm_up()
+    loops = [block_loops.deliver, block_loops.wake_on_news, block_loops.messages_from,
+             block_loops.link_values, block_loops.sort_into_windows]
+    before = [len(loop.signatures) for loop in loops]
+    for data in (FAULTY, CLEAN):
+        for partition in PARTITIONS:
+            for level in ("messages", "batches"):
+                _run(tmp_path, f"w{len(list(tmp_path.iterdir()))}", data, partition, level,
+                     True, monkeypatch)
+    assert [len(loop.signatures) for loop in loops] == before

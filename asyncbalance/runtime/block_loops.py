@@ -261,3 +261,24 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
         carried, ptr = gather_runs(values, run_starts, counts)
     return (window_keys[:n_windows], bounds[:n_windows + 1], sorted_times, sorted_links,
             sorted_versions, carried, ptr)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every loop for the argument types the engine passes,
+    on tiny arrays: a process that runs block hosts on a wall clock calls this before its
+    clock starts, so that no compilation stalls a running host."""
+    if not COMPILED:
+        return
+    i8 = np.zeros(2, dtype=np.int64)
+    f8 = np.zeros(2)
+    ptr = np.arange(3, dtype=np.int64)
+    for ordered in (False, True):
+        for one_slot in (False, True):
+            deliver(i8, np.ones(2, dtype=np.int64), f8, ordered, f8, i8, ptr, 1, i8,
+                    np.full(2, -1, dtype=np.int64), np.zeros(4), np.zeros(2, dtype=bool),
+                    np.ones(2, dtype=bool), np.arange(2, dtype=np.int64), one_slot,
+                    np.full(2, np.inf))
+            sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
+    wake_on_news(f8, np.zeros(2, dtype=bool), f8, f8)
+    messages_from(i8, i8, f8, ptr, i8, 1, 0)
+    link_values(i8, i8, i8, i8, ptr, i8, ptr, i8, f8)
