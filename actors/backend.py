@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import select
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import ray
+from ray._private import state as ray_state
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncbalance.errors import InvalidInputError
@@ -59,6 +61,10 @@ _EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_t
 # check that each host is alive) at most this often: a Ray call costs the driver 0.6 - 0.8 ms
 # of CPU, which on a small machine slows the host it shares a core with.
 FULL_POLL_SECONDS = 0.25
+# A host whose poll is unanswered for PENDING_SECONDS but which is alive and listening is
+# busy, not lost, for up to this long; the probe of its port waits at most PROBE_SECONDS.
+BUSY_SECONDS = 120.0
+PROBE_SECONDS = 0.5
 # A lost host gets at most this long to come back; never past the run's wall budget.
 RECOVERY_SECONDS = 120.0
 # A host still pending after this long waits for CPUs no live node has free (its node went
@@ -219,6 +225,11 @@ class RayBackend:
         self.last_full_poll = -np.inf
         self._open_monitors()
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
+        # When the sample in ``latest`` was asked for, per host: a Ray poll's reply that comes
+        # late (asked before a monitor sample taken since) is older and is not taken.
+        self.sampled_at = [-np.inf] * self.n_hosts
+        self.busy_until: dict[int, float] = {}
+        self.slow_polls = [0] * self.n_hosts  # polls found late but the host alive and busy
         # The driver's copy of every shard's last checkpoint: what a lost host resumes from.
         self.saved = self._zero_checkpoints()
         self.restarts = {s.shard_id: 0 for s in self.specs}
@@ -336,6 +347,7 @@ class RayBackend:
         fails, all are closed and nothing is taken.
         """
         hosts = self._active_hosts() if hosts is None else hosts
+        asked = time.perf_counter()
         try:
             for host in hosts:
                 self.monitors[host].request()
@@ -365,7 +377,7 @@ class RayBackend:
             else:
                 self.monitored[host] = log_scales_of(reply)
             reply["log_scales"] = self.monitored[host].astype("<f8").tobytes()
-            self._absorb_sample(host, reply)
+            self._absorb_sample(host, reply, asked)
         return complete
 
     def _monitor_answers(self, hosts: list[int], wait: float) -> set[int]:
@@ -415,7 +427,8 @@ class RayBackend:
         fresh: dict[int, bytes] = {}
         for host, (ref, asked_at) in list(self.pending_polls.items()):
             if ref not in ready:
-                if time.perf_counter() - asked_at >= PENDING_SECONDS:
+                late = time.perf_counter() - asked_at
+                if late >= PENDING_SECONDS and not (late < BUSY_SECONDS and self._busy(host)):
                     # Unanswered this long: its process is being restarted where no CPU is
                     # free, or its node is gone (declared dead only after ~15 s).
                     self._lose(host)
@@ -429,22 +442,50 @@ class RayBackend:
                 # Its process or node died (or Ray already restarted it, empty): resume it.
                 self._lose(host)
                 continue
-            fresh.update(self._absorb(host, reply))
+            fresh.update(self._absorb(host, reply, asked_at))
         if fresh and self.checkpoint_sink is not None:
             self.checkpoint_sink(fresh)
         if len(self.monitors) < len(self.addresses):
             self._open_monitors()
 
-    def _absorb_sample(self, host: int, reply: dict[str, Any]) -> None:
-        """The part of a reply that a monitor link and a poll both carry."""
+    def _busy(self, host: int) -> bool:
+        """Whether a host whose poll is late is only busy (a window of a large block takes
+        seconds): the control store holds its actor ALIVE and its link port accepts a
+        connection. A dead process's port refuses at once, even before the control store
+        learns of a lost node. Asked at most once per PENDING_SECONDS per host."""
+        now = time.perf_counter()
+        if self.busy_until.get(host, -np.inf) > now:
+            return True
+        try:
+            info = ray_state.state.actor_table(self.actors[host]._actor_id.hex())
+        except Exception:  # noqa: BLE001 - the control store unreachable: not known alive
+            return False
+        if not info or info.get("State") != "ALIVE":
+            return False
+        address = self.addresses.get(host)
+        if address is not None:
+            try:
+                socket.create_connection(address, timeout=PROBE_SECONDS).close()
+            except OSError:
+                return False
+        self.busy_until[host] = now + PENDING_SECONDS
+        self.slow_polls[host] += 1
+        return True
+
+    def _absorb_sample(self, host: int, reply: dict[str, Any], asked_at: float) -> None:
+        """The part of a reply that a monitor link and a poll both carry; not taken from a
+        reply asked for before the sample already taken (its state and counters are older)."""
+        if asked_at < self.sampled_at[host]:
+            return
+        self.sampled_at[host] = asked_at
         values = log_scales_of(reply)
         if values is not None:
             self.latest[host] = values
         self.current[host] = reply["counters"]
         self.updates[host] = reply["unit_updates"]
 
-    def _absorb(self, host: int, reply: dict[str, Any]) -> dict[int, bytes]:
-        self._absorb_sample(host, reply)
+    def _absorb(self, host: int, reply: dict[str, Any], asked_at: float) -> dict[int, bytes]:
+        self._absorb_sample(host, reply, asked_at)
         self.crash_logs[host] = reply["crash_log"]
         self.queue_max[host] = max(self.queue_max[host], reply["queue_max"])
         self.resident[host] = reply["resident_bytes"]
@@ -575,6 +616,7 @@ class RayBackend:
 
     def _set_latest_from_saved(self, host: int) -> None:
         # Latest state of a lost host: what it resumed from.
+        self.sampled_at[host] = time.perf_counter()
         if self.blocks:
             self.latest[host] = np.concatenate(
                 [np.zeros(self.specs[sid].n_own) if self.saved[sid] is None
@@ -630,6 +672,7 @@ class RayBackend:
         ray.get([a.reload.remote([ref], self.generation)
                  for a, ref in zip(self.actors, spec_refs, strict=True)])
         self.latest = [np.zeros(sum(self.specs[s].n_own for s in m)) for m in self.members]
+        self.sampled_at = [time.perf_counter()] * self.n_hosts  # older replies: other costs
         self.saved = self._zero_checkpoints()
 
     def owned_log_scales(self) -> list[np.ndarray]:
@@ -673,7 +716,7 @@ class RayBackend:
         return {**total, "transport": self.scenario.ray.transport, "hosts": self.n_hosts,
                 "host_of_shard": list(self.shard_host),
                 "max_host_queue": max(self.queue_max) if self.queue_max else 0,
-                "host_losses": self._losses()}
+                "slow_polls": sum(self.slow_polls), "host_losses": self._losses()}
 
     def checkpoints(self) -> dict[int, bytes]:
         return dict(self.saved)
@@ -690,9 +733,14 @@ class RayBackend:
         """A Ray ``poll`` now, for the run's last sample: the events and crash logs since the
         last one come only with it, and the counters of the same moment with them, so that
         the event log and the record's counters agree. Bounded like every wait on a host;
-        a recovery in progress takes one step, as at any sample."""
+        a recovery in progress takes one step, as at any sample. A poll asked for earlier and
+        still pending is taken first (its events), then every host is polled afresh."""
+        late = bool(self.pending_polls)
         self.last_full_poll = -np.inf
         self._poll(wait=PENDING_SECONDS)
+        if late:
+            self.last_full_poll = -np.inf
+            self._poll(wait=PENDING_SECONDS)
 
     def close(self) -> None:
         """Stop the hosts; a recovery still in progress ends here, recorded as not resumed."""
