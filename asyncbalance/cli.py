@@ -15,8 +15,10 @@ import errno
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command line as typed, for the provenance of records (main may be called directly).
     args.command_line = list(sys.argv) if argv is None else ["asyncbalance", *map(str, argv)]
     prefix = f"asyncbalance {args.command}"
+    previous = _interrupt_on_sigterm()
     try:
         return int(handlers[args.command](args) or 0)
     except NonConvergenceError as exc:
@@ -100,6 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last resort: one line and a saved traceback
         return _internal_error(prefix, exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_on_sigterm() -> object:
+    """SIGTERM (a job scheduler's stop, ``kill``) ends a command as Ctrl-C does: a run's
+    record is marked incomplete and interrupted, not left at "running". The previous
+    handler, to restore (None where none was set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _internal_error(prefix: str, exc: BaseException) -> int:
