@@ -190,7 +190,7 @@ def test_a_busy_host_is_not_taken_for_lost(tmp_path: Path, ray_session,
     summary = run_scenario(scenario_from_mapping({
         "name": "busy", "seed": 0, "backend": "ray", "record_events": False,
         "network": {"kind": "sparse_mlp", "sizes": [50, 2500, 2500, 2500, 2500, 10],
-                    "fan_in": 4, "unit_spread": 1.0, "seed": 0},
+                    "fan_in": 12, "unit_spread": 1.0, "seed": 0},
         "partition": {"granularity": "neuron"},
         "stop": {"tol": 1e-6, "max_wall_seconds": 90.0, "function_check": "final"},
         "ray": {"clock": "free", "hosts": 2}}), tmp_path / "run")
