@@ -195,7 +195,9 @@ class ShardBlock:
             empty = np.zeros(0, dtype=bool)
             return empty, empty
         if block_loops.COMPILED:
-            return self.deliver_from(links, versions, values, value_ptr[:-1], times)
+            status, changed = self.deliver_live(links, versions, values, value_ptr[:-1], times,
+                                                np.zeros(0, dtype=bool), np.zeros(0))
+            return status == 2, changed
         # Deliveries on a link that occurs once are independent of the order (the common
         # case); only the others need sorting.
         index = np.arange(m)
@@ -215,21 +217,14 @@ class ShardBlock:
             winners = np.concatenate([winners, won])
         return applied, self._write(winners, links, versions, values, value_ptr, m)
 
-    def deliver_from(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
-                     starts: np.ndarray, times: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """``deliver`` (compiled) with delivery i's values at ``values[starts[i]:]``."""
-        status, changed = self.deliver_live(links, versions, values, starts, times,
-                                            np.zeros(0, dtype=bool), np.zeros(0))
-        return status == 2, changed
-
     def deliver_live(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
                      starts: np.ndarray, times: np.ndarray | None, alive: np.ndarray,
                      first_arrival: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``deliver_from`` dropping deliveries to shards not ``alive`` (empty: all live)
-        and keeping each receiver's earliest applied arrival in ``first_arrival`` (empty:
-        not kept): per delivery 0 (dropped), 1 (delivered) or 2 (applied), and whether it
-        changed the view."""
+        """``deliver`` (compiled) with delivery i's values at ``values[starts[i]:]``,
+        dropping deliveries to shards not ``alive`` (empty: all live) and keeping each
+        receiver's earliest applied arrival in ``first_arrival`` (empty: not kept): per
+        delivery 0 (dropped), 1 (delivered) or 2 (applied), and whether it changed the
+        view."""
         lay = self.layout
         return block_loops.deliver(
             links, versions, np.zeros(0) if times is None else times, times is None, values,

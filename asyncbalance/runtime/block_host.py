@@ -420,24 +420,23 @@ class BlockHost:
             if self.level == "messages":
                 for i in np.nonzero(twice)[0]:
                     self._message_record("duplicate", sent_at[i], links[i], link_versions[i])
-        if block_loops.COMPILED and keep.all() and not twice.any():
-            # Nothing lost or doubled: every link message leaves once, in order.
-            delays = (self.sampler.sample_many(self.rng, self.link_mean[links])
-                      if s.paced else np.zeros(m))
-            carried, starts = block_loops.link_values(
-                np.zeros(0, dtype=np.int64), entry, senders, value_ptr, lay.link_slot_ptr,
-                lay.slot_sender_pos, lay.unit_ptr, links, values)
-            self._enqueue(sent_at + delays, links, link_versions, carried, starts)
-            return delays
-        copies = np.concatenate([np.nonzero(keep)[0], np.nonzero(twice)[0]])
-        if copies.size == 0:
-            return np.zeros(0)
+        if keep.all() and not twice.any():
+            # Nothing lost or doubled: every link message leaves once, in order (a slice, so
+            # no copies of the batch's arrays).
+            copies: slice | np.ndarray = slice(None)
+            n_copies = m
+        else:
+            copies = np.concatenate([np.nonzero(keep)[0], np.nonzero(twice)[0]])
+            n_copies = copies.shape[0]
+            if n_copies == 0:
+                return np.zeros(0)
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
-                  if s.paced else np.zeros(copies.shape[0]))
+                  if s.paced else np.zeros(n_copies))
         if block_loops.COMPILED:
             carried, starts = block_loops.link_values(
-                copies, entry, senders, value_ptr, lay.link_slot_ptr, lay.slot_sender_pos,
-                lay.unit_ptr, links, values)
+                np.zeros(0, dtype=np.int64) if isinstance(copies, slice) else copies, entry,
+                senders, value_ptr, lay.link_slot_ptr, lay.slot_sender_pos, lay.unit_ptr,
+                links, values)
             self._enqueue(sent_at[copies] + delays, links[copies], link_versions[copies],
                           carried, starts)
             return delays
