@@ -82,6 +82,16 @@ class ShardBlock:
         u = values[positions]
         out = []
         for table, visible in ((lay.incoming, lay.visible_in), (lay.outgoing, lay.visible_out)):
+            if block_loops.COMPILED:
+                sums = np.empty((lay.n_terms, n))
+                for t in range(lay.n_terms):
+                    exps = block_loops.scaled_neighbours(values, positions, table.ptr,
+                                                         table.rate[t], table.value_index)
+                    np.exp(exps, out=exps)
+                    sums[t] = block_loops.term_sums(exps, positions, table.ptr, table.cost[t],
+                                                    visible[t])
+                out.append(sums)
+                continue
             index, segment = expand_ranges(table.ptr[positions], table.ptr[positions + 1])
             neighbour = values[table.value_index[index]]
             sums = np.empty((lay.n_terms, n))

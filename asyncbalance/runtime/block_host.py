@@ -145,6 +145,7 @@ class BlockHost:
             if raw is not None and self.local[int(sid)]:
                 self.block.restore(int(sid), int(epochs[int(sid)]), decode_checkpoint(raw))
         self.slot_count = np.diff(lay.link_slot_ptr)
+        self.neurons = self.block.one_slot and lay.n_own == n
         # Only links into this host's shards are ever delivered here.
         self.partitions = []
         for start, stop, cut in s.partitions:
@@ -158,7 +159,7 @@ class BlockHost:
         self.saved_values = self.block.values.copy()
         self.saved_versions = self.block.link_version.copy()
         self.saved_time = np.full(n, now)
-        self.fresh_checkpoints: set[int] = set(self.order)
+        self.fresh = self.local.copy()  # checkpoints not yet taken by the caller
         self.restore_from: dict[int, dict[str, np.ndarray] | None] = {}
         self.faults: list[tuple[float, int, int, int]] = []
         for index, crash in enumerate(s.crashes):
@@ -432,6 +433,12 @@ class BlockHost:
                 return np.zeros(0)
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
                   if s.paced else np.zeros(n_copies))
+        if block_loops.COMPILED and self.neurons:
+            # One unit per sender and one slot per link: a link message carries its sender's
+            # only value, which is ``values[entry]``; the window sort reads it from there.
+            self._enqueue(sent_at[copies] + delays, links[copies], link_versions[copies],
+                          values, entry[copies])
+            return delays
         if block_loops.COMPILED:
             carried, starts = block_loops.link_values(
                 np.zeros(0, dtype=np.int64) if isinstance(copies, slice) else copies, entry,
@@ -563,6 +570,14 @@ class BlockHost:
 
     def _save(self, shards: np.ndarray, now: np.ndarray) -> None:
         lay = self.layout
+        self.saved_time[shards] = now
+        self.fresh[shards] = True
+        if block_loops.COMPILED:
+            block_loops.save_shards(shards, lay.unit_ptr, lay.in_link_ptr, lay.in_links,
+                                    lay.link_slot_ptr, lay.n_own, self.block.values,
+                                    self.block.link_version, self.saved_values,
+                                    self.saved_versions)
+            return
         positions, _ = lay.shard_positions(shards)
         slots = lay.n_own + lay.shard_slots(shards)
         links = lay.shard_in_links(shards)
@@ -570,8 +585,6 @@ class BlockHost:
         self.saved_values[positions] = values[positions]
         self.saved_values[slots] = values[slots]
         self.saved_versions[links] = self.block.link_version[links]
-        self.saved_time[shards] = now
-        self.fresh_checkpoints.update(int(s) for s in shards)
 
     def _saved(self, shard: int) -> dict[str, np.ndarray]:
         lay = self.layout
@@ -645,9 +658,10 @@ class BlockHost:
 
     def take_checkpoints(self) -> dict[int, bytes]:
         """Checkpoints taken since the last call, one msgpack payload per shard."""
-        fresh, self.fresh_checkpoints = self.fresh_checkpoints, set()
+        fresh = np.nonzero(self.fresh)[0].tolist()
+        self.fresh[:] = False
         out = {}
-        for sid in sorted(fresh):
+        for sid in fresh:
             saved = self._saved(sid)
             out[sid] = encode_checkpoint(sid, int(self.block.epoch[sid]), saved)
         return out

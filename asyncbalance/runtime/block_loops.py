@@ -10,10 +10,13 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
 - ``messages_from``, ``link_values``: the link messages of a batch of sends and the values
   each carries, gathered from its sender's entry;
 - ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
-  link messages by arrival window, into the arrays of a chunk of the timing wheel.
+  link messages by arrival window, into the arrays of a chunk of the timing wheel;
+- ``save_shards``: checkpoints (own values, halo slots and incoming link versions) of many
+  shards, copied range by range.
 
-The moves themselves (exponential sums over each unit's terms) stay in numpy: measured, a
-compiled loop around a scalar ``exp`` was slower than numpy's vectorised passes.
+- ``scaled_neighbours`` and ``term_sums``: the exponential sums of a move, split around one
+  vectorised ``np.exp`` (measured, a compiled loop around a scalar ``exp`` was slower than
+  numpy's vectorised one, so the loops gather and sum and numpy takes the exponentials).
 
 They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
 without numba) to use the numpy passes of ``block`` and ``block_host`` instead: the tests run
@@ -263,6 +266,54 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
             sorted_versions, carried, ptr)
 
 
+@_jit
+def scaled_neighbours(values, positions, ptr, rate, value_index):  # pragma: no cover
+    """``rate[q] * values[value_index[q]]`` for every term q of each of ``positions`` (the
+    terms ``ptr[p] .. ptr[p + 1]`` of position p), position after position."""
+    total = 0
+    for i in range(positions.shape[0]):
+        total += ptr[positions[i] + 1] - ptr[positions[i]]
+    out = np.empty(total)
+    at = 0
+    for i in range(positions.shape[0]):
+        for q in range(ptr[positions[i]], ptr[positions[i] + 1]):
+            out[at] = rate[q] * values[value_index[q]]
+            at += 1
+    return out
+
+
+@_jit
+def term_sums(exps, positions, ptr, cost, visible):  # pragma: no cover
+    """Per position, ``visible[p] + sum(cost[q] * exps[...])`` over its terms, summed in term
+    order from 0 (as ``np.bincount`` does, so the sums are the numpy passes' bit for bit)."""
+    n = positions.shape[0]
+    out = np.empty(n)
+    at = 0
+    for i in range(n):
+        p = positions[i]
+        total = 0.0
+        for q in range(ptr[p], ptr[p + 1]):
+            total += cost[q] * exps[at]
+            at += 1
+        out[i] = visible[p] + total
+    return out
+
+
+@_jit
+def save_shards(shards, unit_ptr, in_link_ptr, in_links, link_slot_ptr, n_own, values,
+                link_version, saved_values, saved_versions):  # pragma: no cover
+    """Copy each shard's own values, halo slots and incoming link versions into the saved
+    arrays (same places)."""
+    for s in shards:
+        for p in range(unit_ptr[s], unit_ptr[s + 1]):
+            saved_values[p] = values[p]
+        for q in range(in_link_ptr[s], in_link_ptr[s + 1]):
+            link = in_links[q]
+            saved_versions[link] = link_version[link]
+            for slot in range(n_own + link_slot_ptr[link], n_own + link_slot_ptr[link + 1]):
+                saved_values[slot] = values[slot]
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every loop for the argument types the engine passes,
     on tiny arrays: a process that runs block hosts on a wall clock calls this before its
@@ -282,3 +333,5 @@ def warm_up() -> None:
     wake_on_news(f8, np.zeros(2, dtype=bool), f8, f8)
     messages_from(i8, i8, f8, ptr, i8, 1, 0)
     link_values(i8, i8, i8, i8, ptr, i8, ptr, i8, f8)
+    term_sums(scaled_neighbours(f8, i8, ptr, f8, i8), i8, ptr, f8, f8)
+    save_shards(i8, ptr, ptr, i8, ptr, 1, np.zeros(4), i8, np.zeros(4), np.zeros(2, np.int64))
