@@ -107,3 +107,23 @@ def test_tuning_resplits_per_seed_with_the_claims_validation_share() -> None:
         parse_study(_study(paper_effects={"nb-ghost": 1.0}))
     with pytest.raises(InvalidInputError, match="validation_fraction"):
         parse_study(_study(validation_fraction=1.5))
+
+
+def test_tuning_seed_s_holds_out_fold_s_of_the_claims_k_fold() -> None:
+    data = _study(validation_folds=4)
+    data["budgets"]["smoke"]["tune_seeds"] = 4
+    study = parse_study(data)
+    tune = [j for j in plan(study, "smoke") if j.phase == "tune"]
+    by_seed = {j.seed: j.mapping["data"] for j in tune}
+    assert [by_seed[s]["validation_fold"] for s in range(4)] == [0, 1, 2, 3]
+    assert all("split_seed" not in m for m in by_seed.values())  # one partition
+    assert all(m["subset_seed"] == 0 for m in by_seed.values())    # of one subset
+    assert all(m["validation_folds"] == 4 and "validation_fraction" not in m
+               for m in by_seed.values())
+    run = [j for j in plan(study, "smoke") if j.phase == "run"]
+    assert all("validation_folds" not in j.mapping["data"] for j in run)  # test set kept
+    for bad in (1, -2, 2.5, True):
+        with pytest.raises(InvalidInputError, match="validation_folds"):
+            parse_study(_study(validation_folds=bad))
+    with pytest.raises(InvalidInputError, match="validation_folds"):
+        parse_study(_study(validation_folds=5, validation_fraction=0.2))

@@ -151,3 +151,61 @@ def test_lr_decay_and_eval_every() -> None:
     assert abs(moving[3]["test_loss"] - moving[1]["test_loss"]) > 1e-3
     with pytest.raises(InvalidInputError, match="lr_decay"):
         _config(**{"optimizer.lr_decay": 1.5})
+
+
+def test_validation_folds_are_a_stratified_k_fold_of_the_training_set() -> None:
+    unit = load_dataset(DataConfig(name="digits"))
+    rows = [r.tobytes() for r in unit.x_train]
+    index_of = {r: i for i, r in enumerate(rows)}
+    # digits has a few duplicate images: count them by position, not by bytes
+    assert len(index_of) > 0.98 * len(rows)
+    k = 5
+    held_count = np.zeros(len(rows), dtype=int)
+    sizes = []
+    for fold in range(k):
+        data = load_dataset(DataConfig(name="digits", validation_folds=k,
+                                       validation_fold=fold))
+        assert data.x_train.shape[0] + data.x_test.shape[0] == len(rows)
+        held = {r.tobytes() for r in data.x_test}
+        assert not any(r.tobytes() in held for r in data.x_train)           # disjoint
+        for r in data.x_test:
+            held_count[index_of[r.tobytes()]] += 1
+        sizes.append(np.bincount(data.y_test, minlength=10))
+    unique = np.array([index_of[r] == i for i, r in enumerate(rows)])
+    # over the k folds every training sample is held out exactly once
+    assert (held_count[unique] == 1).all()
+    # stratified: a class's count differs by at most one between folds
+    per_class = np.array(sizes)
+    assert (per_class.max(axis=0) - per_class.min(axis=0) <= 1).all()
+    # the partition is drawn from split_seed (like the data set's own split)
+    first = load_dataset(DataConfig(name="digits", validation_folds=k))
+    again = load_dataset(DataConfig(name="digits", validation_folds=k))
+    np.testing.assert_array_equal(first.x_test, again.x_test)
+    with pytest.raises(InvalidInputError, match="validation_folds"):
+        DataConfig(validation_folds=1)
+    with pytest.raises(InvalidInputError, match="validation_fold"):
+        DataConfig(validation_folds=5, validation_fold=5)
+    with pytest.raises(InvalidInputError, match="validation_fold"):
+        DataConfig(validation_fold=1)
+    with pytest.raises(InvalidInputError, match="validation_folds"):
+        DataConfig(validation_folds=5, validation_fraction=0.2)
+    summary = train_run(_config(**{"data.validation_folds": 3, "epochs": 1}), 0).summary
+    assert summary["evaluated_on"] == "validation"
+
+
+def test_folds_of_a_subset_cover_one_subset_when_its_seed_is_fixed() -> None:
+    # Tuning seed s trains with seed s on fold s: with the subset's seed fixed, the folds
+    # partition one subset; with the run's seed, each fold would come from another subset.
+    def held(fold: int, subset_seed: int) -> tuple[set[bytes], set[bytes]]:
+        data = load_dataset(DataConfig(name="digits", fraction=0.3, validation_folds=3,
+                                       validation_fold=fold, subset_seed=subset_seed), fold)
+        return {r.tobytes() for r in data.x_test}, {r.tobytes() for r in data.x_train}
+
+    parts = [held(f, 0) for f in range(3)]
+    subset = parts[0][0] | parts[0][1]
+    assert all(h | t == subset for h, t in parts)
+    assert sum(len(h) for h, _ in parts) == len(subset)
+    drifting = [held(f, -1) for f in range(3)]
+    assert any(h | t != drifting[0][0] | drifting[0][1] for h, t in drifting[1:])
+    with pytest.raises(InvalidInputError, match="subset_seed"):
+        DataConfig(subset_seed=-2)

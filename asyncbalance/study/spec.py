@@ -21,7 +21,10 @@ A study file (TOML) holds:
   ``settings`` = the settings to run, ``skip``); for the report: ``paper_epochs`` (the
   length of the paper's runs), ``paper_effects`` ("arm-against" = the paper's difference in
   points), ``summary_note`` (one sentence the summary line must carry),
-  ``validation_fraction`` (the claim's held-out share for tuning, over the study's).
+  ``validation_fraction`` (the claim's held-out share for tuning, over the study's) or
+  ``validation_folds`` (k >= 2: tuning seed s holds out fold s mod k of a stratified k-fold
+  of the training set, so k tuning seeds are a k-fold cross-validation; a subsetted
+  training set is the same subset, ``data.subset_seed = 0``, in every fold).
 
 Overrides apply in this order: base, claim, sweep point, setting, arm, budget, claim budget,
 the tuned values, then ``epochs``.
@@ -49,7 +52,7 @@ STUDY_KEYS = ("name", "description", "validation_fraction", "validation_resplit"
 BUDGET_KEYS = ("seeds", "tune_seeds", "note", "verdicts", "set")
 CLAIM_KEYS = ("id", "title", "priority", "kind", "paper", "baseline", "epochs", "set", "sweep",
               "settings", "arms", "budget", "notes", "compare", "paper_epochs",
-              "paper_effects", "summary_note", "validation_fraction")
+              "paper_effects", "summary_note", "validation_fraction", "validation_folds")
 SETTING_KEYS = ("source", "set", "tune")
 ARM_KEYS = ("description", "set")
 CLAIM_BUDGET_KEYS = ("set", "sweep", "seeds", "settings", "skip", "epochs")
@@ -100,6 +103,7 @@ class Claim:
     paper_effects: Mapping[str, float] = field(default_factory=dict)
     summary_note: str = ""
     validation_fraction: float | None = None
+    validation_folds: int = 0
 
     def epochs_for(self, budget: str) -> int | None:
         value = self.for_budget(budget).get("epochs", self.epochs.get(budget))
@@ -294,10 +298,18 @@ def _claim(index: int, table: Any) -> Claim:
     if fraction is not None and not 0 < float(fraction) < 1:
         raise InvalidInputError(f"{where}.validation_fraction",
                                 f"must be in (0, 1), got {fraction}")
+    folds = table.get("validation_folds", 0)
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds == 1 or folds < 0:
+        raise InvalidInputError(f"{where}.validation_folds",
+                                f"must be an integer >= 2 (or 0: off), got {folds!r}")
+    if folds and fraction is not None:
+        raise InvalidInputError(f"{where}.validation_folds", "and validation_fraction both "
+                                "choose the validation set: set one of them")
     paper_epochs = table.get("paper_epochs")
     extra = {"paper_epochs": None if paper_epochs is None else int(paper_epochs),
              "paper_effects": effects, "summary_note": str(table.get("summary_note", "")),
-             "validation_fraction": None if fraction is None else float(fraction)}
+             "validation_fraction": None if fraction is None else float(fraction),
+             "validation_folds": int(folds)}
     return Claim(str(table["id"]), str(table.get("title", table["id"])),
                  int(table.get("priority", 9)), kind, str(table.get("paper", "")).strip(),
                  str(table.get("notes", "")).strip(), baseline,
@@ -354,12 +366,18 @@ def cell_mapping(study: Study, claim: Claim, setting: Setting, point: Mapping[st
                  validation: bool = False, split: int | None = None) -> dict[str, Any]:
     """The training configuration mapping of one cell (validated before it is returned);
     a tuning run holds out the claim's (else the study's) validation share, drawn with
-    ``data.split_seed = split`` when the study re-splits per tuning seed."""
+    ``data.split_seed = split`` when the study re-splits per tuning seed, or, when the claim
+    has ``validation_folds``, fold ``split`` of its k-fold."""
     extra: dict[str, Any] = dict(tuned or {})
-    if validation:
+    if validation and claim.validation_folds:
+        extra["data.validation_folds"] = claim.validation_folds
+        extra["data.validation_fold"] = int(split or 0) % claim.validation_folds
+        # every fold of one training subset (a subsetted claim draws it per seed otherwise)
+        extra["data.subset_seed"] = 0
+    elif validation:
         extra["data.validation_fraction"] = (claim.validation_fraction
                                              or study.validation_fraction)
-        if split is not None:
+        if split is not None and study.validation_resplit:
             extra["data.split_seed"] = int(split)
     epochs = claim.for_budget(budget.name).get("epochs", claim.epochs.get(budget.name))
     if epochs is None:
@@ -408,7 +426,7 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
                                 mapping = cell_mapping(
                                     study, claim, setting, point, arm, budget, candidate,
                                     validation=True,
-                                    split=seed if study.validation_resplit else None)
+                                    split=seed)
                                 key = (claim.priority, 1, order, seed, setting.label,
                                        point_index, arm_index, tuned_label(candidate))
                                 jobs.append((key, Job(claim.id, setting.label, label, arm.label,

@@ -49,6 +49,14 @@ class DataConfig:
     # > 0: hold out this share of the (subsetted) training set, stratified and seeded by
     # split_seed, and evaluate on it instead of the test set (learning-rate selection)
     validation_fraction: float = 0.0
+    # >= 2: hold out fold ``validation_fold`` (0 .. k-1) of a stratified k-fold partition
+    # of the (subsetted) training set, drawn with split_seed, instead (over the k folds
+    # every training sample is held out once)
+    validation_folds: int = 0
+    validation_fold: int = 0
+    # the seed of the ``fraction`` subset: -1, the run's seed (each seed its own subset);
+    # >= 0, that subset for every run (a k-fold over one subset)
+    subset_seed: int = -1
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
@@ -57,6 +65,19 @@ class DataConfig:
         if not (0.0 <= self.validation_fraction < 1.0):
             raise InvalidInputError("data.validation_fraction",
                                     f"must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_folds == 1 or self.validation_folds < 0:
+            raise InvalidInputError("data.validation_folds",
+                                    f"must be 0 (off) or >= 2, got {self.validation_folds}")
+        if not 0 <= self.validation_fold < max(self.validation_folds, 1):
+            raise InvalidInputError("data.validation_fold", f"must be in 0 .. "
+                                    f"{max(self.validation_folds, 1) - 1} (data.validation_folds"
+                                    f" = {self.validation_folds}), got {self.validation_fold}")
+        if self.subset_seed < -1:
+            raise InvalidInputError("data.subset_seed",
+                                    f"must be -1 (the run's seed) or >= 0, got {self.subset_seed}")
+        if self.validation_folds and self.validation_fraction:
+            raise InvalidInputError("data.validation_folds", "and data.validation_fraction "
+                                    "both hold out a validation set: set one of them")
         if not (0.0 < self.fraction <= 1.0):
             raise InvalidInputError("fraction", f"must be in (0, 1], got {self.fraction}")
         if self.batch_size < 1:

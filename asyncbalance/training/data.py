@@ -169,7 +169,8 @@ def check_available(config: DataConfig, data_dir: str | None = None) -> None:
 
 
 def load_dataset(config: DataConfig, seed: int = 0, data_dir: str | None = None) -> Dataset:
-    """The configured data set, with the training set cut to ``config.fraction`` (seeded)."""
+    """The configured data set, with the training set cut to ``config.fraction`` (seeded by
+    the run's ``seed``, or by ``config.subset_seed`` when that is set)."""
     if config.name == "digits":
         data = load_digits_dataset(config)
     elif config.name == "circles":
@@ -188,15 +189,48 @@ def load_dataset(config: DataConfig, seed: int = 0, data_dir: str | None = None)
         raise InvalidInputError("data.name", f"unknown data set {config.name!r}",
                                 ["fashion_mnist", "idx", "digits", "circles"])
     if config.fraction < 1.0:
-        keep = stratified_subset(data.y_train, config.fraction, seed)
+        keep = stratified_subset(data.y_train, config.fraction,
+                                 seed if config.subset_seed < 0 else config.subset_seed)
         data = Dataset(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test,
                        data.image_shape, data.n_classes, data.name)
     if config.validation_fraction > 0:
         data = validation_split(data, config.validation_fraction, config.split_seed)
+    elif config.validation_folds:
+        data = validation_fold(data, config.validation_folds, config.validation_fold,
+                               config.split_seed)
     if config.scaling == "symmetric":
         data = Dataset(2.0 * data.x_train - 1.0, data.y_train, 2.0 * data.x_test - 1.0,
                        data.y_test, data.image_shape, data.n_classes, data.name)
     return data
+
+
+def fold_assignment(labels: np.ndarray, folds: int, draw: int) -> np.ndarray:
+    """The fold (0 .. folds-1) of every sample in a stratified ``folds``-fold partition drawn
+    with seed ``draw``: each class's samples in a random order, class after class, dealt out
+    to the folds in turn, so that every class is split as evenly as it can be (counts per
+    fold differ by at most one within a class and over the whole set)."""
+    rng = np.random.default_rng([draw, 104729])
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == label))
+                            for label in np.unique(labels)]) if labels.size else \
+        np.zeros(0, dtype=np.int64)
+    fold_of = np.empty(labels.size, dtype=np.int64)
+    fold_of[order] = np.arange(labels.size) % folds
+    return fold_of
+
+
+def validation_fold(data: Dataset, folds: int, fold: int, draw: int) -> Dataset:
+    """Hold out fold ``fold`` of the stratified ``folds``-fold partition drawn with seed
+    ``draw`` as the evaluation set (the test set is dropped): folds 0 .. folds-1 of one draw
+    are a k-fold cross-validation, each training sample held out exactly once."""
+    if folds > data.y_train.size:
+        raise InvalidInputError("data.validation_folds", f"{folds} folds of "
+                                f"{data.y_train.size} training samples leave a fold empty")
+    fold_of = fold_assignment(data.y_train, folds, draw)
+    held = np.flatnonzero(fold_of == fold)
+    train = np.flatnonzero(fold_of != fold)
+    return Dataset(data.x_train[train], data.y_train[train], data.x_train[held],
+                   data.y_train[held], data.image_shape, data.n_classes,
+                   f"{data.name}:validation")
 
 
 def validation_split(data: Dataset, fraction: float, seed: int) -> Dataset:

@@ -256,7 +256,7 @@ class SeedRun:
             "device": str(self.dev), "trainer": config.trainer.rule, "model": config.model.kind,
             "architecture": list(getattr(model, "widths", ())) or None,
             "dataset": data.name, "evaluated_on": "validation"
-            if config.data.validation_fraction else "test",
+            if config.data.validation_fraction or config.data.validation_folds else "test",
             "n_train": int(data.x_train.shape[0]),
             "n_test": int(data.x_test.shape[0]), "epochs": config.epochs,
             "balancing": asdict(bal), "regulariser": asdict(config.regulariser),
