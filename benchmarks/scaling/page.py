@@ -89,8 +89,15 @@ def render(data: dict[str, Any], analysis: dict[str, Any], kept: dict[str, str])
         "",
         "`--removal-run K` runs the scenario a second time and kills the worker node hosting",
         "the most shard hosts after K convergence samples (`--no-baseline` skips the undisturbed",
-        "run); a run that ends before its K-th sample is reported as an error, exit 1. For a real",
-        "cluster, see `scenarios/cluster.toml` (`--address` / `RAY_ADDRESS`).",
+        "run); a run that ends before its K-th sample is reported as an error, exit 1. The lost",
+        "hosts are brought back from the checkpoints the driver holds, on the live nodes "
+        "(sharing a",
+        "core when none is free), while the driver goes on sampling the live ones; one not "
+        "back by",
+        "its deadline is given up and the run ends at its wall budget. The run's",
+        "`transport.host_losses` says when each host was lost, when (if ever) it was back and how",
+        "(see the **Ray** item of [runtime.md](runtime.md)). For a real cluster, see",
+        "`scenarios/cluster.toml` (`--address` / `RAY_ADDRESS`).",
         "",
         "## What moves",
         "",
@@ -243,21 +250,46 @@ def extrapolation_section(analysis: dict[str, Any], act: dict[str, float]) -> li
     return lines
 
 
+CLUSTER_RUN = Path(__file__).resolve().parents[1] / "results" / "cluster_100k.json"
+
+
 def cluster_note(analysis: dict[str, Any], total_memory: float) -> str:
-    """The 10^5-neuron run on the local 3-node cluster: predicted memory against this
-    machine's."""
+    """The 10^5-neuron run on the local 3-node cluster (``results/cluster_100k.json``, when
+    it was made): measured memory per host against the model's, and what 10^6 would take."""
+    import json
+
     from asyncbalance.runtime.costmodel import CostModel, array_bytes, sparse_mlp_counts
 
     fields = {k: v for k, v in analysis["model"].items() if k != "fitted"}
     model = CostModel(**fields)
-    per_host = model.resident_bytes(array_bytes(sparse_mlp_counts((25_000,) * 4, 133, 3)))
-    return (f"- Not run: `scenarios/neurons_100k.toml` (10^5 neurons, 10^7 synapses) on Ray "
-            f"over the 3-node local cluster (`actors.cluster`). Predicted {fmt_bytes(per_host)} "
-            f"per host with the whole layout, {fmt_bytes(3 * per_host)} for three hosts before "
-            "the driver's "
-            f"network, cost graph, optimum and shard specs, on a machine of "
-            f"{fmt_bytes(total_memory)} shared with other work (Ray's memory monitor kills a "
-            "worker at 95 % of it, which it did to one 50 MB host of this benchmark).")
+    whole = model.resident_bytes(array_bytes(sparse_mlp_counts((25_000,) * 4, 133, 3)))
+    local = model.resident_bytes(array_bytes(sparse_mlp_counts((25_000,) * 4, 133, 3),
+                                             local=True))
+    million = model.resident_bytes(array_bytes(sparse_mlp_counts((250_000,) * 4, 133, 3),
+                                               local=True))
+    if not CLUSTER_RUN.is_file():
+        return (f"- Not run: `scenarios/neurons_100k.toml` (10^5 neurons, 10^7 synapses) on "
+                f"Ray over the 3-node local cluster (`actors.cluster`). Predicted "
+                f"{fmt_bytes(local)} per host with host-local layouts ({fmt_bytes(whole)} with "
+                f"the whole layout), on a machine of {fmt_bytes(total_memory)}.")
+    run = json.loads(CLUSTER_RUN.read_text())
+    rss = run["host_resident_bytes"]
+    verdict = "converged" if run["converged"] else "did not converge"
+    return (f"- `scenarios/neurons_100k.toml` (10^5 neurons, 1.3e7 synapses) on Ray over the "
+            f"{run['nodes']}-node local cluster (`actors.cluster`, one host per node, "
+            f"free-running, {run['machine']}; `{run['command']}`): {verdict} to "
+            f"{run['max_abs_log_scale_error']:.2g} after {run['run_seconds']:.0f} s of "
+            f"balancing ({run['messages_sent']:.3g} link messages, {run['unit_updates']:.3g} "
+            f"moves, {run['host_losses']} hosts lost). Resident memory per host "
+            + ", ".join(fmt_bytes(b) for b in rss)
+            + f" (host-local layouts; the middle layers' host holds the most in-links), driver "
+            f"{fmt_bytes(run['driver_peak_resident_bytes'])}; the model predicts "
+            f"{fmt_bytes(local)} per host for an even share ({fmt_bytes(whole)} with the whole "
+            f"layout): largest measured / predicted {max(rss) / local:.2f}, mean "
+            f"{sum(rss) / len(rss) / local:.2f}. 10^6 neurons (1.3e8 synapses) on three hosts "
+            f"would need {fmt_bytes(million)} per host by the same model, "
+            f"{fmt_bytes(3 * million)} for three, against this machine's "
+            f"{fmt_bytes(total_memory)}: not run here.")
 
 
 def limits_section(analysis: dict[str, Any], total_memory: float) -> list[str]:
