@@ -12,6 +12,10 @@
 6. The array engine's compiled loops (``block_loops``, numba) against its numpy passes on
    10^4 neurons (``scenarios/neurons_100k.toml`` at a tenth of the width: fan-in 133,
    1.3e6 synapses): wall seconds and delivered neighbour updates per second, same records.
+7. ``--seeds N`` (alone): the delay sweeps of 3 and 4 over N seeds (scenario and network
+   seed s = 0 .. N-1, sampled every time unit): mean time units to 1e-8 on each engine and
+   their ratio with a 95 % interval (bootstrap over the seeds, each seed's pair kept
+   together), so that one seed's draw is not taken for a change of behaviour.
 
 The per-message engine is ``simulator.Simulator`` (the reference ``ShardHost``, event by
 event); the array engine is ``array_sim.ArraySimulator``. The ``sim`` backend runs the array
@@ -20,7 +24,7 @@ larger ones (``array_sim.uses_blocks``): cases 2 and 3 show why. The wall ratio 
 per-message over array (above 1: the array engine is faster).
 
 Usage: .venv/bin/python benchmarks/bench_blocks.py [--skip-reference-neuron]
-       [--delays 0,1,2,4,8] [--only-loops]
+       [--delays 0,1,2,4,8] [--only-loops] [--seeds N]
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ SAMPLE = 2.0
 
 
 def to_tolerance(problem, engine: str, max_time: float = 5_000.0,
-                 step: float | None = None) -> dict:
-    """Run ``engine`` on ``problem`` sampling every 2 units, as the coordinator does."""
+                 step: float | None = None, sample: float = SAMPLE) -> dict:
+    """Run ``engine`` on ``problem`` sampling every ``sample`` units (2, as the coordinator
+    does by default)."""
     s = problem.scenario
     events = EventWriter(None)
     sim = (ArraySimulator(problem.specs, s, events, problem.graph, step=step)
@@ -56,7 +61,7 @@ def to_tolerance(problem, engine: str, max_time: float = 5_000.0,
     clock = 0.0
     error = np.inf
     while clock < max_time:
-        clock += SAMPLE
+        clock += sample
         sim.advance(clock)
         u = gather_log_scales(problem.graph.n_units, problem.specs, sim.owned_log_scales())
         error = float(np.abs(u - target).max())
@@ -87,9 +92,14 @@ def main() -> None:
     parser.add_argument("--delays", default="0,1,2,4,8")
     parser.add_argument("--only-loops", action="store_true",
                         help="run only case 6 (compiled loops against numpy passes)")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="run only case 7: the delay sweeps over this many seeds")
     args = parser.parse_args()
     if args.only_loops:
         compare_loops()
+        return
+    if args.seeds:
+        compare_over_seeds(args.seeds, [float(d) for d in args.delays.split(",")])
         return
     print("| case | per-message: units | wall s | delivered/s / moves/s "
           "| array: units | wall s | delivered/s / moves/s | wall ratio | units ratio |")
@@ -105,24 +115,12 @@ def main() -> None:
         print(row(f"quickstart, {granularity} ({len(problem.specs)} shards)", ref, arr),
               flush=True)
     for mean in [float(d) for d in args.delays.split(",")]:
-        scenario = scenario_from_mapping({
-            "name": "sweep", "seed": 0,
-            "network": {"kind": "mlp", "sizes": [784, 512, 512, 512, 10],
-                        "unit_spread": 0.5, "seed": 0},
-            "balance": {"p": 2.0},
-            "links": {"delay": "exponential", "mean": mean}})
-        problem = prepare(scenario)
+        problem = prepare(layer_sweep(mean, 0))
         arr = to_tolerance(problem, "array")
         ref = to_tolerance(problem, "reference")
         print(row(f"784-512x3-10, 3 shards, mean delay {mean:g}", ref, arr), flush=True)
     for mean in [float(d) for d in args.delays.split(",")]:
-        scenario = scenario_from_mapping({
-            "name": "sweep", "seed": 0,
-            "network": {"kind": "mlp", "sizes": [16, 48, 48, 48, 4], "unit_spread": 1.0,
-                        "seed": 0},
-            "partition": {"granularity": "neuron"},
-            "links": {"delay": "exponential", "mean": mean}})
-        problem = prepare(scenario)
+        problem = prepare(neuron_sweep(mean, 0))
         arr = to_tolerance(problem, "array")
         ref = to_tolerance(problem, "reference")
         print(row(f"16-48x3-4, 144 neurons, mean delay {mean:g}", ref, arr), flush=True)
@@ -137,6 +135,58 @@ def main() -> None:
         print(f"| 1/{round(1 / fraction)} | {r['time']:.0f} | {r['wall']:.2f} |", flush=True)
 
     compare_loops()
+
+
+def layer_sweep(mean: float, seed: int):
+    """Case 3's scenario: 784-512x3-10 in 3 layer shards, p = 2, exponential delays."""
+    return scenario_from_mapping({
+        "name": "sweep", "seed": seed,
+        "network": {"kind": "mlp", "sizes": [784, 512, 512, 512, 10], "unit_spread": 0.5,
+                    "seed": seed},
+        "balance": {"p": 2.0},
+        "links": {"delay": "exponential", "mean": mean}})
+
+
+def neuron_sweep(mean: float, seed: int):
+    """Case 4's scenario: 16-48x3-4 at neuron granularity (144 shards), p = 1."""
+    return scenario_from_mapping({
+        "name": "sweep", "seed": seed,
+        "network": {"kind": "mlp", "sizes": [16, 48, 48, 48, 4], "unit_spread": 1.0,
+                    "seed": seed},
+        "partition": {"granularity": "neuron"},
+        "links": {"delay": "exponential", "mean": mean}})
+
+
+def ratio_interval(array_units: np.ndarray, reference_units: np.ndarray,
+                   resamples: int = 4000) -> tuple[float, float, float]:
+    """Mean array units over mean per-message units, and a 95 % percentile bootstrap
+    interval resampling the seeds (a seed's two runs stay together)."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, array_units.shape[0], (resamples, array_units.shape[0]))
+    ratios = array_units[picks].mean(axis=1) / reference_units[picks].mean(axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(array_units.mean() / reference_units.mean()), float(low), float(high)
+
+
+def compare_over_seeds(n_seeds: int, delays: list[float]) -> None:
+    print(f"\n| case ({n_seeds} seeds, sampled every unit) | per-message: units, mean ± sd | "
+          "array: units, mean ± sd | ratio of means [95 % interval] | within 10 % |")
+    print("|---|---|---|---|---|")
+    for label, make in (("784-512x3-10, 3 shards", layer_sweep),
+                        ("16-48x3-4, 144 neurons", neuron_sweep)):
+        for mean in delays:
+            runs = {"array": [], "reference": []}
+            for seed in range(n_seeds):
+                problem = prepare(make(mean, seed))
+                for engine in runs:
+                    runs[engine].append(to_tolerance(problem, engine, sample=1.0)["time"])
+            arr, ref = np.array(runs["array"]), np.array(runs["reference"])
+            ratio, low, high = ratio_interval(arr, ref)
+            inside = "yes" if 0.9 <= low and high <= 1.1 else (
+                "no" if high < 0.9 or low > 1.1 else "undecided")
+            print(f"| {label}, mean delay {mean:g} | {ref.mean():.1f} ± {ref.std(ddof=1):.1f} | "
+                  f"{arr.mean():.1f} ± {arr.std(ddof=1):.1f} | {ratio:.3f} [{low:.3f}, "
+                  f"{high:.3f}] | {inside} |", flush=True)
 
 
 def compare_loops() -> None:
