@@ -95,3 +95,34 @@ def test_a_crashed_neuron_restarts_from_its_checkpoint_or_from_zero(restore: str
         if np.abs(u - problem.optimum.log_scales).max() <= 1e-8:
             break
     assert np.abs(u - problem.optimum.log_scales).max() <= 1e-8
+
+
+def test_checkpoints_are_kept_only_where_a_restart_reads_them(tmp_path, monkeypatch) -> None:
+    from asyncbalance.runtime import array_sim
+
+    def keeps(faults: dict) -> bool:
+        problem = prepare(scenario_from_mapping({**NEURONS, "faults": faults}))
+        return ArraySimulator(problem.specs, problem.scenario, EventWriter(None),
+                              problem.graph).host.keep_checkpoints
+
+    crash = {"shard": 3, "at": 2.0, "down_for": 1.0}
+    assert not keeps({})
+    assert not keeps({"crashes": [{**crash, "restore": "zero"}]})
+    assert keeps({"crashes": [{**crash, "restore": "checkpoint"}]})
+
+    # Skipping them changes nothing a run records: the same events, byte for byte, as a
+    # host made to keep them.
+    def events(name: str) -> bytes:
+        run_scenario(scenario_from_mapping({**NEURONS, "name": name, "record_events": True}),
+                     tmp_path / name)
+        return (tmp_path / name / "events.msgpack").read_bytes()
+
+    skipped = events("skipped")
+    original = array_sim.BlockHost
+
+    class Keeping(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "keep_checkpoints": True})
+
+    monkeypatch.setattr(array_sim, "BlockHost", Keeping)
+    assert events("kept") == skipped

@@ -86,9 +86,12 @@ class ArraySimulator(HostReadings):
             graph, [spec.units for spec in self.specs])
         lay = self.layout
         self.step = float(step) if step is not None else default_step(scenario)
-        self.host = BlockHost(0, lay, np.zeros(lay.n_shards, dtype=np.int64),
-                              settings_for(scenario, {}), link_mean_array(scenario, lay),
-                              self.step, level=event_level(scenario))
+        settings = settings_for(scenario, {})
+        self.host = BlockHost(0, lay, np.zeros(lay.n_shards, dtype=np.int64), settings,
+                              link_mean_array(scenario, lay), self.step,
+                              level=event_level(scenario),
+                              keep_checkpoints=any(c.restore == "checkpoint"
+                                                   for c in settings.crashes))
         self.now = 0.0
         self.busy_seconds = 0.0
 

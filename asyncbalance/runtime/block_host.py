@@ -105,8 +105,13 @@ class BlockHost:
                  settings: HostSettings, link_mean: np.ndarray, step: float,
                  generation: int = 0, checkpoints: dict[int, bytes | None] | None = None,
                  restarts: dict[int, int] | None = None, now: float = 0.0,
-                 level: str = "batches", catch_up: bool = False):
+                 level: str = "batches", catch_up: bool = False,
+                 keep_checkpoints: bool = True):
         self.host_id = host_id
+        # Checkpoints are read by restarts from a checkpoint and by a caller that takes them
+        # (Ray's driver); a caller with neither (a simulator without such crashes) skips
+        # taking them, which changes nothing else.
+        self.keep_checkpoints = keep_checkpoints
         # On a wall clock a host that fell behind takes everything due up to ``now`` in one
         # window instead of replaying the windows it missed one by one.
         self.catch_up = catch_up
@@ -348,9 +353,10 @@ class BlockHost:
         now = self.wake_at[due].copy()
         block = self.block
         senders = block.wake(due, now)
-        ripe = now - self.saved_time[due] >= self.settings.checkpoint_interval
-        if ripe.any():
-            self._save(due[ripe], now[ripe])
+        if self.keep_checkpoints:
+            ripe = now - self.saved_time[due] >= self.settings.checkpoint_interval
+            if ripe.any():
+                self._save(due[ripe], now[ripe])
         tick = now + (self.wake.interval_many(self.rng, due.shape[0]) if self.settings.paced
                       else 0.0)
         self.next_tick[due] = tick
