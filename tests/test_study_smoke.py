@@ -115,3 +115,22 @@ def test_missing_fashion_mnist_fails_at_once(tmp_path: Path,
     err = capsys.readouterr().err
     assert "data.dir" in err and "apt-get install dataset-fashion-mnist" in err
     assert not records.exists()
+
+
+def test_no_ensemble_trains_every_seed_on_its_own(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("--no-ensemble must not train an ensemble")
+
+    monkeypatch.setattr(ensemble_module, "train_ensemble", refused)
+    records = tmp_path / "records"
+    args = ["study", "run", str(STUDY), "--budget", "smoke", "--records", str(records),
+            "--claim", "table2_partial_2fcn", "--max-runs", "2", "--quiet"]
+    assert main([*args, "--no-ensemble"]) == 0
+    assert not calls and len(_records(records)) == 2
+    # without the flag the next cell's seeds go to the ensemble (refused here: an error)
+    assert main(args) != 0
+    assert calls

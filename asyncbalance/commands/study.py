@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                            help="torch CPU threads (default 1)")
             p.add_argument("--max-runs", type=int, default=None, metavar="N",
                            help="stop after N new runs (resume later)")
+            p.add_argument("--no-ensemble", action="store_true",
+                           help="train every seed as a run of its own (default: the pending "
+                                "seeds of a cell train as one ensemble where the "
+                                "configuration allows it)")
             p.add_argument("--quiet", action="store_true")
         if name == "report":
             p.add_argument("-o", "--output", default="docs/claims.md", metavar="REPORT.md")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         from ..study.runner import run_study
         log = (lambda _text: None) if args.quiet else (lambda text: print(text, flush=True))
         stats = run_study(study, args.budget, args.records, claims, args.device, args.data_dir,
-                          args.threads, args.max_runs, log)
+                          args.threads, args.max_runs, log, ensemble=not args.no_ensemble)
         print(f"study {study.name} budget {args.budget}: {stats.ran} runs done, "
               f"{stats.skipped} already recorded, {stats.planned} planned "
               f"({stats.seconds:.0f}s)", file=sys.stderr)
