@@ -210,3 +210,24 @@ def test_partition_choices_are_validated():
         partition_units(graph, "layer")
     shards = partition_units(graph, "shard", shards_per_layer=3)
     assert sorted(np.concatenate(shards).tolist()) == np.nonzero(graph.free)[0].tolist()
+
+
+def test_cost_bytes_count_what_a_shard_holds_dense_or_sparse() -> None:
+    from asyncbalance.runtime.coordinator import prepare
+    from asyncbalance.runtime.scenario import scenario_from_mapping
+
+    def specs(kind: str) -> list:
+        return prepare(scenario_from_mapping({
+            "name": kind, "network": {"kind": kind, "sizes": [20, 40, 40, 5], "fan_in": 4,
+                                      "seed": 0} if kind == "sparse_mlp" else
+            {"kind": kind, "sizes": [20, 40, 40, 5], "seed": 0},
+            "partition": {"shards_per_layer": 2}})).specs
+
+    for spec in specs("mlp"):
+        # dense: the shard's rows and columns as arrays, one matrix per term
+        assert spec.cost_bytes == sum(k.nbytes for s in spec.graph.stacks for k in s.costs) > 0
+    for spec in specs("sparse_mlp"):
+        nnz = sum(k.nnz for block in spec.graph.blocks for k in block.costs)
+        # sparse: 8-byte values and 4- or 8-byte indices per stored cost, plus row pointers
+        assert 12 * nnz <= spec.cost_bytes <= 16 * nnz + 8 * 8 * (spec.graph.n_units + 1)
+        assert nnz > 0

@@ -75,7 +75,11 @@ class ShardSpec:
 
     @property
     def cost_bytes(self) -> int:
-        """Bytes of the costs this shard holds: its units' rows and columns, per term."""
+        """Bytes of the costs this shard holds: its units' rows and columns, per term (the
+        CSR arrays of a sparse graph's blocks)."""
+        if self.graph.sparse:
+            return sum(k.data.nbytes + k.indices.nbytes + k.indptr.nbytes
+                       for block in self.graph.blocks for k in block.costs)
         return sum(k.nbytes for s in self.graph.stacks for k in s.costs)
 
 
