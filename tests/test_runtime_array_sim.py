@@ -126,3 +126,46 @@ def test_checkpoints_are_kept_only_where_a_restart_reads_them(tmp_path, monkeypa
 
     monkeypatch.setattr(array_sim, "BlockHost", Keeping)
     assert events("kept") == skipped
+
+
+def test_the_slowest_tenth_of_a_large_batch_waits_in_chunks_of_its_own(
+        tmp_path, monkeypatch) -> None:
+    from asyncbalance.runtime import block_host
+
+    problem = prepare(scenario_from_mapping(NEURONS))
+    host = ArraySimulator(problem.specs, problem.scenario, EventWriter(None),
+                          problem.graph).host
+    rng = np.random.default_rng(0)
+    n = 5_000
+    links = rng.integers(0, host.layout.n_links, n)
+    times = np.sort(rng.exponential(3.0, n)) + 100.0
+
+    def enqueue() -> list[tuple]:
+        host.buckets, host.bucket_keys = {}, []
+        host._enqueue(times, links, np.ones(n, dtype=np.int64), rng.random(n),
+                      np.arange(n, dtype=np.int64))
+        return [entry for key in sorted(host.buckets) for entry in host.buckets[key]]
+
+    monkeypatch.setattr(block_host, "TAIL_MIN_MESSAGES", 0)
+    entries = enqueue()
+    head = entries[0][0]
+    apart = [(chunk, lo, hi) for chunk, lo, hi in entries if chunk is not head]
+    # the windows past 90 % of the batch hold copies of just their own messages, so the
+    # batch's arrays are freed once the head has arrived
+    assert apart and sum(hi - lo for _, lo, hi in apart) <= 0.1 * n + max(
+        hi - lo for _, lo, hi in entries)
+    assert all(lo == 0 and chunk.times.shape[0] == hi for chunk, lo, hi in apart)
+    monkeypatch.setattr(block_host, "TAIL_MIN_MESSAGES", 10 * n)
+    entries = enqueue()
+    assert all(chunk is entries[0][0] for chunk, _, _ in entries)  # small: one chunk
+
+    # Where the tail goes changes nothing a run records.
+    def events(name: str) -> bytes:
+        data = {**NEURONS, "name": name, "record_events": "messages",
+                "links": {"delay": "pareto", "mean": 1.0}}
+        run_scenario(scenario_from_mapping(data), tmp_path / name)
+        return (tmp_path / name / "events.msgpack").read_bytes()
+
+    whole = events("whole")
+    monkeypatch.setattr(block_host, "TAIL_MIN_MESSAGES", 0)
+    assert events("split") == whole
