@@ -43,15 +43,18 @@ def expand_ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np
     return index, segment
 
 
-def _unique(keys: np.ndarray) -> np.ndarray:
-    """``np.unique(keys)`` by a sort: measured 70x faster on 3.7e6 int64 keys than
-    ``np.unique``'s hashing (0.034 s against 2.4 s), which dominated building a layout."""
-    ordered = np.sort(keys)
-    if ordered.shape[0] == 0:
-        return ordered
-    keep = np.ones(ordered.shape[0], dtype=bool)
-    keep[1:] = ordered[1:] != ordered[:-1]
-    return ordered[keep]
+def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` by one argsort: the sorted distinct keys and,
+    per key, its index among them (equal keys share it whatever order the sort leaves them
+    in, so the sort need not be stable). Measured on 5.3e7 int64 keys in random order: 4.6 s,
+    where a sort and a binary search per key took 89 s."""
+    order = np.argsort(keys)
+    ordered = keys[order]
+    starts = np.ones(ordered.shape[0], dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    inverse = np.empty(keys.shape[0], dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return ordered[starts], inverse
 
 
 def _csr(keys: np.ndarray, n: int) -> np.ndarray:
@@ -224,7 +227,10 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
     foreign = (owner[nb_all] >= 0) & (owner[nb_all] != recv_all)
     sender = owner[nb_all[foreign]]
     key = (sender * n_shards + recv_all[foreign]) * n_global + nb_all[foreign]
-    slot_keys = _unique(key)
+    slot_keys, slot_of_key = _unique_inverse(key)
+    # The halo slot each foreign term reads: incoming terms' first, then outgoing ones'.
+    n_in_foreign = int(foreign[:in_nb.shape[0]].sum())
+    foreign_slots = {True: slot_of_key[:n_in_foreign], False: slot_of_key[n_in_foreign:]}
     slot_nb = slot_keys % n_global
     slot_link_key = slot_keys // n_global
     # Sorted already (slot keys are): each new value starts a link.
@@ -242,14 +248,12 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
     n_own = units.shape[0]
     zero_index = n_own + slot_keys.shape[0]
 
-    def value_index(pos: np.ndarray, nb: np.ndarray) -> np.ndarray:
+    def value_index(pos: np.ndarray, nb: np.ndarray, slots: np.ndarray) -> np.ndarray:
         recv = shard_of_unit[pos]
         index = np.full(pos.shape[0], zero_index, dtype=np.int64)
         same = owner[nb] == recv
         index[same] = pos_of[nb[same]]
-        other = (owner[nb] >= 0) & ~same
-        k = (owner[nb[other]] * n_shards + recv[other]) * n_global + nb[other]
-        index[other] = n_own + np.searchsorted(slot_keys, k)
+        index[(owner[nb] >= 0) & ~same] = n_own + slots  # the terms ``foreign`` marked
         return index
 
     def table(pos: np.ndarray, nb: np.ndarray, k: np.ndarray, incoming: bool) -> TermTable:
@@ -257,7 +261,7 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
         rate = (-powers[:, None] * graph.degrees[nb][None, :] if incoming
                 else np.broadcast_to(powers[:, None], k.shape).copy())
         return TermTable(_csr(pos, n_own), np.ascontiguousarray(k), rate,
-                         value_index(pos, nb))
+                         value_index(pos, nb, foreign_slots[incoming]))
 
     color, n_colors = _colors(in_pos, in_nb, out_pos, out_nb, pos_of, owner, shard_of_unit,
                               unit_ptr)
