@@ -81,7 +81,10 @@ class Routes:
         shard_host = np.asarray(shard_host, dtype=np.int64)
         n_hosts = int(shard_host.max()) + 1 if shard_host.size else 1
         keys = layout.link_src * n_hosts + shard_host[layout.link_dst]
-        order = np.lexsort((layout.link_dst, keys))
+        # Links are sorted by (sender, receiver): with keys in order already (one host) the
+        # sort is the identity (3 s saved on 2.7e7 links).
+        order = (np.arange(keys.shape[0]) if (keys[1:] >= keys[:-1]).all()
+                 else np.lexsort((layout.link_dst, keys)))
         pair_ptr = np.searchsorted(keys[order], np.arange(layout.n_shards * n_hosts + 1))
         # Neighbourhood is symmetric: a receiver r of a link a -> r feeds a's host. So a
         # host's own part of the layout (links into its shards) tells where its shards send.
