@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -205,6 +206,11 @@ def test_run_record_has_the_documented_files_and_keys(tmp_path, backend):
     if backend == "ray":
         expected = ["checkpoints.msgpack", *expected]
     assert sorted(p.name for p in directory.iterdir()) == expected
+    if backend == "ray":
+        # every shard's latest checkpoint, written when the run ended
+        saved = msgpack.unpackb((directory / "checkpoints.msgpack").read_bytes(),
+                                strict_map_key=False)
+        assert sorted(saved) == list(range(summary["n_shards"]))
     assert json.loads((directory / "summary.json").read_text())["status"] == "complete"
     on_disk = json.loads((directory / "summary.json").read_text())
     for key in ("converged", "max_abs_log_scale_error", "relative_cost_gap",
@@ -279,3 +285,34 @@ def test_ray_actor_that_dies_unannounced_is_restarted_then_replaced(tmp_path, ra
     losses = summary["transport"]["host_losses"]
     assert len(losses) == 2
     assert summary["crashes"] == summary["restarts"] == sum(loss["shards"] for loss in losses)
+
+
+def test_checkpoints_reach_the_record_at_most_every_interval_and_at_the_end(
+        tmp_path, monkeypatch) -> None:
+    from asyncbalance.runtime import coordinator
+
+    run = object.__new__(coordinator._Run)
+    run.directory = tmp_path
+    run.checkpoints, run.checkpoints_pending = {}, False
+    run.checkpoints_written = -float("inf")
+    path = tmp_path / "checkpoints.msgpack"
+
+    def on_disk() -> dict:
+        return msgpack.unpackb(path.read_bytes(), strict_map_key=False)
+
+    run._save_checkpoints({0: b"a", 1: b"b"})
+    assert on_disk() == {0: b"a", 1: b"b"}          # the first at once
+    run._save_checkpoints({1: b"c", 2: b"d"})
+    assert on_disk() == {0: b"a", 1: b"b"}          # within the interval: held
+
+
+    class Closing:  # a backend whose last poll brings checkpoints as it closes
+        def close(self) -> None:
+            run._save_checkpoints({2: b"e"})
+
+    run.runtime, run.closed = Closing(), False
+    run._close_runtime()                             # the end of the run (or its abandon)
+    assert on_disk() == {0: b"a", 1: b"c", 2: b"e"}  # merged, newest per shard
+    monkeypatch.setattr(coordinator, "CHECKPOINT_WRITE_SECONDS", 0.0)
+    run._save_checkpoints({3: b"f"})
+    assert on_disk()[3] == b"f"
