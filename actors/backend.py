@@ -50,9 +50,13 @@ from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
 from .links import MonitorClient
 
-# Measured free-running on 2 cores: 384 neuron shards (55k links) 2.0 s on one host against
-# 7.0 s on two; 10^4 neuron shards (80k links) 3.6 s against 6.1 s, with 4.6x the moves.
-LINKS_PER_BLOCK_HOST = 1_000_000
+# Measured free-running on 2 cores (the driver on them too), one host against two: 384
+# neuron shards (55k links) 2.0 s against 7.0 s; 10^4 neuron shards, fan-in 4 (80k links),
+# 3.6 s against 6.1 s with 4.6x the moves; fan-in 133 (2.7e6 links) 4.4-4.6 s against
+# 7.4-8.8 s with 3.1x the moves; 10^5 neuron shards, fan-in 133 (2.7e7 links) 103 s against
+# 150-164 s with 3.0-3.5x the moves. A second host pays in moves on stale neighbours across
+# hosts more than its core gains, up to at least 2.7e7 links on 2 cores.
+LINKS_PER_BLOCK_HOST = 30_000_000
 BLOCK_COUNTERS = tuple(n for n in BLOCK_COUNTER_NAMES if n not in COUNTER_NAMES)
 _EXTRA_COUNTERS = ("calls", "lost_calls", "call_seconds", "acked_calls", "loop_turns",
                    "monitor_polls")

@@ -13,6 +13,7 @@ neurons of the layer below: ``--sizes 1000,25000,25000,25000,25000,10 --fan-in 1
 
 Usage: .venv/bin/python benchmarks/soak_runtime.py [--minutes 10] [--every 15]
        [--time-unit 0.3] [--sizes 64,300,300,300,300,10 --fan-in 12] [--clock paced|free]
+       [--hosts N]
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="")
     parser.add_argument("--fan-in", type=int, default=0)
     parser.add_argument("--clock", choices=("paced", "free"), default="paced")
+    parser.add_argument("--hosts", type=int, default=0,
+                        help="shard host processes (ray.hosts; 0: the default)")
     args = parser.parse_args()
     network = dict(NETWORK)
     if args.fan_in:
@@ -50,7 +53,7 @@ def main() -> int:
         "name": "soak", "seed": 0, "backend": "ray", "record_events": False,
         "network": network, "balance": {"p": 1.0}, "partition": {"granularity": "neuron"},
         "links": {"delay": "exponential", "mean": 0.5, "resend_interval": 5.0},
-        "ray": {"time_unit": args.time_unit, "clock": args.clock}})
+        "ray": {"time_unit": args.time_unit, "clock": args.clock, "hosts": args.hosts}})
     problem = prepare(scenario)
     u_star = problem.optimum.log_scales
     runtime = backend_factory("ray")(problem.specs, scenario, EventWriter(None),

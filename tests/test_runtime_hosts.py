@@ -415,3 +415,21 @@ def test_every_copy_is_accounted_for():
             total["delivered"] + total["dropped"] + total["stale"] + total["coalesced"]
             + total["superseded"] + flying), (until, total, flying)
     assert total["duplicated"] > 0 and total["superseded"] > 0
+
+
+def test_block_hosts_by_default_one_per_cpu_and_per_30_million_links() -> None:
+    from actors.backend import LINKS_PER_BLOCK_HOST, plan_host_count
+
+    scenario = scenario_from_mapping({"name": "h", "network": {"kind": "mlp", "sizes": [4, 8, 3]}})
+    assert LINKS_PER_BLOCK_HOST == 30_000_000
+    # per-shard hosts: one per CPU (never more than shards)
+    assert plan_host_count(scenario, 100, 2.0) == 2
+    assert plan_host_count(scenario, 1, 2.0) == 1
+    # block hosts: 10^5 neurons at fan-in 133 (2.7e7 links) measured faster on one host
+    assert plan_host_count(scenario, 100_000, 2.0, 27_000_000) == 1
+    assert plan_host_count(scenario, 1_000_000, 8.0, 270_000_000) == 8
+    assert plan_host_count(scenario, 1_000_000, 4.0, 60_000_000) == 2
+    # an explicit ray.hosts wins
+    two = scenario_from_mapping({"name": "h", "network": {"kind": "mlp", "sizes": [4, 8, 3]},
+                                 "ray": {"hosts": 2}})
+    assert plan_host_count(two, 100_000, 2.0, 27_000_000) == 2
