@@ -316,3 +316,28 @@ def test_checkpoints_reach_the_record_at_most_every_interval_and_at_the_end(
     monkeypatch.setattr(coordinator, "CHECKPOINT_WRITE_SECONDS", 0.0)
     run._save_checkpoints({3: b"f"})
     assert on_disk()[3] == b"f"
+
+
+def test_a_running_record_leaves_out_the_per_shard_lists(tmp_path, monkeypatch) -> None:
+    from asyncbalance.runtime import coordinator
+
+    run = object.__new__(coordinator._Run)
+    run.directory, run.samples = tmp_path, []
+    required = dict.fromkeys(("converged", "max_abs_log_scale_error", "relative_cost_gap",
+                              "function_max_rel_error", "messages_sent", "messages_delivered",
+                              "messages_dropped", "wall_seconds", "sim_time", "backend",
+                              "n_units", "n_shards", "seed"), 0)
+    full = {**required, "shard_nodes": ["n0"] * 5,
+            "transport": {"hosts": 2, "host_of_shard": [0, 0, 1, 1, 1]}}
+
+    def summary(status: str, reason: str) -> dict:
+        return {**full, "status": status, "transport": dict(full["transport"])}
+
+    monkeypatch.setattr(run, "_summary", summary)
+    run._write_progress("running", "")
+    running = json.loads((tmp_path / "summary.json").read_text())
+    assert "shard_nodes" not in running and running["transport"] == {"hosts": 2}
+    run._write_progress("incomplete", "interrupted")  # an abandoned run keeps them all
+    kept = json.loads((tmp_path / "summary.json").read_text())
+    assert kept["shard_nodes"] == full["shard_nodes"]
+    assert kept["transport"]["host_of_shard"] == [0, 0, 1, 1, 1]

@@ -254,6 +254,13 @@ class _Run:
 
     def _write_progress(self, status: str, stop_reason: str) -> None:
         summary = self._summary(status, stop_reason)
+        if status == "running":
+            # Rewritten every 2 s: without the lists of one entry per shard, which the record
+            # of a finished or abandoned run has (6 MB of node ids at 10^5 neuron shards).
+            summary.pop("shard_nodes", None)
+            if isinstance(summary.get("transport"), dict):
+                summary["transport"] = {k: v for k, v in summary["transport"].items()
+                                        if k != "host_of_shard"}
         write_summary(self.directory / "summary.json", summary)
         if self.samples:
             write_trace_csv(self.directory / "trace.csv", self.samples)
