@@ -12,8 +12,7 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
 - ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
   link messages by arrival window, into the arrays of a chunk of the timing wheel;
 - ``save_shards``: checkpoints (own values, halo slots and incoming link versions) of many
-  shards, copied range by range.
-
+  shards, copied range by range;
 - ``scaled_neighbours`` and ``term_sums``: the exponential sums of a move, split around one
   vectorised ``np.exp`` (measured, a compiled loop around a scalar ``exp`` was slower than
   numpy's vectorised one, so the loops gather and sum and numpy takes the exponentials).

@@ -43,6 +43,13 @@ def expand_ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np
     return index, segment
 
 
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of sorted ``ordered`` begins."""
+    starts = np.ones(ordered.shape[0], dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    return starts
+
+
 def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` by one argsort: the sorted distinct keys and,
     per key, its index among them (equal keys share it whatever order the sort leaves them
@@ -50,8 +57,7 @@ def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     where a sort and a binary search per key took 89 s."""
     order = np.argsort(keys)
     ordered = keys[order]
-    starts = np.ones(ordered.shape[0], dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
+    starts = _run_starts(ordered)
     inverse = np.empty(keys.shape[0], dtype=np.int64)
     inverse[order] = np.cumsum(starts) - 1
     return ordered[starts], inverse
@@ -234,8 +240,7 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
     slot_nb = slot_keys % n_global
     slot_link_key = slot_keys // n_global
     # Sorted already (slot keys are): each new value starts a link.
-    starts = np.ones(slot_link_key.shape[0], dtype=bool)
-    starts[1:] = slot_link_key[1:] != slot_link_key[:-1]
+    starts = _run_starts(slot_link_key)
     link_keys = slot_link_key[starts]
     slot_link = np.cumsum(starts) - 1
     link_src = link_keys // max(n_shards, 1)
