@@ -147,3 +147,31 @@ def test_warm_up_compiles_every_signature_the_engine_uses(tmp_path: Path,
                 _run(tmp_path, f"w{len(list(tmp_path.iterdir()))}", data, partition, level,
                      True, monkeypatch)
     assert [len(loop.signatures) for loop in loops] == before
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_a_checkpoint_holds_the_state_it_was_taken_from(
+        partition: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restart from a checkpoint restores the link versions too: a saved version that is
+    # too old would let a reordered, older message overwrite a newer view after the restart.
+    from asyncbalance.runtime.array_sim import ArraySimulator
+    from asyncbalance.runtime.events import EventWriter
+
+    monkeypatch.setattr(block_loops, "COMPILED", compiled)
+    problem = prepare(scenario_from_mapping({**FAULTY, "name": "c", "seed": 5,
+                                             "partition": PARTITIONS[partition]}))
+    host = ArraySimulator(problem.specs, problem.scenario, EventWriter(None),
+                          problem.graph).host
+    host.advance(8.0)
+    shards = np.arange(host.layout.n_shards, dtype=np.int64)
+    host._save(shards, np.full(shards.shape[0], 8.0))
+    block, lay = host.block, host.layout
+    assert (block.link_version >= 0).any()
+    for sid in shards.tolist():
+        saved = host._saved(sid)
+        one = np.array([sid])
+        np.testing.assert_array_equal(saved["versions"],
+                                      block.link_version[lay.shard_in_links(one)])
+        np.testing.assert_array_equal(saved["halo"], block.values[lay.n_own + lay.shard_slots(one)])
+        np.testing.assert_array_equal(saved["own"], block.values[lay.shard_positions(one)[0]])
