@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from asyncbalance.errors import InvalidInputError
+from asyncbalance.runtime import block_loops
 from asyncbalance.runtime.array_sim import default_step, link_mean_array
 from asyncbalance.runtime.block_host import BlockHost, decode_checkpoint
 from asyncbalance.runtime.coordinator import prepare
@@ -240,3 +241,58 @@ def test_link_means_are_lognormal_per_link_and_the_same_on_every_host() -> None:
     assert abs(means.mean() - 0.5) < 0.005
     assert abs(np.log(means).std() - 0.3) < 0.01
     assert np.unique(means).shape[0] == layout.n_links
+
+
+def _free_trajectory(data: dict, n_hosts: int, direct: bool, rounds: int = 60) -> tuple:
+    """Free-running hosts on a fixed clock, frames exchanged after every tick; the state
+    after every tick (own values, halo, link versions) and the counters at the end."""
+    problem, layout, hosts = _hosts(n_hosts, paced=False, data=data)
+    for host in hosts:
+        assert host.direct
+        host.direct = direct
+    states = []
+    for tick in range(1, rounds + 1):
+        for host in hosts:
+            host.advance(0.05 * tick)
+        # Taken after the windows (the wheel has delivered the frames of the last tick by
+        # then; applied at once, they were in before).
+        states.append([np.concatenate([h.block.values, h.block.link_version.astype(float)])
+                       for h in hosts])
+        for host in hosts:
+            for dst in host.pending_hosts():
+                hosts[dst].receive_frame(host.take_frame(dst), 0.05 * tick)
+    counters = [{k: h.counters[k] for k in ("sent", "delivered", "applied")} for h in hosts]
+    return states, counters, np.abs(_gather(layout, hosts) - problem.optimum.log_scales).max()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("n_hosts", [1, 2])
+@pytest.mark.parametrize("granularity", ["neuron", "slices"])
+def test_free_running_hosts_apply_messages_as_they_leave(monkeypatch, compiled: bool,
+                                                         n_hosts: int,
+                                                         granularity: str) -> None:
+    # Applied as they are fanned out, the link messages give every host the state a zero
+    # delay through the timing wheel gives it (applied at the start of the next window),
+    # after every tick, bit for bit, with the same counts.
+    monkeypatch.setattr(block_loops, "COMPILED", compiled)
+    data = dict(SCENARIO)
+    if granularity == "slices":
+        data["partition"] = {"granularity": "shard", "shards_per_layer": 4}
+    wheel, wheel_counts, _ = _free_trajectory(data, n_hosts, direct=False)
+    now, now_counts, error = _free_trajectory(data, n_hosts, direct=True)
+    assert error <= 1e-8  # the run reached the optimum: the comparison covers a whole run
+    for step_wheel, step_now in zip(wheel, now, strict=True):
+        for a, b in zip(step_wheel, step_now, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert now_counts == wheel_counts
+    assert all(c["applied"] > 0 for c in now_counts)
+
+
+def test_free_running_with_faults_keeps_the_queue() -> None:
+    # Loss, duplication, partitions and crashes act on link messages in flight: a host with
+    # any of them sends through the timing wheel even when free-running.
+    data = dict(SCENARIO, links={"delay": "exponential", "mean": 0.5, "loss": 0.1})
+    _, _, hosts = _hosts(1, paced=False, data=data)
+    assert not hosts[0].direct
+    _, _, hosts = _hosts(1, paced=True)
+    assert not hosts[0].direct

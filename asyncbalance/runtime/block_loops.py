@@ -9,6 +9,8 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
 - ``wake_on_news``: the wake times of receivers whose view changed;
 - ``messages_from``, ``link_values``: the link messages of a batch of sends and the values
   each carries, gathered from its sender's entry;
+- ``apply_sent``: free-running without faults, the link messages of a batch of sends
+  applied as they leave, without message arrays;
 - ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
   link messages by arrival window, into the arrays of a chunk of the timing wheel;
 - ``save_shards``: checkpoints (own values, halo slots and incoming link versions) of many
@@ -152,6 +154,46 @@ def messages_from(senders, versions, times, pair_ptr, pair_links, n_hosts,
             sent_at[at] = times[e]
             at += 1
     return links, entry, link_versions, sent_at
+
+
+@_jit
+def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_links, n_hosts,
+               host, link_slot_ptr, slot_sender_pos, unit_ptr, n_own, link_dst,
+               link_version, state, dirty, first_arrival):  # pragma: no cover
+    """The link messages of entries ``senders`` to the shards of ``host``, applied as they
+    are sent (free-running, nothing lost or delayed): ``messages_from`` and ``deliver`` in
+    one pass, with no message arrays. Entry e carries version ``versions[e]``, send time
+    ``times[e]`` and its sender's values from ``values[entry_start[e]]``; in entry order
+    (a sender's entries are in time order), each link takes a version newer than its own,
+    writes its halo slots, marks its receiver ``dirty`` when the view changed and keeps the
+    receiver's earliest applied send time in ``first_arrival``. Returns the number of link
+    messages and of applied ones."""
+    messages = 0
+    applied = 0
+    for e in range(senders.shape[0]):
+        sender = senders[e]
+        version = versions[e]
+        key = sender * n_hosts + host
+        offset = entry_start[e] - unit_ptr[sender]
+        messages += pair_ptr[key + 1] - pair_ptr[key]
+        for q in range(pair_ptr[key], pair_ptr[key + 1]):
+            link = pair_links[q]
+            if version <= link_version[link]:
+                continue
+            applied += 1
+            link_version[link] = version
+            receiver = link_dst[link]
+            if times[e] < first_arrival[receiver]:
+                first_arrival[receiver] = times[e]
+            differs = False
+            for slot in range(link_slot_ptr[link], link_slot_ptr[link + 1]):
+                new = values[offset + slot_sender_pos[slot]]
+                if state[n_own + slot] != new:
+                    differs = True
+                    state[n_own + slot] = new
+            if differs:
+                dirty[receiver] = True
+    return messages, applied
 
 
 @_jit
@@ -331,6 +373,8 @@ def warm_up() -> None:
             sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
     wake_on_news(f8, np.zeros(2, dtype=bool), f8, f8)
     messages_from(i8, i8, f8, ptr, i8, 1, 0)
+    apply_sent(i8, i8, f8, f8, i8, ptr, i8, 1, 0, ptr, i8, ptr, 1, i8, i8, np.zeros(4),
+               np.zeros(2, dtype=bool), f8)
     link_values(i8, i8, i8, i8, ptr, i8, ptr, i8, f8)
     term_sums(scaled_neighbours(f8, i8, ptr, f8, i8), i8, ptr, f8, f8)
     save_shards(i8, ptr, ptr, i8, ptr, 1, np.zeros(4), i8, np.zeros(4), np.zeros(2, np.int64))
