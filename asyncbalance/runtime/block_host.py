@@ -21,7 +21,8 @@ from u = 0, anti-entropy re-sends, generations for training.
   Messages in flight wait in a timing wheel, one bucket per window, each a list of ranges
   of array chunks.
 - ``paced = False`` (free-running) draws no wake intervals and no delays: a shard acts as soon
-  as it has news, and link messages arrive when they are fanned out.
+  as it has news, and link messages arrive when they are fanned out (applied there and then
+  when nothing can be lost, doubled, cut or crash: ``direct``).
 
 Nothing here knows about Ray or asyncio; records go to ``events`` (lists, taken by the
 caller), ``batch`` records per window by default, per message on request.
