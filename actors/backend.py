@@ -679,6 +679,19 @@ class RayBackend:
         self.sampled_at = [time.perf_counter()] * self.n_hosts  # older replies: other costs
         self.saved = self._zero_checkpoints()
 
+    def log_scale_vector(self, n_units: int) -> np.ndarray:
+        """The global log-scale vector from each host's latest sample, in one scatter per
+        host."""
+        if getattr(self, "member_units", None) is None:
+            self.member_units = [
+                np.concatenate([np.asarray(self.specs[s].units, dtype=np.int64)
+                                for s in members]) if members else np.zeros(0, dtype=np.int64)
+                for members in self.members]
+        u = np.zeros(n_units)
+        for units, latest in zip(self.member_units, self.latest, strict=True):
+            u[units] = latest
+        return u
+
     def owned_log_scales(self) -> list[np.ndarray]:
         """Each shard's own log-scales, in shard order."""
         owned: dict[int, np.ndarray] = {}

@@ -20,7 +20,7 @@ import pytest
 from asyncbalance.runtime.coordinator import prepare
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.scenario import scenario_from_mapping
-from asyncbalance.runtime.shard import Shard, build_shard_specs
+from asyncbalance.runtime.shard import Shard, build_shard_specs, gather_log_scales
 from asyncbalance.runtime.simulator import Simulator, rule_of
 
 LAYERED = {"kind": "mlp", "sizes": [6, 10, 10, 10, 3], "unit_spread": 1.0, "seed": 3}
@@ -149,6 +149,12 @@ def test_ray_block_host_that_dies_resumes_from_the_saved_checkpoints(ray_session
             backend.final_poll()
         expected = own(backend.saved)
         assert np.max(np.abs(expected)) >= 0.3, "no checkpoint away from u = 0 was saved"
+        # The driver's one-scatter sample over both hosts is the per-shard gather.
+        n = problem.graph.n_units
+        vector = backend.log_scale_vector(n)
+        assert np.max(np.abs(vector)) > 0
+        np.testing.assert_array_equal(
+            vector, gather_log_scales(n, problem.specs, backend.owned_log_scales()))
         ray.kill(backend.actors[1], no_restart=False)
         deadline = time.monotonic() + 30.0
         while not backend.host_losses and time.monotonic() < deadline:

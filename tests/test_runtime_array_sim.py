@@ -97,6 +97,25 @@ def test_a_crashed_neuron_restarts_from_its_checkpoint_or_from_zero(restore: str
     assert np.abs(u - problem.optimum.log_scales).max() <= 1e-8
 
 
+@pytest.mark.parametrize("partition", [{"granularity": "neuron"},
+                                       {"granularity": "shard", "shards_per_layer": 3}])
+def test_the_log_scale_vector_is_the_gathered_one(partition: dict) -> None:
+    # The coordinator's one-scatter sample equals the per-shard gather, a down shard (what it
+    # restarts from) included, and is not all zeros (the moves have begun).
+    data = {**NEURONS, "partition": partition, "faults": {"checkpoint_interval": 2.0,
+            "crashes": [{"shard": 2, "at": 5.0, "down_for": 4.0, "restore": "checkpoint"}]}}
+    problem = prepare(scenario_from_mapping(data))
+    sim = ArraySimulator(problem.specs, problem.scenario, EventWriter(None), problem.graph)
+    n = problem.graph.n_units
+    for clock in (3.0, 6.0, 12.0):
+        sim.advance(clock)
+        gathered = gather_log_scales(n, problem.specs, sim.owned_log_scales())
+        assert np.abs(gathered).max() > 0
+        np.testing.assert_array_equal(sim.log_scale_vector(n), gathered)
+        if clock == 6.0:
+            assert not sim.alive[2]
+
+
 def test_checkpoints_are_kept_only_where_a_restart_reads_them(tmp_path, monkeypatch) -> None:
     from asyncbalance.runtime import array_sim
 

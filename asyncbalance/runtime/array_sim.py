@@ -136,6 +136,14 @@ class ArraySimulator(HostReadings):
         own = self.host.owned_log_scales()
         return [own[lay.unit_ptr[s]:lay.unit_ptr[s + 1]].copy() for s in range(lay.n_shards)]
 
+    def log_scale_vector(self, n_units: int) -> np.ndarray:
+        """``gather_log_scales`` of ``owned_log_scales`` in one scatter."""
+        lay = self.layout
+        u = np.zeros(n_units)
+        positions, _ = lay.shard_positions(np.array(self.host.order, dtype=np.int64))
+        u[lay.units[positions]] = self.host.owned_log_scales()
+        return u
+
     def queue_length(self) -> int:
         return self.host.queue_length()
 

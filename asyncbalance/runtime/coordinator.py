@@ -49,6 +49,16 @@ FUNCTION_TOL = 1e-12
 CHECKPOINT_WRITE_SECONDS = 30.0
 
 
+def current_log_scales(runtime: Any, n_units: int, specs: Sequence[ShardSpec]) -> np.ndarray:
+    """The global log-scale vector of a runtime: in one scatter where the runtime offers it
+    (``log_scale_vector``: 10^5 neuron shards take ~65 ms per sample through per-shard
+    arrays), else gathered from each shard's own values."""
+    vector = getattr(runtime, "log_scale_vector", None)
+    if vector is not None:
+        return vector(n_units)
+    return gather_log_scales(n_units, specs, runtime.owned_log_scales())
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     """Everything derived from a scenario before any backend starts."""
@@ -334,8 +344,7 @@ class _Run:
         while True:
             wall = time.perf_counter() - run_began
             counters = runtime.message_counters()
-            u = gather_log_scales(problem.graph.n_units, problem.specs,
-                                  runtime.owned_log_scales())
+            u = current_log_scales(runtime, problem.graph.n_units, problem.specs)
             error = self.error_of(u)
             if not np.isfinite(error):
                 # A step too large for the gradient-flow rule (or too little damping).
