@@ -417,14 +417,16 @@ class BlockHost:
         m = links.shape[0]
         if m == 0:
             return np.zeros(0)
-        counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
-        value_ptr = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.counters["sent"] += m
         if self.level == "messages":
             for i in range(m):
                 self._message_record("send", sent_at[i], links[i], link_versions[i],
                                      int(self.slot_count[links[i]]), 0)
         s = self.settings
+        if not self.partitions and s.loss == 0.0 and s.duplication == 0.0:
+            # Nothing to lose, double or cut: every link message leaves once, in order.
+            return self._enqueue_copies(senders, links, entry, link_versions, sent_at,
+                                        values, slice(None), m)
         keep = np.ones(m, dtype=bool)
         for begin, end, cut in self.partitions:
             active = (sent_at >= begin) & (sent_at < end)
@@ -453,6 +455,17 @@ class BlockHost:
             n_copies = copies.shape[0]
             if n_copies == 0:
                 return np.zeros(0)
+        return self._enqueue_copies(senders, links, entry, link_versions, sent_at, values,
+                                    copies, n_copies)
+
+    def _enqueue_copies(self, senders: np.ndarray, links: np.ndarray, entry: np.ndarray,
+                        link_versions: np.ndarray, sent_at: np.ndarray, values: np.ndarray,
+                        copies: slice | np.ndarray, n_copies: int) -> np.ndarray:
+        """The link messages ``copies`` (of those fanned out) into the timing wheel, each
+        with its delay draw, carrying its link's slots of its sender's values; the
+        delays."""
+        lay = self.layout
+        s = self.settings
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
                   if s.paced else np.zeros(n_copies))
         if block_loops.COMPILED and self.neurons:
@@ -461,6 +474,8 @@ class BlockHost:
             self._enqueue(sent_at[copies] + delays, links[copies], link_versions[copies],
                           values, entry[copies])
             return delays
+        counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
+        value_ptr = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         if block_loops.COMPILED:
             carried, starts = block_loops.link_values(
                 np.zeros(0, dtype=np.int64) if isinstance(copies, slice) else copies, entry,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -130,8 +131,17 @@ class BlockLayout:
         """Index of the constant 0 in the value vector (a dead neighbour's log-scale)."""
         return self.n_own + self.n_slots
 
+    @cached_property
+    def one_unit_each(self) -> bool:
+        """Every shard owns exactly one unit, shard s at position s (neuron shards)."""
+        return self.n_own == self.n_shards and bool(
+            (self.unit_ptr == np.arange(self.n_shards + 1)).all())
+
     def shard_positions(self, shards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the units of ``shards`` and the index (into ``shards``) of each."""
+        if self.one_unit_each:
+            shards = np.asarray(shards)
+            return shards.astype(np.int64, copy=False), np.arange(shards.shape[0])
         return expand_ranges(self.unit_ptr[shards], self.unit_ptr[shards + 1])
 
     def shard_slots(self, shards: np.ndarray) -> np.ndarray:
