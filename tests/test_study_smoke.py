@@ -73,8 +73,23 @@ def test_smoke_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     data = json.loads(victim.read_text())
     data["config_hash"] = "stale"
     victim.write_text(json.dumps(data))
+    plan_args = ["study", "plan", str(STUDY), "--budget", "smoke", "--records", str(records)]
+
+    def missing() -> dict[str, int]:
+        assert main(plan_args) == 0
+        counts = {}
+        for line in capsys.readouterr().out.splitlines():
+            claim, phase, ratio, _ = line.split()
+            done, total = map(int, ratio.split("/"))
+            counts[f"{claim} {phase}"] = total - done
+        return counts
+
+    # the plan counts records of the current configuration only: the stale one is missing
+    short = {k: v for k, v in missing().items() if v}
+    assert short == {f"{data['claim']} {data['phase']}": 1}, short
     assert main(args) == 0
     assert "1 runs done" in capsys.readouterr().err
+    assert not any(missing().values())
 
     record = json.loads(victim.read_text())
     for key in ("claim", "setting", "arm", "seed", "config_hash", "config", "summary",

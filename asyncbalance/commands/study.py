@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                     "the records; 'plan' lists the jobs.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (("run", "run the jobs of a budget not yet recorded"),
-                       ("plan", "list the jobs of a budget and how many are recorded"),
+                       ("plan", "list the jobs of a budget and how many have a record of "
+                                "their current configuration"),
                        ("report", "write the claims report from the records")):
         p = actions.add_parser(name, help=text, description=text)
         p.add_argument("study", metavar="STUDY.toml")
@@ -68,14 +69,13 @@ def run(args: argparse.Namespace) -> int:
               f"({stats.seconds:.0f}s)", file=sys.stderr)
         return 0
     if args.action == "plan":
-        from ..study.records import read_record
-        from ..study.runner import record_root
+        from ..study.runner import is_recorded, record_root
         jobs = plan(study, args.budget, claims)
         root = record_root(args.records, study, args.budget)
         total, done = Counter(), Counter()
         for job in jobs:
             total[(job.claim, job.phase)] += 1
-            done[(job.claim, job.phase)] += read_record(root / job.relpath()) is not None
+            done[(job.claim, job.phase)] += is_recorded(study, args.budget, job, root)
         for (claim, phase), n in total.items():
             print(f"{claim:32s} {phase:5s} {done[(claim, phase)]:4d}/{n} recorded")
         return 0

@@ -63,6 +63,34 @@ def select_tuned(study: Study, budget: str, job: Job, root: Path) -> dict[str, A
     return dict(best[1])
 
 
+def job_configuration(study: Study, budget: str, job: Job, root: Path
+                      ) -> tuple[Mapping[str, Any], dict[str, Any], str]:
+    """A job's configuration (its tuned values chosen from the tuning records under
+    ``root`` where it needs them), those values and the hash its record carries; raises
+    ``InvalidInputError`` while a tuning record it chooses from is missing."""
+    mapping: Mapping[str, Any] = job.mapping
+    tuned: dict[str, Any] = dict(job.tuned)
+    if job.needs_tune:
+        tuned = select_tuned(study, budget, job, root)
+        mapping = json.loads(json.dumps(mapping))
+        for key, value in tuned.items():
+            set_dotted(mapping, key, value)  # type: ignore[arg-type]
+    return mapping, tuned, config_hash(mapping)
+
+
+def is_recorded(study: Study, budget: str, job: Job, root: Path) -> bool:
+    """Whether ``job`` has a record of its current configuration (a record left by an
+    earlier design of the study, or of other tuned values, does not count)."""
+    record = read_record(root / job.relpath())
+    if record is None:
+        return False
+    try:
+        _, _, digest = job_configuration(study, budget, job, root)
+    except InvalidInputError:
+        return False  # its tuning is not complete: the record cannot be of the current choice
+    return record.get("config_hash") == digest
+
+
 class DataCache:
     """Loaded data sets by configuration (a few at most: Fashion-MNIST is large)."""
 
@@ -123,14 +151,7 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
     def prepare(job: Job) -> tuple[Path, Mapping[str, Any], dict[str, Any], str] | None:
         """Path, configuration, tuned values and hash of a job; None when recorded."""
         path = base / job.relpath()
-        mapping: Mapping[str, Any] = job.mapping
-        tuned: dict[str, Any] = dict(job.tuned)
-        if job.needs_tune:
-            tuned = select_tuned(study, budget, job, base)
-            mapping = json.loads(json.dumps(mapping))
-            for key, value in tuned.items():
-                set_dotted(mapping, key, value)  # type: ignore[arg-type]
-        digest = config_hash(mapping)
+        mapping, tuned, digest = job_configuration(study, budget, job, base)
         existing = read_record(path)
         if existing is not None and existing.get("config_hash") == digest:
             return None
