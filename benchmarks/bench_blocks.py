@@ -203,6 +203,9 @@ LOOP_CASES = (
 
 def compare_loops() -> None:
     saved = block_loops.COMPILED
+    # Compiling (or loading from numba's cache) is set-up, paid once per process: not in the
+    # engine's seconds below.
+    block_loops.warm_up()
     for label, overrides in LOOP_CASES:
         point = load_scenarios("scenarios/neurons_100k.toml",
                                overrides + ["record_events=false"])[0]

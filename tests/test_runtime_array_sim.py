@@ -97,6 +97,25 @@ def test_a_crashed_neuron_restarts_from_its_checkpoint_or_from_zero(restore: str
     assert np.abs(u - problem.optimum.log_scales).max() <= 1e-8
 
 
+def test_a_down_neuron_neither_moves_nor_sends() -> None:
+    # Down for three re-send intervals: no move, no send, not even the anti-entropy re-send
+    # its schedule had due; the others go on; it moves again once restarted.
+    data = {**NEURONS, "links": {**NEURONS["links"], "resend_interval": 2.0},
+            "faults": {"crashes": [{"shard": 30, "at": 6.0, "down_for": 6.0,
+                                    "restore": "zero"}]}}
+    problem = prepare(scenario_from_mapping(data))
+    sim = ArraySimulator(problem.specs, problem.scenario, EventWriter(None), problem.graph)
+    sim.advance(6.05)
+    assert not sim.alive[30]
+    seq, moves = int(sim.block.seq[30]), int(sim.block.unit_updates[30])
+    sent = sim.message_counters().sent
+    sim.advance(11.95)
+    assert (int(sim.block.seq[30]), int(sim.block.unit_updates[30])) == (seq, moves)
+    assert sim.message_counters().sent > sent
+    sim.advance(20.0)
+    assert sim.alive[30] and int(sim.block.unit_updates[30]) > 0
+
+
 @pytest.mark.parametrize("partition", [{"granularity": "neuron"},
                                        {"granularity": "shard", "shards_per_layer": 3}])
 def test_the_log_scale_vector_is_the_gathered_one(partition: dict) -> None:

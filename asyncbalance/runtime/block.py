@@ -205,8 +205,9 @@ class ShardBlock:
             empty = np.zeros(0, dtype=bool)
             return empty, empty
         if block_loops.COMPILED:
-            status, changed = self.deliver_live(links, versions, values, value_ptr[:-1], times,
-                                                np.zeros(0, dtype=bool), np.zeros(0))
+            status, changed, _ = self.deliver_live(links, versions, values, value_ptr[:-1],
+                                                   times, np.zeros(0, dtype=bool), np.zeros(0),
+                                                   np.zeros(0, dtype=np.int64))
             return status == 2, changed
         # Deliveries on a link that occurs once are independent of the order (the common
         # case); only the others need sorting.
@@ -229,18 +230,20 @@ class ShardBlock:
 
     def deliver_live(self, links: np.ndarray, versions: np.ndarray, values: np.ndarray,
                      starts: np.ndarray, times: np.ndarray | None, alive: np.ndarray,
-                     first_arrival: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     first_arrival: np.ndarray, touched: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
         """``deliver`` (compiled) with delivery i's values at ``values[starts[i]:]``,
         dropping deliveries to shards not ``alive`` (empty: all live) and keeping each
-        receiver's earliest applied arrival in ``first_arrival`` (empty: not kept): per
-        delivery 0 (dropped), 1 (delivered) or 2 (applied), and whether it changed the
-        view."""
+        receiver's earliest applied arrival in ``first_arrival`` (empty: not kept; entries
+        inf before, the receivers whose entry it sets listed in ``touched``): per delivery 0
+        (dropped), 1 (delivered) or 2 (applied), whether it changed the view, and how many
+        receivers were touched."""
         lay = self.layout
         return block_loops.deliver(
             links, versions, np.zeros(0) if times is None else times, times is None, values,
             np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
             lay.link_dst, self.link_version, self.values, self.dirty, alive,
-            np.argsort(links, kind="stable"), self.one_slot, first_arrival)
+            np.argsort(links, kind="stable"), self.one_slot, first_arrival, touched)
 
     def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
                         times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:

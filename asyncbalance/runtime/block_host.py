@@ -182,6 +182,10 @@ class BlockHost:
         self.bucket_keys: list[int] = []
         self.in_flight = 0
         self.outbox: dict[int, list[tuple[np.ndarray, ...]]] = {}
+        # Scratch of the compiled deliveries: each receiver's earliest applied arrival in a
+        # batch (inf between batches) and the receivers it was set for.
+        self._first_arrival = np.full(n, np.inf)
+        self._touched = np.zeros(n, dtype=np.int64)
         self.windows = 0
         # Free-running, a host moves its shards colour by colour (layer parity in an MLP),
         # so that no two neighbours move at once on each other's old values: red-black
@@ -215,11 +219,10 @@ class BlockHost:
             heapq.heappop(self.bucket_keys)
         if self.bucket_keys:
             key = self.bucket_keys[0]
-        live = self.alive
-        if live.any():
-            soonest = float(self.wake_at[live].min())
-            if math.isfinite(soonest):
-                key = min(key, math.floor(soonest / self.step))
+        # A shard that is down or not this host's waits at inf (see ``_crash``).
+        soonest = float(self.wake_at.min()) if self.wake_at.size else math.inf
+        if math.isfinite(soonest):
+            key = min(key, math.floor(soonest / self.step))
         if self.faults:
             key = min(key, math.floor(self.faults[0][0] / self.step))
         return key
@@ -276,12 +279,17 @@ class BlockHost:
         times = np.concatenate([c.times[lo:hi] for c, lo, hi in ranges])
         links = np.concatenate([c.links[lo:hi] for c, lo, hi in ranges])
         versions = np.concatenate([c.versions[lo:hi] for c, lo, hi in ranges])
-        # Each range's values are contiguous in its chunk: read just those.
-        pieces = [c.values[c.ptr[lo]:c.ptr[hi]] for c, lo, hi in ranges]
-        offsets = np.cumsum([0] + [p.shape[0] for p in pieces[:-1]])
-        starts = np.concatenate([c.ptr[lo:hi] - c.ptr[lo] + offset
-                                 for (c, lo, hi), offset in zip(ranges, offsets, strict=True)])
-        values = np.concatenate(pieces)
+        if self.block.one_slot:
+            # One value per message: message i carries values[i].
+            values = np.concatenate([c.values[lo:hi] for c, lo, hi in ranges])
+            starts = np.arange(values.shape[0], dtype=np.int64)
+        else:
+            # Each range's values are contiguous in its chunk: read just those.
+            pieces = [c.values[c.ptr[lo]:c.ptr[hi]] for c, lo, hi in ranges]
+            offsets = np.cumsum([0] + [p.shape[0] for p in pieces[:-1]])
+            starts = np.concatenate([c.ptr[lo:hi] - c.ptr[lo] + offset for (c, lo, hi), offset
+                                     in zip(ranges, offsets, strict=True)])
+            values = np.concatenate(pieces)
         self.in_flight -= times.shape[0]
         later = times > limit
         if later.any():
@@ -335,9 +343,9 @@ class BlockHost:
                           values: np.ndarray, starts: np.ndarray) -> None:
         """The deliveries of ``_deliver_due`` in compiled loops (same results)."""
         alive = self.alive if not self.alive[self.local].all() else np.zeros(0, dtype=bool)
-        first_arrival = np.full(self.layout.n_shards, np.inf)
-        status, _ = self.block.deliver_live(links, versions, values, starts, times, alive,
-                                            first_arrival)
+        status, _, n_touched = self.block.deliver_live(links, versions, values, starts, times,
+                                                       alive, self._first_arrival,
+                                                       self._touched)
         dropped = int(np.count_nonzero(status == 0)) if alive.size else 0
         applied = int(np.count_nonzero(status == 2))
         self.counters["dropped"] += dropped
@@ -349,14 +357,16 @@ class BlockHost:
             for i in np.nonzero(status)[0]:
                 self._message_record("deliver", times[i], links[i], versions[i],
                                      bool(status[i] == 2))
-        if applied:
-            block_loops.wake_on_news(first_arrival, self.block.dirty, self.next_tick,
-                                     self.wake_at)
+        if n_touched:
+            block_loops.wake_on_news(self._first_arrival, self._touched, n_touched,
+                                     self.block.dirty, self.next_tick, self.wake_at)
 
     # -- wakes and sends --------------------------------------------------------------------
 
     def _wake_due(self, limit: float) -> tuple[np.ndarray, np.ndarray]:
-        ready = self.alive & (self.wake_at <= limit)
+        ready = self.wake_at <= limit
+        if not math.isfinite(limit):
+            ready &= self.alive
         if not self.settings.paced and self.n_colours > 1:
             ready &= self.colour == self.turn
             self.turn = (self.turn + 1) % self.n_colours
@@ -504,37 +514,41 @@ class BlockHost:
         lay, routes = self.layout, self.routes
         counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
         value_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        first_arrival = np.full(lay.n_shards, np.inf)
         block = self.block
         if block_loops.COMPILED:
-            m, applied = block_loops.apply_sent(
+            m, applied, n_touched = block_loops.apply_sent(
                 senders, versions, times, values, value_ptr, routes.pair_ptr,
                 routes.pair_links, routes.n_hosts, self.host_id, lay.link_slot_ptr,
                 lay.slot_sender_pos, lay.unit_ptr, lay.n_own, lay.link_dst,
-                block.link_version, block.values, block.dirty, first_arrival)
-        else:
-            links, entry = routes.links_to(senders, self.host_id)
-            m = int(links.shape[0])
-            applied = 0
-            if m:
-                slots, link_index = expand_ranges(lay.link_slot_ptr[links],
-                                                  lay.link_slot_ptr[links + 1])
-                sender_of = senders[entry][link_index]
-                source = value_ptr[entry][link_index] + \
-                    (lay.slot_sender_pos[slots] - lay.unit_ptr[sender_of])
-                link_ptr = np.concatenate([[0], np.cumsum(self.slot_count[links])])
-                sent_at = times[entry]
-                done, _ = block.deliver(links, versions[entry], values[source],
-                                        link_ptr.astype(np.int64), sent_at)
-                applied = int(done.sum())
-                np.minimum.at(first_arrival, lay.link_dst[links[done]], sent_at[done])
+                block.link_version, block.values, block.dirty, self._first_arrival,
+                self._touched)
+            self.counters["sent"] += m
+            self.counters["delivered"] += m
+            self.counters["applied"] += applied
+            if n_touched:
+                block_loops.wake_on_news(self._first_arrival, self._touched, n_touched,
+                                         block.dirty, self.next_tick, self.wake_at)
+            return
+        first_arrival = np.full(lay.n_shards, np.inf)
+        links, entry = routes.links_to(senders, self.host_id)
+        m = int(links.shape[0])
+        applied = 0
+        if m:
+            slots, link_index = expand_ranges(lay.link_slot_ptr[links],
+                                              lay.link_slot_ptr[links + 1])
+            sender_of = senders[entry][link_index]
+            source = value_ptr[entry][link_index] + \
+                (lay.slot_sender_pos[slots] - lay.unit_ptr[sender_of])
+            link_ptr = np.concatenate([[0], np.cumsum(self.slot_count[links])])
+            sent_at = times[entry]
+            done, _ = block.deliver(links, versions[entry], values[source],
+                                    link_ptr.astype(np.int64), sent_at)
+            applied = int(done.sum())
+            np.minimum.at(first_arrival, lay.link_dst[links[done]], sent_at[done])
         self.counters["sent"] += m
         self.counters["delivered"] += m
         self.counters["applied"] += applied
         if not applied:
-            return
-        if block_loops.COMPILED:
-            block_loops.wake_on_news(first_arrival, block.dirty, self.next_tick, self.wake_at)
             return
         hit = np.isfinite(first_arrival) & block.dirty
         self.wake_at[hit] = np.minimum(self.wake_at[hit],
@@ -684,6 +698,7 @@ class BlockHost:
             return
         self.retired_updates += int(self.block.unit_updates[shard])
         self.alive[shard] = False
+        self.wake_at[shard] = np.inf  # a down shard never wakes; news to it is dropped
         self.restore_from[shard] = (self._saved(shard) if crash.restore == "checkpoint"
                                     else None)
         self.crash_log.append(CrashRecord(shard, crash.at, crash.down_for, crash.restore, now))

@@ -47,7 +47,7 @@ def _jit(function):
 @_jit
 def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_own,
             link_dst, link_version, state, dirty, alive, by_link, one_slot,
-            first_arrival):  # pragma: no cover
+            first_arrival, touched):  # pragma: no cover
     """Apply link deliveries; per delivery 0 (its receiver is down: dropped), 1 (delivered,
     not newer) or 2 (applied), and whether it changed the receiver's view.
 
@@ -59,13 +59,16 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     ``by_link`` is the stable order of ``links``: links are independent, so they are taken
     in that order (memory in address order, a link's deliveries side by side);
     ``one_slot`` says link l fills slot l only. ``first_arrival`` (per shard; empty: not
-    kept) takes the earliest time of an applied delivery to each receiver.
+    kept) takes the earliest time of an applied delivery to each receiver; each receiver
+    whose entry leaves inf is listed in ``touched``, and their count is returned third
+    (``wake_on_news`` reads and resets just those).
     """
     m = links.shape[0]
     status = np.ones(m, dtype=np.int8)
     changed = np.zeros(m, dtype=np.bool_)
     check_alive = alive.shape[0] > 0
     keep_first = first_arrival.shape[0] > 0
+    n_touched = 0
     j = 0
     while j < m:
         first = by_link[j]
@@ -101,6 +104,9 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
             for q in range(begin, k):
                 i = by_link[q]
                 if status[i] == 2 and times[i] < first_arrival[receiver]:
+                    if first_arrival[receiver] == np.inf:
+                        touched[n_touched] = receiver
+                        n_touched += 1
                     first_arrival[receiver] = times[i]
         link_version[link] = versions[winner]
         if one_slot:
@@ -118,17 +124,21 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
         if differs:
             changed[winner] = True
             dirty[link_dst[link]] = True
-    return status, changed
+    return status, changed, n_touched
 
 
 @_jit
-def wake_on_news(first_arrival, dirty, next_tick, wake_at):  # pragma: no cover
+def wake_on_news(first_arrival, touched, n_touched, dirty, next_tick,
+                 wake_at):  # pragma: no cover
     """News wakes its receiver at its next tick, not before the news arrived: for every
-    receiver that applied deliveries left dirty, ``wake_at = min(wake_at, max(first
-    arrival, next_tick))``."""
-    for r in range(first_arrival.shape[0]):
-        if first_arrival[r] < np.inf and dirty[r]:
+    receiver ``touched[:n_touched]`` that applied deliveries left dirty, ``wake_at =
+    min(wake_at, max(first arrival, next_tick))``. Their ``first_arrival`` is reset to inf,
+    so that the array serves the next batch (no pass over every shard per window)."""
+    for j in range(n_touched):
+        r = touched[j]
+        if dirty[r]:
             wake_at[r] = min(wake_at[r], max(first_arrival[r], next_tick[r]))
+        first_arrival[r] = np.inf
 
 
 @_jit
@@ -159,17 +169,19 @@ def messages_from(senders, versions, times, pair_ptr, pair_links, n_hosts,
 @_jit
 def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_links, n_hosts,
                host, link_slot_ptr, slot_sender_pos, unit_ptr, n_own, link_dst,
-               link_version, state, dirty, first_arrival):  # pragma: no cover
+               link_version, state, dirty, first_arrival, touched):  # pragma: no cover
     """The link messages of entries ``senders`` to the shards of ``host``, applied as they
     are sent (free-running, nothing lost or delayed): ``messages_from`` and ``deliver`` in
     one pass, with no message arrays. Entry e carries version ``versions[e]``, send time
     ``times[e]`` and its sender's values from ``values[entry_start[e]]``; in entry order
     (a sender's entries are in time order), each link takes a version newer than its own,
     writes its halo slots, marks its receiver ``dirty`` when the view changed and keeps the
-    receiver's earliest applied send time in ``first_arrival``. Returns the number of link
-    messages and of applied ones."""
+    receiver's earliest applied send time in ``first_arrival`` (listing in ``touched`` the
+    receivers whose entry leaves inf). Returns the number of link messages, of applied ones
+    and of touched receivers."""
     messages = 0
     applied = 0
+    n_touched = 0
     for e in range(senders.shape[0]):
         sender = senders[e]
         version = versions[e]
@@ -184,6 +196,9 @@ def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_lin
             link_version[link] = version
             receiver = link_dst[link]
             if times[e] < first_arrival[receiver]:
+                if first_arrival[receiver] == np.inf:
+                    touched[n_touched] = receiver
+                    n_touched += 1
                 first_arrival[receiver] = times[e]
             differs = False
             for slot in range(link_slot_ptr[link], link_slot_ptr[link + 1]):
@@ -193,7 +208,7 @@ def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_lin
                     state[n_own + slot] = new
             if differs:
                 dirty[receiver] = True
-    return messages, applied
+    return messages, applied, n_touched
 
 
 @_jit
@@ -369,12 +384,12 @@ def warm_up() -> None:
             deliver(i8, np.ones(2, dtype=np.int64), f8, ordered, f8, i8, ptr, 1, i8,
                     np.full(2, -1, dtype=np.int64), np.zeros(4), np.zeros(2, dtype=bool),
                     np.ones(2, dtype=bool), np.arange(2, dtype=np.int64), one_slot,
-                    np.full(2, np.inf))
+                    np.full(2, np.inf), np.zeros(2, dtype=np.int64))
             sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
-    wake_on_news(f8, np.zeros(2, dtype=bool), f8, f8)
+    wake_on_news(np.full(2, np.inf), i8, 0, np.zeros(2, dtype=bool), f8, np.zeros(2))
     messages_from(i8, i8, f8, ptr, i8, 1, 0)
     apply_sent(i8, i8, f8, f8, i8, ptr, i8, 1, 0, ptr, i8, ptr, 1, i8, i8, np.zeros(4),
-               np.zeros(2, dtype=bool), f8)
+               np.zeros(2, dtype=bool), np.full(2, np.inf), np.zeros(2, dtype=np.int64))
     link_values(i8, i8, i8, i8, ptr, i8, ptr, i8, f8)
     term_sums(scaled_neighbours(f8, i8, ptr, f8, i8), i8, ptr, f8, f8)
     save_shards(i8, ptr, ptr, i8, ptr, 1, np.zeros(4), i8, np.zeros(4), np.zeros(2, np.int64))
