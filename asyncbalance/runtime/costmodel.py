@@ -132,8 +132,9 @@ def host_bytes(c: BlockCounts) -> int:
     """Bytes of a ``BlockHost``'s own arrays (routes, link means, schedules, checkpoints)."""
     saved_values = F8 * (c.units + c.slots + 1)
     per_link = I8 * 3 + F8  # pair_links, slot_count, saved_versions; link_mean
-    per_shard = I8 * 6 + B1 * 3  # shard_host, restarts, next_tick, wake_at, saved_time,
-    #                              colour; local, alive, fresh
+    per_shard = I8 * 8 + B1 * 3  # shard_host, restarts, next_tick, wake_at, saved_time,
+    #                              colour, delivery scratch (first arrival, touched); local,
+    #                              alive, fresh
     pair_ptr = I8 * (c.shards * c.hosts + 1)
     feeds_host = B1 * c.shards * c.hosts  # which hosts each shard sends frames to
     return saved_values + per_link * c.links + per_shard * c.shards + pair_ptr + feeds_host
