@@ -21,8 +21,16 @@
    each batch delivered 1 - 4 slices after it leaves (slices of a round, and of one shard's
    move): slices and moves per unit to 1e-8 against that lag.
 
+7. ``--only-free-shards``: the quickstart net (``scenarios/quickstart.toml``) free-running on
+   one block host in 64 layer slices of 6 units and in 384 neuron shards, sampled every 50 ms
+   (the file's default) and every 2 ms: the first sample at 1e-8, the crossing interpolated
+   between samples (log-linear: rough with the few samples of 50 ms), and the end of the
+   host's moves from its own event log (its last window that sent news before the first
+   anti-entropy re-send: an upper bound on its own time to 1e-8, as it goes on to 1e-13),
+   each against the exact engine on the same net timed in the same process right after.
+
 Usage: .venv/bin/python benchmarks/bench_runtime.py [--skip-ray] [--only-scale] [--only-free]
-       [--only-lag]
+       [--only-lag] [--only-free-shards]
        [--free-repeats 3] [--delays 0,0.5,1,2,4,8] [--scale-cases 4,16,64,384n,2000n]
 """
 
@@ -42,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncbalance import build_cost_graph, lp, solve_optimum
+from asyncbalance.runtime import read_events
 from asyncbalance.runtime.coordinator import prepare, run_scenario
 from asyncbalance.runtime.host import (
     ShardHost,
@@ -50,9 +59,10 @@ from asyncbalance.runtime.host import (
     settings_for,
     split_by_shard,
 )
-from asyncbalance.runtime.scenario import build_network, scenario_from_mapping
+from asyncbalance.runtime.scenario import build_network, load_scenarios, scenario_from_mapping
 from asyncbalance.runtime.shard import gather_log_scales
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = [784, 512, 512, 512, 10]
 NETWORK = {"kind": "mlp", "sizes": SIZES, "unit_spread": 0.5, "seed": 0}
 P = 2.0
@@ -92,7 +102,19 @@ def main() -> int:
     parser.add_argument("--only-scale", action="store_true",
                         help="run only [5], the sim-against-Ray scale table")
     parser.add_argument("--scale-cases", default="4,16,64,384n,2000n")
+    parser.add_argument("--only-free-shards", action="store_true",
+                        help="run only [7], the quickstart net's shards free-running on one "
+                             "host against the exact engine")
     args = parser.parse_args()
+    if args.only_free_shards:
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            free_shards_table(args.free_repeats)
+        finally:
+            ray.shutdown()
+        return 0
     if args.only_scale:
         return scale_table(args.scale_cases.split(","))
     if args.only_lag:
@@ -234,6 +256,67 @@ def free_running_table(repeats: int, startup: float, sample_seconds: float = 0.0
               f"{statistics.median(walls[hosts]) / statistics.median(engines[hosts]):.1f}x")
     print("    (goal: ratio <= 5x)")
     return default_hosts_run
+
+
+FREE_SHARD_CASES = {
+    "64 layer slices": ['partition.shards_per_layer=16'],
+    "384 neuron shards": ['partition.granularity="neuron"'],
+}
+
+
+def last_moving_window(events: Path, before: float) -> float | None:
+    """Seconds from the start to the end of the last window in which a host sent news, among
+    those ending ``before`` (the first anti-entropy re-send, which sends unchanged values)."""
+    ends = [e["until"] for e in read_events(events)
+            if e["kind"] == "batch" and e["sent"] and e["until"] < before]
+    return max(ends) if ends else None
+
+
+def quickstart_engine_seconds(problem, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        solve_optimum(problem.graph)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def free_shards_table(repeats: int) -> None:
+    """[7]: the quickstart net's shards free-running on one block host."""
+    print("\n[7] quickstart net (32-96x4-10, p = 1), free-running, one block host; ratios to the "
+          "exact engine on the same net (median of 5, timed right after each run)")
+    print(f"    {'case':>18}  {'sample':>6}  {'first sample at 1e-8':>20}  {'crossing':>8}  "
+          f"{'host moves end':>14}  {'exact engine':>12}  "
+          f"{'ratios (first / crossing / moves)':>34}")
+    work = Path(tempfile.mkdtemp(prefix="bench-runtime-shards-"))
+    ratios: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
+    for label, overrides in FREE_SHARD_CASES.items():
+        for sample in (0.05, 0.002):
+            for i in range(repeats):
+                point = load_scenarios(str(ROOT / "scenarios" / "quickstart.toml"), overrides + [
+                    'ray.clock="free"', f"ray.sample_seconds={sample}", "ray.hosts=1"])[0]
+                out = work / f"{label.split()[0]}-{sample}-{i}"
+                run = run_scenario(point.scenario, out, base_dir=point.base_dir)
+                engine = quickstart_engine_seconds(prepare(point.scenario, point.base_dir))
+                first = run["wall_seconds_to_tol"]
+                cross = crossing_seconds(out / "trace.csv", 1e-8)
+                resend = point.scenario.links.resend_interval * point.scenario.ray.time_unit
+                moves = last_moving_window(out / "events.msgpack", resend)
+                if first is not None and cross is not None and moves is not None:
+                    ratios.setdefault((label, sample), []).append(
+                        (first / engine, cross / engine, moves / engine))
+                shown = " / ".join("-" if v is None else f"{v / engine:.1f}x"
+                                   for v in (first, cross, moves))
+                print(f"    {label:>18}  {sample:>6g}  "
+                      f"{'not reached' if first is None else f'{first * 1e3:.1f} ms':>20}  "
+                      f"{'-' if cross is None else f'{cross * 1e3:.1f} ms':>8}  "
+                      f"{'-' if moves is None else f'{moves * 1e3:.1f} ms':>14}  "
+                      f"{engine * 1e3:>9.2f} ms  {shown:>34}", flush=True)
+    for (label, sample), values in ratios.items():
+        medians = [statistics.median(v[k] for v in values) for k in range(3)]
+        print(f"    {label}, samples every {sample:g} s: median ratios first sample "
+              f"{medians[0]:.1f}x, crossing {medians[1]:.1f}x, host moves end {medians[2]:.1f}x")
+    print("    (goal: 64 layer shards free-running <= 10x the exact engine)")
 
 
 def lag_table(lags: tuple[int, ...] = (1, 2, 3, 4)) -> int:
