@@ -296,3 +296,22 @@ def test_free_running_with_faults_keeps_the_queue() -> None:
     assert not hosts[0].direct
     _, _, hosts = _hosts(1, paced=True)
     assert not hosts[0].direct
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_batch_records_add_up_to_the_counters(paced: bool) -> None:
+    # Link messages fanned out from frames between windows are counted in the next window's
+    # record: after every window the records of a host sum to its counters.
+    problem, layout, hosts = _hosts(2, paced=paced)
+    fields = ("sent", "delivered", "applied")
+    for tick in range(1, 201):
+        clock = 0.05 * tick
+        for host in hosts:
+            host.advance(clock)
+            batches = [e for e in host.events if e[0] == "batch"]
+            sums = [sum(e[4 + i] for e in batches) for i in range(len(fields))]
+            assert sums == [host.counters[name] for name in fields]
+        for host in hosts:
+            for dst in host.pending_hosts():
+                hosts[dst].receive_frame(host.take_frame(dst), clock)
+    assert all(h.counters["frame_entries"] > 0 and h.counters["applied"] > 0 for h in hosts)
