@@ -60,7 +60,7 @@ def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ordered = keys[order]
     starts = _run_starts(ordered)
     inverse = np.empty(keys.shape[0], dtype=np.int64)
-    inverse[order] = np.cumsum(starts) - 1
+    inverse[order] = np.cumsum(starts, dtype=np.int64) - 1
     return ordered[starts], inverse
 
 
@@ -231,7 +231,14 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
         keep = owner[unit] >= 0
         keep[keep] = kept[owner[unit[keep]]]
         pos, nb, k = pos_of[unit[keep]], other[keep], cost[:, keep]
-        order = np.lexsort((nb, pos))
+        # Sorted by (position, neighbour): one int64 key per term (an edge occurs once, so
+        # the keys are distinct and any sort gives lexsort's order), none when the edges
+        # come in that order already (CSR rows by receiver). 2.4 s per side at 10^5 neurons
+        # by lexsort.
+        key = pos * max(n_global, 1) + nb
+        if key.shape[0] < 2 or bool((key[1:] > key[:-1]).all()):
+            return pos, nb, k
+        order = np.argsort(key)
         return pos[order], nb[order], k[:, order]
 
     in_pos, in_nb, in_cost = side(dst, src)
@@ -252,7 +259,7 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
     # Sorted already (slot keys are): each new value starts a link.
     starts = _run_starts(slot_link_key)
     link_keys = slot_link_key[starts]
-    slot_link = np.cumsum(starts) - 1
+    slot_link = np.cumsum(starts, dtype=np.int64) - 1
     link_src = link_keys // max(n_shards, 1)
     link_dst = link_keys % max(n_shards, 1)
     n_links = link_keys.shape[0]
@@ -322,6 +329,8 @@ def _colors(in_pos: np.ndarray, in_nb: np.ndarray, out_pos: np.ndarray, out_nb: 
     color = np.zeros(n_own, dtype=np.int64)
     n_shards = unit_ptr.shape[0] - 1
     n_colors = np.ones(n_shards, dtype=np.int64)
+    if n_own == n_shards and bool((np.diff(unit_ptr) == 1).all()):
+        return color, n_colors  # one unit per shard: no internal edge
     pos = np.concatenate([in_pos, out_pos])
     nb = np.concatenate([in_nb, out_nb])
     internal = (owner[nb] == shard_of_unit[pos]) & (pos_of[nb] != pos)
