@@ -69,15 +69,18 @@ def run(args: argparse.Namespace) -> int:
               f"({stats.seconds:.0f}s)", file=sys.stderr)
         return 0
     if args.action == "plan":
-        from ..study.runner import is_recorded, record_root
+        from ..study.runner import record_root, record_state
         jobs = plan(study, args.budget, claims)
         root = record_root(args.records, study, args.budget)
-        total, done = Counter(), Counter()
+        total: Counter = Counter()
+        states: Counter = Counter()
         for job in jobs:
             total[(job.claim, job.phase)] += 1
-            done[(job.claim, job.phase)] += is_recorded(study, args.budget, job, root)
+            states[(job.claim, job.phase, record_state(study, args.budget, job, root))] += 1
         for (claim, phase), n in total.items():
-            print(f"{claim:32s} {phase:5s} {done[(claim, phase)]:4d}/{n} recorded")
+            waiting = states[(claim, phase, "awaiting tuning")]
+            print(f"{claim:32s} {phase:5s} {states[(claim, phase, 'current')]:4d}/{n} recorded"
+                  + (f" ({waiting} more awaiting their tuning)" if waiting else ""))
         return 0
     from ..study.report import write_report
     path = write_report(study, args.budget, Path(args.records), Path(args.output), claims,

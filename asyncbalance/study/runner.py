@@ -78,17 +78,19 @@ def job_configuration(study: Study, budget: str, job: Job, root: Path
     return mapping, tuned, config_hash(mapping)
 
 
-def is_recorded(study: Study, budget: str, job: Job, root: Path) -> bool:
-    """Whether ``job`` has a record of its current configuration (a record left by an
-    earlier design of the study, or of other tuned values, does not count)."""
+def record_state(study: Study, budget: str, job: Job, root: Path) -> str:
+    """``"current"`` (a record of the job's current configuration), ``"missing"`` (none, or
+    one of an earlier design or other tuned values: it will be run), or ``"awaiting
+    tuning"`` (a record whose tuned values cannot be checked until the job's tuning records
+    are all there; it stands, and is re-run only if the new choice differs)."""
     record = read_record(root / job.relpath())
     if record is None:
-        return False
+        return "missing"
     try:
         _, _, digest = job_configuration(study, budget, job, root)
     except InvalidInputError:
-        return False  # its tuning is not complete: the record cannot be of the current choice
-    return record.get("config_hash") == digest
+        return "awaiting tuning"
+    return "current" if record.get("config_hash") == digest else "missing"
 
 
 class DataCache:
