@@ -3,11 +3,12 @@
 The same training run (Fashion-MNIST, 784-256-256-10, backprop, SGD lr 0.05, batch 128,
 seed 0) with no balancing and with ``balancing.mode = "background"`` on Ray shard hosts
 (2 shards per layer, log-scales applied every 25 steps, the hosts given the current costs
-every 2 boundaries), in two variants: the monitors (float64 function check, central
-optimum) at every boundary, and sampled (``monitor.check_every = 0``: at the last boundary
-of each epoch only). Each repeat runs plain / background, monitors sampled / plain /
-background, monitors at every boundary / plain, so all see the same machine load; an
-overhead is the background epoch time over the mean of the two plain runs around it. At the
+every 2 boundaries), in three variants: monitors (float64 function check, central optimum)
+sampled (``monitor.check_every = 0``: at the last boundary of each epoch only) on paced
+hosts (the default), the same on free-running hosts (``async_clock = "free"``), and
+monitors at every boundary on paced hosts. Each repeat runs plain, then each
+variant followed by plain, so all see the same machine load; an overhead is the background
+epoch time over the mean of the two plain runs around it. At the
 checked boundaries the record has the staleness (steps) and the distance of the applied
 log-scales to the optimum of the current weights (the epoch-end rows: the last boundary of
 each epoch), with the distance of the first boundary (nothing applied yet: how unbalanced
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -100,33 +102,36 @@ def main() -> int:
               "optimizer": OptimizerConfig(name="sgd", lr=0.05)}
     background = BalancingConfig(mode="background", unit="step", every=25, p=2.0,
                                  async_backend="ray", async_shards=2, async_reload_every=2)
-    plans = (("plain-1", BalancingConfig(), MonitorConfig()),
-             ("sampled", background, MonitorConfig(check_every=0)),
-             ("plain-2", BalancingConfig(), MonitorConfig()),
-             ("every", background, MonitorConfig()),
-             ("plain-3", BalancingConfig(), MonitorConfig()))
+    free = replace(background, async_clock="free")
+    # Each background variant runs between two plain runs, so all see the same load.
+    variants = (("sampled", "background, paced hosts, monitors at epoch ends", background,
+                 MonitorConfig(check_every=0)),
+                ("sampled, free hosts", "background, free hosts, monitors at epoch ends",
+                 free, MonitorConfig(check_every=0)),
+                ("every", "background, paced hosts, monitors every boundary", background,
+                 MonitorConfig()))
     print(f"{source}; {data.x_train.shape[0]} training samples; {args.epochs} epochs; "
           f"{args.repeats} repeats")
-    ratios: dict[str, list[float]] = {"sampled": [], "every": [], "sampled (epochs 2 on)": [],
-                                      "every (epochs 2 on)": []}
+    ratios: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
-        runs = {}
-        for name, balancing, monitor in plans:
-            runs[name] = train_run(TrainConfig(**common, balancing=balancing, monitor=monitor),
-                                   seed=0, data=data)
-        plain = {name: train_seconds(runs[name]) for name in ("plain-1", "plain-2", "plain-3")}
-        steady = {name: steady_seconds(runs[name]) for name in plain}
-        epochs = [f"{v / args.epochs:.3f}" for v in plain.values()]
+        plain = [train_run(TrainConfig(**common, balancing=BalancingConfig()), seed=0,
+                           data=data)]
+        runs = []
+        for _, _, balancing, monitor in variants:
+            runs.append(train_run(TrainConfig(**common, balancing=balancing, monitor=monitor),
+                                  seed=0, data=data))
+            plain.append(train_run(TrainConfig(**common, balancing=BalancingConfig()), seed=0,
+                                   data=data))
+        epochs = [f"{train_seconds(r) / args.epochs:.3f}" for r in plain]
         print(f"  repeat {repeat + 1}: plain epochs {epochs} s", flush=True)
-        for name, label, around in (
-                ("sampled", "background, monitors at epoch ends", ("plain-1", "plain-2")),
-                ("every", "background, monitors every boundary", ("plain-2", "plain-3"))):
-            ratio, steady_ratio = report(label, runs[name],
-                                         statistics.mean(plain[k] for k in around),
-                                         statistics.mean(steady[k] for k in around),
+        for index, (name, label, _, _) in enumerate(variants):
+            around = plain[index:index + 2]
+            ratio, steady_ratio = report(label, runs[index],
+                                         statistics.mean(train_seconds(r) for r in around),
+                                         statistics.mean(steady_seconds(r) for r in around),
                                          args.epochs)
-            ratios[name].append(ratio)
-            ratios[name + " (epochs 2 on)"].append(steady_ratio)
+            ratios.setdefault(name, []).append(ratio)
+            ratios.setdefault(name + " (epochs 2 on)", []).append(steady_ratio)
     for name, values in ratios.items():
         print(f"{name}: median {statistics.median(values):.3f}x, range "
               f"{min(values):.3f} - {max(values):.3f}x without the one-time start")

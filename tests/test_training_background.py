@@ -13,12 +13,18 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from asyncbalance.config import from_mapping
+from asyncbalance.errors import InvalidInputError
 from asyncbalance.graph import build_cost_graph
 from asyncbalance.optimum import solve_optimum
 from asyncbalance.regularisers import lp
 from asyncbalance.runtime.scenario import NetworkConfig, build_network
 from asyncbalance.training.balancing import AsyncBalancer
+from asyncbalance.training.config import BalancingConfig, ModelConfig, TrainConfig
+from asyncbalance.training.data import Dataset
+from asyncbalance.training.loop import SeedRun
 
 OPTIMUM_TOL = 1e-8  # the runtime's convergence tolerance on log-scales
 WAIT_SECONDS = 60.0  # generous: the hosts converge in well under a second when idle
@@ -43,10 +49,12 @@ def _take_until(balancer: AsyncBalancer, graph, target: np.ndarray, total: np.nd
 
 
 @pytest.mark.ray
-def test_sampled_increments_add_up_and_never_mix_generations(ray_session) -> None:
+@pytest.mark.parametrize("clock", ["paced", "free"])
+def test_sampled_increments_add_up_and_never_mix_generations(ray_session, clock: str) -> None:
     first, second = _graph(0), _graph(1)
     assert first.n_units == second.n_units
-    balancer = AsyncBalancer("ray", 1, 0, reload_every=1)
+    balancer = AsyncBalancer("ray", 1, 0, reload_every=1, clock=clock)
+    assert balancer.scenario.ray.clock == clock
     try:
         zero, staleness = balancer.take(first, 0, 0.0)  # starts the hosts on `first`
         assert balancer.sampler is not None and staleness == 0
@@ -63,6 +71,33 @@ def test_sampled_increments_add_up_and_never_mix_generations(ray_session) -> Non
     finally:
         balancer.close()
     assert balancer.sampler is None and balancer.runtime is None
+
+
+def _tiny_data() -> Dataset:
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    return Dataset(x[:32], y[:32], x[32:], y[32:], (1, 4, 4), 3, "synthetic")
+
+
+def test_the_run_gives_its_balancer_the_host_clock() -> None:
+    """``async_clock`` reaches the Ray scenario of the run's balancer (paced by default)."""
+    for clock in (None, "paced", "free"):
+        extra = {} if clock is None else {"async_clock": clock}
+        config = TrainConfig(epochs=1, model=ModelConfig(kind="mlp", widths=(0, 4, 0)),
+                             balancing=BalancingConfig(mode="background", async_backend="ray",
+                                                       **extra))
+        state = SeedRun(config, 0, _tiny_data(), torch.device("cpu"))
+        assert state.balancer is not None
+        assert state.balancer.scenario.ray.clock == (clock or "paced")
+        state.balancer.close()
+
+
+def test_an_unknown_host_clock_is_refused_with_the_choices() -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        from_mapping(TrainConfig, {"balancing": {"async_clock": "fast"}})
+    message = str(raised.value)
+    assert "async_clock" in message and "paced" in message and "free" in message
 
 
 class _StubSampler:

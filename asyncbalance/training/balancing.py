@@ -188,7 +188,7 @@ class AsyncBalancer:
 
     def __init__(self, backend: str = "sim", shards_per_layer: int = 1, seed: int = 0,
                  time_unit: float = 0.01, reload_every: int = 1,
-                 sample_seconds: float = 0.02):
+                 sample_seconds: float = 0.02, clock: str = "paced"):
         from ..runtime.backends import backend_factory
         from ..runtime.scenario import RayConfig, Scenario
 
@@ -196,7 +196,7 @@ class AsyncBalancer:
         self.backend = backend
         self.shards_per_layer = shards_per_layer
         self.scenario = Scenario(seed=seed, backend=backend, record_events=False,
-                                 ray=RayConfig(time_unit=time_unit))
+                                 ray=RayConfig(time_unit=time_unit, clock=clock))
         self.runtime: Any = None
         self.partition: list[np.ndarray] | None = None
         self.interleaves = 0

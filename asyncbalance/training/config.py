@@ -216,6 +216,9 @@ class BalancingConfig:
     the last one are applied to the current weights, and every ``async_reload_every``
     boundaries the shards get the current weights' costs; on the simulator, each boundary
     advances it by ``async_budget``).
+    ``async_clock`` (Ray hosts): ``paced`` plays the runtime's delays and wake draws at
+    10 ms per time unit; ``free`` lets the hosts balance as fast as they can (messages
+    applied as they leave) and rest once nothing changes.
     ``every`` k ``unit`` (epoch or step); ``at_start`` adds a full balance before training.
     """
 
@@ -231,6 +234,7 @@ class BalancingConfig:
     async_shards: int = 1
     async_backend: Literal["sim", "ray"] = "sim"
     async_reload_every: int = 1
+    async_clock: Literal["paced", "free"] = "paced"
     # momentum / Adam moments of the rescaled weights: transform (/s, /s^2), keep or reset
     optimizer_state: Literal["transform", "keep", "reset"] = "transform"
     # false: balance the weights only, ignoring biases (the papers' code); this changes the

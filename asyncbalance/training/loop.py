@@ -118,7 +118,8 @@ class SeedRun:
         # One asynchronous runtime for the whole run (Ray hosts are created once, not per
         # step).
         self.balancer = AsyncBalancer(bal.async_backend, bal.async_shards, seed,
-                                      reload_every=bal.async_reload_every) \
+                                      reload_every=bal.async_reload_every,
+                                      clock=bal.async_clock) \
             if bal.mode in ("async", "background") else None
         if self.balancer is not None:
             weakref.finalize(self.model, self.balancer.close)
