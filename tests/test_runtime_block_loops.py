@@ -134,11 +134,64 @@ def test_gather_runs_concatenates_the_runs() -> None:
     np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(counts)]))
 
 
+@pytest.mark.parametrize("n", [0, 1, 5, 200])
+def test_expand_ranges_compiled_equals_the_numpy_pass(
+        n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncbalance.runtime.layout import expand_ranges
+
+    rng = np.random.default_rng(n)
+    starts = rng.integers(0, 50, n)
+    for stops in (starts + rng.integers(-3, 8, n), starts + 1):  # empty ranges; all of one
+        compiled = expand_ranges(starts, stops)
+        monkeypatch.setattr(block_loops, "COMPILED", False)
+        reference = expand_ranges(starts, stops)
+        monkeypatch.setattr(block_loops, "COMPILED", True)
+        for got, want in zip(compiled, reference, strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("regulariser", ["l1", "elastic"])
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_exponentials_taken_per_value_give_the_per_term_sums_bit_for_bit(
+        partition: str, regulariser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A window whose terms are many against the values takes each exponential once per
+    # value; the flows must be the per-term path's and the numpy passes', exactly. Elastic
+    # net: two cost terms (two powers), so two rows of rates per table.
+    from asyncbalance.graph import build_cost_graph
+    from asyncbalance.regularisers import elastic_net, lp
+    from asyncbalance.runtime.partition import partition_units
+    from asyncbalance.runtime.scenario import NetworkConfig, build_network
+
+    network = build_network(NetworkConfig(sizes=(5, 9, 9, 3), unit_spread=1.0, seed=3))
+    graph = build_cost_graph(network, lp(1.0) if regulariser == "l1"
+                             else elastic_net(0.5, 0.5))
+    layout = build_layout(graph, partition_units(
+        graph, "neuron" if partition == "neurons" else "shard", 3))
+    block = ShardBlock(layout, Rule("exact"), resend_interval=5.0)
+    block.per_value_ratio = 10 ** 6  # neurons' windows would take the per-term path
+    rng = np.random.default_rng(7)
+    block.values[:layout.zero_index] = rng.normal(0.0, 0.7, layout.zero_index)
+    positions = np.arange(layout.n_own)
+    flows = {}
+    for path in ("per value", "per term", "numpy"):
+        monkeypatch.setattr(block_loops, "COMPILED", path != "numpy")
+        if path == "per term":
+            monkeypatch.setattr(ShardBlock, "_rates_by_value", lambda *args: None)
+        flows[path] = block._flows(positions)
+    monkeypatch.undo()
+    assert block._rates_by_value(0, layout.incoming, positions) is not None  # it did run
+    for path in ("per term", "numpy"):
+        for got, want in zip(flows["per value"], flows[path], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_warm_up_compiles_every_signature_the_engine_uses(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # Ray hosts compile before their clock starts: nothing may be left to compile later.
     block_loops.warm_up()
     loops = [block_loops.deliver, block_loops.wake_on_news, block_loops.messages_from,
+             block_loops.expand_ranges, block_loops.gathered_sums,
              block_loops.link_values, block_loops.sort_into_windows]
     before = [len(loop.signatures) for loop in loops]
     for data in (FAULTY, CLEAN):

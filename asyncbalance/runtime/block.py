@@ -37,6 +37,9 @@ def version_of(epoch: np.ndarray | int, seq: np.ndarray | int) -> np.ndarray:
 class ShardBlock:
     """The mutable state of every shard of ``layout``; see the module docstring."""
 
+    # Exponentials are taken per value when ratio x the window's terms >= the values.
+    per_value_ratio = 2
+
     def __init__(self, layout: BlockLayout, rule: Rule, resend_interval: float,
                  send_threshold: float = 0.0, epochs: np.ndarray | None = None):
         self.layout = layout
@@ -55,6 +58,9 @@ class ShardBlock:
         self.last_sent = np.full(n_own, np.nan)
         self.unit_updates = np.zeros(n_shards, dtype=np.int64)
         self._fast_exact = (layout.n_terms == 1 and not layout.self_cost.any())
+        # Per table, the exponent factor of each value (every term that reads a value has
+        # the same one), built on the first window with terms enough (``_rates_by_value``).
+        self._value_rates: list[np.ndarray | None] = [None, None]
         # Scratch for finding repeated links in a batch without sorting it (always -1 between
         # calls).
         self._mark = np.full(layout.n_links, -1, dtype=np.int64)
@@ -81,10 +87,20 @@ class ShardBlock:
         n = positions.shape[0]
         u = values[positions]
         out = []
-        for table, visible in ((lay.incoming, lay.visible_in), (lay.outgoing, lay.visible_out)):
+        for which, (table, visible) in enumerate(((lay.incoming, lay.visible_in),
+                                                  (lay.outgoing, lay.visible_out))):
             if block_loops.COMPILED:
                 sums = np.empty((lay.n_terms, n))
+                rates = self._rates_by_value(which, table, positions)
                 for t in range(lay.n_terms):
+                    if rates is not None:
+                        # One exponential per value instead of one per term: the same
+                        # products and the same np.exp, so the same sums bit for bit.
+                        exps = np.exp(rates[t] * values)
+                        sums[t] = block_loops.gathered_sums(exps, positions, table.ptr,
+                                                            table.cost[t], table.value_index,
+                                                            visible[t])
+                        continue
                     exps = block_loops.scaled_neighbours(values, positions, table.ptr,
                                                          table.rate[t], table.value_index)
                     np.exp(exps, out=exps)
@@ -102,6 +118,27 @@ class ShardBlock:
         c = lay.degrees[positions]
         p = lay.powers[:, None]
         return out[0] * np.exp(p * u[None, :]), out[1] * np.exp(-p * c[None, :] * u[None, :])
+
+    def _rates_by_value(self, which: int, table, positions: np.ndarray) -> np.ndarray | None:
+        """(T, values) exponent factors of ``table`` by value index when the terms of
+        ``positions`` are at least half as many as the values (else None: exponentials per
+        term). Measured on the quickstart's layer slices: ~2.1 ns per term the one way,
+        ~0.7 ns per term and ~0.8 ns per value the other."""
+        ptr = table.ptr
+        n_window_terms = int((ptr[positions + 1] - ptr[positions]).sum())
+        if self.per_value_ratio * n_window_terms < self.values.shape[0]:
+            return None
+        rates = self._value_rates[which]
+        if rates is None:
+            rates = np.zeros((self.layout.n_terms, self.values.shape[0]))
+            rates[:, table.value_index] = table.rate
+            # Terms reading the constant 0 may differ in rate (exp(rate * 0) is 1 for all);
+            # any other disagreement would be a layout this path does not serve.
+            read = table.value_index != self.layout.zero_index
+            if not np.array_equal(rates[:, table.value_index[read]], table.rate[:, read]):
+                rates = np.zeros((0, 0))
+            self._value_rates[which] = rates
+        return rates if rates.size else None
 
     def _exact_moves(self, positions: np.ndarray) -> np.ndarray:
         lay = self.layout

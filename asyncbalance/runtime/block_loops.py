@@ -4,6 +4,7 @@ At neuron granularity every window moves thousands of units and carries millions
 messages; done as chains of numpy passes, each message costs ~200 ns of temporaries and
 gathers. These loops do the same work in fewer passes, with the same results, bit for bit:
 
+- ``expand_ranges``: the items of many index ranges, and the range of each;
 - ``deliver``: link deliveries with the reference's version rule (in order of arrival when
   a link occurs more than once), writing the winners' values into the halo;
 - ``wake_on_news``: the wake times of receivers whose view changed;
@@ -17,7 +18,9 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
   shards, copied range by range;
 - ``scaled_neighbours`` and ``term_sums``: the exponential sums of a move, split around one
   vectorised ``np.exp`` (measured, a compiled loop around a scalar ``exp`` was slower than
-  numpy's vectorised one, so the loops gather and sum and numpy takes the exponentials).
+  numpy's vectorised one, so the loops gather and sum and numpy takes the exponentials);
+  ``gathered_sums`` the same sums when the exponentials were taken once per value (a window
+  whose terms outnumber the values they read, e.g. layer slices that all move).
 
 They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
 without numba) to use the numpy passes of ``block`` and ``block_host`` instead: the tests run
@@ -42,6 +45,26 @@ def _jit(function):
     if numba is None:
         return function
     return numba.njit(cache=True, nogil=True)(function)
+
+
+@_jit
+def expand_ranges(starts, stops):  # pragma: no cover
+    """``layout.expand_ranges`` in one pass: the concatenation of ``arange(starts[i],
+    stops[i])`` and the segment index of each item (empty ranges where stop <= start)."""
+    n = starts.shape[0]
+    total = 0
+    for i in range(n):
+        if stops[i] > starts[i]:
+            total += stops[i] - starts[i]
+    index = np.empty(total, dtype=np.int64)
+    segment = np.empty(total, dtype=np.int64)
+    at = 0
+    for i in range(n):
+        for v in range(starts[i], stops[i]):
+            index[at] = v
+            segment[at] = i
+            at += 1
+    return index, segment
 
 
 @_jit
@@ -356,6 +379,22 @@ def term_sums(exps, positions, ptr, cost, visible):  # pragma: no cover
 
 
 @_jit
+def gathered_sums(exps_by_value, positions, ptr, cost, value_index,
+                  visible):  # pragma: no cover
+    """``term_sums`` with each term's exponential read from ``exps_by_value`` at its value
+    index (the exponentials taken once per value, not once per term), in the same order."""
+    n = positions.shape[0]
+    out = np.empty(n)
+    for i in range(n):
+        p = positions[i]
+        total = 0.0
+        for q in range(ptr[p], ptr[p + 1]):
+            total += cost[q] * exps_by_value[value_index[q]]
+        out[i] = visible[p] + total
+    return out
+
+
+@_jit
 def save_shards(shards, unit_ptr, in_link_ptr, in_links, link_slot_ptr, n_own, values,
                 link_version, saved_values, saved_versions):  # pragma: no cover
     """Copy each shard's own values, halo slots and incoming link versions into the saved
@@ -378,6 +417,7 @@ def warm_up() -> None:
         return
     i8 = np.zeros(2, dtype=np.int64)
     f8 = np.zeros(2)
+    expand_ranges(i8, i8)
     ptr = np.arange(3, dtype=np.int64)
     for ordered in (False, True):
         for one_slot in (False, True):
@@ -392,4 +432,5 @@ def warm_up() -> None:
                np.zeros(2, dtype=bool), np.full(2, np.inf), np.zeros(2, dtype=np.int64))
     link_values(i8, i8, i8, i8, ptr, i8, ptr, i8, f8)
     term_sums(scaled_neighbours(f8, i8, ptr, f8, i8), i8, ptr, f8, f8)
+    gathered_sums(f8, i8, ptr, f8, i8, f8)
     save_shards(i8, ptr, ptr, i8, ptr, 1, np.zeros(4), i8, np.zeros(4), np.zeros(2, np.int64))
