@@ -48,7 +48,7 @@ from asyncbalance.runtime.simulator import MessageCounters, rule_of
 
 from .cluster import ClusterError, check_address
 from .host_actor import HostActor, log_scales_of
-from .links import MonitorClient
+from .links import ASK_AT_REST, ASK_FLUSH, MonitorClient
 
 # Measured free-running on 2 cores (the driver on them too), one host against two: 384
 # neuron shards (55k links) 2.0 s against 7.0 s; 10^4 neuron shards, fan-in 4 (80k links),
@@ -307,7 +307,23 @@ class RayBackend:
         return (time.perf_counter() - self.started) / self.time_unit
 
     def advance(self, until: float) -> float:
-        """Let the hosts run until ``until`` time units after the start, then collect."""
+        """Let the hosts run until ``until`` time units after the start, then collect.
+
+        Free-running hosts on stream links are sampled as soon as every one of them rests
+        after moving (a monitor request at rest), at ``until`` at the latest: a run that
+        converges between two samples is seen when it does, not a sample period later,
+        and the waiting costs the hosts nothing."""
+        if self._samples_at_rest():
+            if self._ray_poll_due():
+                # Events, checkpoints and liveness first, while the hosts work: a Ray poll
+                # after the sample at rest would delay the run's stop by its round trip.
+                self._poll(wait=self.scenario.ray.sample_seconds)
+            remaining = (until - self.elapsed()) * self.time_unit
+            if remaining > 0 and self._samples_at_rest() and \
+                    self._fast_poll(self._active_hosts(), FULL_POLL_SECONDS, at_rest=remaining):
+                for host in list(self.recovering):
+                    self._step_recovery(host)
+                return self.elapsed()
         remaining = (until - self.elapsed()) * self.time_unit
         if remaining > 0:
             # The driver only watches: the shards balance in their own processes meanwhile.
@@ -340,7 +356,23 @@ class RayBackend:
         if monitor is not None:
             monitor.close()
 
-    def _fast_poll(self, hosts: list[int] | None = None, wait: float = PENDING_SECONDS) -> bool:
+    def _samples_at_rest(self) -> bool:
+        """Whether the next sample is asked at rest: free-running hosts, each active one
+        with a monitor link."""
+        if self.scenario.ray.clock != "free":
+            return False
+        active = self._active_hosts()
+        return bool(active) and all(h in self.monitors for h in active)
+
+    def _ray_poll_due(self) -> bool:
+        """Whether the next sample must be a Ray poll (events, checkpoints, liveness)."""
+        now = time.perf_counter()
+        every = max(self.scenario.ray.checkpoint_seconds, 0.0)
+        return now - self.last_checkpoint_poll >= every or \
+            now - self.last_full_poll >= FULL_POLL_SECONDS
+
+    def _fast_poll(self, hosts: list[int] | None = None, wait: float = PENDING_SECONDS,
+                   at_rest: float = 0.0) -> bool:
         """Each of ``hosts``' (default: the active hosts') log-scales and counters over the
         monitor links, waiting at most ``wait`` s for the replies; True if every host answered.
 
@@ -348,14 +380,25 @@ class RayBackend:
         sampled by a Ray poll, which takes a late reply at a later sample: reading its link
         until the link's own timeout (seconds) would pause the sampling of every host. A host
         that answers empty (restarted: ``poll`` finds it) loses its link too. If any link
-        fails, all are closed and nothing is taken.
+        fails, all are closed and nothing is taken. With ``at_rest`` > 0 the requests are
+        answered when each host rests after moving; those not answered within ``at_rest``
+        seconds are then asked to answer at once.
         """
         hosts = self._active_hosts() if hosts is None else hosts
         asked = time.perf_counter()
         try:
-            for host in hosts:
-                self.monitors[host].request()
-            answering = self._monitor_answers(hosts, wait)
+            if at_rest > 0:
+                for host in hosts:
+                    self.monitors[host].request(ASK_AT_REST)
+                answering = self._monitor_answers(hosts, at_rest)
+                late = [host for host in hosts if host not in answering]
+                for host in late:
+                    self.monitors[host].request(ASK_FLUSH)
+                answering |= self._monitor_answers(late, wait)
+            else:
+                for host in hosts:
+                    self.monitors[host].request()
+                answering = self._monitor_answers(hosts, wait)
             # A reply that has begun to arrive comes at once (the host writes it in one
             # go): the rest is read at the link's pace.
             replies = {host: msgpack.unpackb(self.monitors[host].reply(), raw=False)

@@ -57,6 +57,8 @@ IO_TURNS = 3
 # shard moves (in lock-step, 38.5 moves per unit to 1e-8 against 48.8 with whole-round
 # slices: bench_runtime.py --only-lag). Otherwise up to 64 events, as the event loop's
 # turns between slices cost more than one event.
+# Log-scale moves this small are rounding, not work (see ``HostActor._rests``).
+REST_MOVE = 1e-12
 FREE_SLICE_EVENTS = 1
 SLICE_EVENTS = 64
 
@@ -73,6 +75,13 @@ class HostActor:
         if transport == "stream":
             self.links = StreamLinks(host_id, token, max_in_flight, self._on_frame,
                                      self._wake_up, self._monitor_state)
+            self.links.rests = self._rests
+        # The loop waits for news (nothing due now), and the log-scales of the last monitor
+        # reply: a request at rest is answered once the host rests with log-scales that moved
+        # by more than REST_MOVE since (a settled host keeps moving by a few ulps at every
+        # anti-entropy re-send: measured 2e-16 - 4e-16; those moves do not count).
+        self.resting = False
+        self.scales_at_reply: np.ndarray | None = None
         # Frames that could not be decoded: lost batches, counted with the lost calls.
         self.bad_frames = 0
         self.time_unit = time_unit
@@ -206,8 +215,24 @@ class HostActor:
                 await self._busy_turn()
                 continue
             self.news.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.news.wait(), timeout=min(wait, 1.0))
+            self.resting = True
+            if self.links is not None:
+                self.links.answer_at_rest()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.news.wait(), timeout=min(wait, 1.0))
+            finally:
+                self.resting = False
+
+    def _rests(self) -> bool:
+        """Resting with log-scales other than the last monitor reply's."""
+        host = self.host
+        if not (self.resting and host is not None and self.started):
+            return False
+        base = self.scales_at_reply
+        current = host.owned_log_scales()
+        return base is None or base.shape != current.shape or \
+            bool(np.max(np.abs(current - base), initial=0.0) > REST_MOVE)
 
     async def _busy_turn(self) -> None:
         """Still work due: let the event loop in as often as the transport needs."""
@@ -315,6 +340,7 @@ class HostActor:
             return msgpack.packb({"log_scales": None}, use_bin_type=True)
         sample = self._sample(host, with_log_scales=False)
         current = host.owned_log_scales()
+        self.scales_at_reply = current
         base = getattr(connection, "monitor_base", None)
         if base is not None and base.shape == current.shape:
             changed = np.nonzero(current != base)[0]

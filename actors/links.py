@@ -19,9 +19,13 @@ Protocol, per connection (the sender dials the receiver):
 - acks, receiver to sender: one byte per frame, once the frame has been applied.
 
 A monitor connection (the driver's, ``MonitorClient``) opens with ``MONITOR_MAGIC`` and the
-same token; each byte it sends asks for the host's state, answered at once (between two
-slices of a busy host's work) as one length-prefixed frame. The driver polls the hosts this
-way several times as often as through Ray calls, each of which costs it 0.6 – 0.8 ms of CPU.
+same token; each byte it sends asks for the host's state, answered (between two slices of a
+busy host's work) as one length-prefixed frame. The driver polls the hosts this way several
+times as often as through Ray calls, each of which costs it 0.6 – 0.8 ms of CPU. A request
+is ``ASK_NOW`` (answered at once), or ``ASK_AT_REST`` (answered once the host rests after
+work done since its previous reply: ``answer_at_rest``, asked by the host, or on arrival
+when ``rests()`` says so already), which ``ASK_FLUSH`` turns into an answer at once; a
+flush with nothing deferred is not answered, so every request gets exactly one reply.
 
 At most ``max_in_flight`` frames are unacknowledged per pair of hosts; an ack frees a slot
 (backpressure), and what accumulates meanwhile stays coalesced in the host's outbox. A
@@ -52,6 +56,9 @@ _RECV_BYTES = 1 << 16
 _LENGTH = struct.Struct("<I")
 _HELLO = struct.Struct(f"<{len(MAGIC)}s{TOKEN_BYTES}sI")
 _ACK = b"\x06"
+ASK_NOW = b"?"
+ASK_AT_REST = b"~"
+ASK_FLUSH = b"!"
 
 Address = tuple[str, int]
 
@@ -124,6 +131,7 @@ class _Inbound(_Connection):
         super().__init__(sock)
         self.greeted = False
         self.monitor = False
+        self.deferred = False  # an ASK_AT_REST waits for the host to rest
 
 
 class _Peer(_Connection):
@@ -157,6 +165,9 @@ class StreamLinks:
         self.on_progress = on_progress
         self.on_monitor = on_monitor
         self.monitor_requests = 0
+        # Whether the host rests after work done since its last monitor reply (set by the
+        # host; None: never, so a request at rest waits for its flush).
+        self.rests: Callable[[], bool] | None = None
         self.addresses: dict[int, Address] = {}
         self.peers: dict[int, _Peer] = {}
         self.dialing: set[int] = set()
@@ -229,13 +240,15 @@ class StreamLinks:
             connection.monitor = monitor
             at = _HELLO.size
         if connection.monitor:
-            requests = len(data) - at
+            requests = bytes(data[at:])
             del data[:]
-            for _ in range(requests):
-                # The connection carries what its last reply held (replies may be deltas).
-                state = self.on_monitor(connection)  # type: ignore[misc]
-                self.monitor_requests += 1
-                connection.write(_LENGTH.pack(len(state)) + state)
+            for request in requests:
+                if request == ASK_AT_REST[0]:
+                    connection.deferred = True
+                    if self.rests is not None and self.rests():
+                        self._answer(connection)
+                elif request != ASK_FLUSH[0] or connection.deferred:
+                    self._answer(connection)
             return
         applied = 0
         try:
@@ -302,6 +315,26 @@ class StreamLinks:
 
     def in_flight(self) -> int:
         return sum(len(peer.sent_at) for peer in self.peers.values())
+
+    def _answer(self, connection: _Inbound) -> None:
+        # The connection carries what its last reply held (replies may be deltas).
+        state = self.on_monitor(connection)  # type: ignore[misc]
+        self.monitor_requests += 1
+        connection.deferred = False
+        connection.write(_LENGTH.pack(len(state)) + state)
+
+    def answer_at_rest(self) -> None:
+        """The host rests: answer the deferred monitor requests if ``rests()`` says so."""
+        waiting = [c for c in self.inbound if c.monitor and c.deferred and not c.closed]
+        if not waiting or self.rests is None or not self.rests():
+            return
+        for connection in waiting:
+            try:
+                self._answer(connection)
+                connection.flush()
+                self._watch_write(connection)
+            except _Broken:
+                self._close_inbound(connection)
 
     def pump(self) -> None:
         """Read and apply what has arrived on every link, without waiting (a busy host
@@ -436,9 +469,10 @@ class MonitorClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(_HELLO.pack(MONITOR_MAGIC, token, MONITOR_ID))
 
-    def request(self) -> None:
-        """Ask for the state; ``reply`` reads it (ask every host first, then read)."""
-        self.sock.sendall(b"?")
+    def request(self, kind: bytes = ASK_NOW) -> None:
+        """Ask for the state (``ASK_NOW``, ``ASK_AT_REST`` or ``ASK_FLUSH``: see the module
+        docstring); ``reply`` reads it (ask every host first, then read)."""
+        self.sock.sendall(kind)
 
     def reply(self) -> bytes:
         (length,) = _LENGTH.unpack(self._exactly(_LENGTH.size))

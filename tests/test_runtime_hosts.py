@@ -312,6 +312,39 @@ def test_ray_free_running_hosts_converge(tmp_path, ray_session):
 
 
 @pytest.mark.ray
+def test_free_running_hosts_are_sampled_when_they_rest_not_a_period_later(tmp_path,
+                                                                          ray_session):
+    # Samples every 3 s, a net the host balances in well under a second: the run stops at
+    # the sample taken when the host rests after its last moves. A driver that waited out
+    # the sample period would stop at 3 s or later.
+    period = 3.0
+    summary = ray_run(tmp_path, "rest",
+                      network={"kind": "mlp", "sizes": [16, 64, 64, 64, 8],
+                               "unit_spread": 1.0, "seed": 3},
+                      partition={"granularity": "shard", "shards_per_layer": 4},
+                      ray={"clock": "free", "sample_seconds": period, "hosts": 1})
+    assert summary["transport"]["hosts"] == 1
+    assert_at_optimum(summary)
+    assert summary["wall_seconds_to_tol"] < period / 2
+
+
+@pytest.mark.ray
+def test_hosts_at_rest_are_sampled_again_only_after_they_move(tmp_path, ray_session):
+    # Once the host has settled it rests for good: a request at rest must then wait for the
+    # sample time, or the driver would sample it back to back. A tolerance below float64's
+    # reach keeps the run going for 1.5 s of samples every 0.1 s: ~15 samples, not hundreds.
+    period, wall = 0.1, 1.5
+    ray_run(tmp_path, "idle",
+            network={"kind": "mlp", "sizes": [16, 64, 64, 64, 8], "unit_spread": 1.0,
+                     "seed": 3},
+            partition={"granularity": "shard", "shards_per_layer": 4},
+            ray={"clock": "free", "sample_seconds": period, "hosts": 1},
+            stop={**RAY_STOP, "tol": 1e-300, "max_wall_seconds": wall})
+    samples = len((tmp_path / "idle" / "trace.csv").read_text().splitlines()) - 1
+    assert samples <= 2 * wall / period
+
+
+@pytest.mark.ray
 def test_a_monitor_sample_and_a_ray_poll_of_quiet_hosts_agree(ray_session):
     # Most samples come over the monitor links, a Ray poll only every 0.25 s: a run whose
     # monitor samples were wrong (another host's state, a stale one) would still stop at a

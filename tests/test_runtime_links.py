@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from actors.links import MAGIC, MonitorClient, StreamLinks
+from actors.links import ASK_AT_REST, ASK_FLUSH, MAGIC, MonitorClient, StreamLinks
 
 TOKEN = b"0123456789abcdef"
 
@@ -258,6 +258,52 @@ def test_the_drivers_monitor_link_reads_the_current_state_between_slices():
             b.state = state
             assert _monitor_reply(client, b) == state
         assert b.links.monitor_requests == 3 and b.received == []
+        client.close()
+        b.links.close()
+    run(main())
+
+
+def _replied(client: MonitorClient, host: Endpoint, seconds: float = 0.2) -> bool:
+    """Whether a reply begins to arrive within ``seconds``, the host pumping meanwhile."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        host.links.pump()
+        if select.select([client.sock], [], [], 0.005)[0]:
+            return True
+    return False
+
+
+def test_a_request_at_rest_waits_for_the_host_to_rest_or_for_its_flush():
+    # One reply per request, never two: a request at rest is answered when the host says it
+    # rests (on arrival, or later through answer_at_rest), or at once after a flush; a flush
+    # with nothing deferred gets no reply. A link that answered at rest requests at once, or
+    # answered a flush on its own, or twice, fails here.
+    async def main():
+        b = Endpoint(1)
+        resting = [False]
+        b.links.rests = lambda: resting[0]
+        address = await b.links.listen("127.0.0.1")
+        client = MonitorClient(address, TOKEN)
+        await _until(lambda: len(b.links.inbound) == 1)
+        b.state = b"busy"
+        client.request(ASK_AT_REST)
+        assert not _replied(client, b)  # the host works: deferred
+        b.links.answer_at_rest()
+        assert not _replied(client, b)  # asked, but rests() is False
+        b.state, resting[0] = b"rested", True
+        b.links.answer_at_rest()
+        assert _replied(client, b) and client.reply() == b"rested"
+        client.request(ASK_AT_REST)  # the host rests already: answered on arrival
+        assert _replied(client, b) and client.reply() == b"rested"
+        client.request(ASK_FLUSH)  # nothing deferred: no reply
+        assert not _replied(client, b)
+        resting[0] = False
+        b.state = b"flushed"
+        client.request(ASK_AT_REST)
+        client.request(ASK_FLUSH)
+        assert _replied(client, b) and client.reply() == b"flushed"
+        assert not _replied(client, b)  # exactly one reply for the pair
+        assert b.links.monitor_requests == 3
         client.close()
         b.links.close()
     run(main())
