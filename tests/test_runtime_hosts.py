@@ -326,6 +326,11 @@ def test_free_running_hosts_are_sampled_when_they_rest_not_a_period_later(tmp_pa
     assert summary["transport"]["hosts"] == 1
     assert_at_optimum(summary)
     assert summary["wall_seconds_to_tol"] < period / 2
+    # The driver's BLAS keeps to one thread once it has driven hosts (its samples would
+    # otherwise wait for cores the hosts hold).
+    from threadpoolctl import threadpool_info
+    assert all(pool["num_threads"] == 1 for pool in threadpool_info()
+               if pool["user_api"] == "blas")
 
 
 @pytest.mark.ray
