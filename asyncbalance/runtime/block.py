@@ -125,8 +125,11 @@ class ShardBlock:
         term). Measured on the quickstart's layer slices: ~2.1 ns per term the one way,
         ~0.7 ns per term and ~0.8 ns per value the other."""
         ptr = table.ptr
+        n_values = self.values.shape[0]
+        if self.per_value_ratio * int(ptr[-1]) < n_values:
+            return None  # not even every term of the table (neurons: one slot per term)
         n_window_terms = int((ptr[positions + 1] - ptr[positions]).sum())
-        if self.per_value_ratio * n_window_terms < self.values.shape[0]:
+        if self.per_value_ratio * n_window_terms < n_values:
             return None
         rates = self._value_rates[which]
         if rates is None:
