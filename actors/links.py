@@ -22,10 +22,10 @@ A monitor connection (the driver's, ``MonitorClient``) opens with ``MONITOR_MAGI
 same token; each byte it sends asks for the host's state, answered (between two slices of a
 busy host's work) as one length-prefixed frame. The driver polls the hosts this way several
 times as often as through Ray calls, each of which costs it 0.6 – 0.8 ms of CPU. A request
-is ``ASK_NOW`` (answered at once), or ``ASK_AT_REST`` (answered once the host rests after
-work done since its previous reply: ``answer_at_rest``, asked by the host, or on arrival
-when ``rests()`` says so already), which ``ASK_FLUSH`` turns into an answer at once; a
-flush with nothing deferred is not answered, so every request gets exactly one reply.
+is ``ASK_NOW`` (answered at once), or ``ASK_AT_REST`` (answered once the host's ``rests()``
+says it rests with news for the driver: through ``answer_at_rest``, called by the host, or
+on arrival), which ``ASK_FLUSH`` turns into an answer at once; a flush with nothing
+deferred is not answered, so every request gets exactly one reply.
 
 At most ``max_in_flight`` frames are unacknowledged per pair of hosts; an ack frees a slot
 (backpressure), and what accumulates meanwhile stays coalesced in the host's outbox. A
@@ -165,8 +165,8 @@ class StreamLinks:
         self.on_progress = on_progress
         self.on_monitor = on_monitor
         self.monitor_requests = 0
-        # Whether the host rests after work done since its last monitor reply (set by the
-        # host; None: never, so a request at rest waits for its flush).
+        # Whether the host rests with news since its last monitor reply (set by the host;
+        # None: never, so a request at rest waits for its flush).
         self.rests: Callable[[], bool] | None = None
         self.addresses: dict[int, Address] = {}
         self.peers: dict[int, _Peer] = {}

@@ -20,7 +20,7 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
   vectorised ``np.exp`` (measured, a compiled loop around a scalar ``exp`` was slower than
   numpy's vectorised one, so the loops gather and sum and numpy takes the exponentials);
   ``gathered_sums`` the same sums when the exponentials were taken once per value (a window
-  whose terms outnumber the values they read, e.g. layer slices that all move).
+  with terms at least half as many as the values, e.g. layer slices that all move).
 
 They are pure functions on arrays (no clock, no I/O). Set ``ASYNCBALANCE_NO_JIT=1`` (or run
 without numba) to use the numpy passes of ``block`` and ``block_host`` instead: the tests run
