@@ -301,6 +301,11 @@ class RayBackend:
         self.origin = time.time()
         self.started = time.perf_counter()
         ray.get([a.start.remote(self.origin) for a in self.actors])
+        # The first Ray poll (events, checkpoints, liveness) comes FULL_POLL_SECONDS and
+        # checkpoint_seconds into the run, as every later one, not at its first sample: the
+        # hosts have nothing to report yet, and a busy host answers a Ray call late (on 2
+        # cores, 10-20 ms of a 20 ms run), which delayed the first sample behind it.
+        self.last_full_poll = self.last_checkpoint_poll = time.perf_counter()
 
     def elapsed(self) -> float:
         """Scenario time units since the start."""
@@ -796,10 +801,11 @@ class RayBackend:
         a recovery in progress takes one step, as at any sample. A poll asked for earlier and
         still pending is taken first (its events), then every host is polled afresh."""
         late = bool(self.pending_polls)
-        self.last_full_poll = -np.inf
+        # With the hosts' checkpoints: the record ends with the state the run ended in.
+        self.last_full_poll = self.last_checkpoint_poll = -np.inf
         self._poll(wait=PENDING_SECONDS)
         if late:
-            self.last_full_poll = -np.inf
+            self.last_full_poll = self.last_checkpoint_poll = -np.inf
             self._poll(wait=PENDING_SECONDS)
 
     def close(self) -> None:
