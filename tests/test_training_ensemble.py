@@ -80,6 +80,34 @@ def assert_same_runs(config: TrainConfig, datas: list) -> None:
         assert ens.summary["max_function_rel_error_at_balance"] <= 1e-12
 
 
+def test_a_member_that_diverges_with_a_finite_loss_leaves_the_others_training(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The end of an epoch refuses a finite loss far above the untrained model's (as a
+    # separate run does): that member's outcome is the error, the others finish as their
+    # separate runs. It used to escape the ensemble and end a whole study.
+    from asyncbalance.training import loop
+    from asyncbalance.training.loop import DivergedError
+
+    original = loop.SeedRun.end_epoch
+
+    def end_epoch(self, epoch, *args, **kwargs):
+        if self.seed == 1 and epoch == 1:
+            raise DivergedError("optimizer.lr", "training diverged in epoch 1 (test)")
+        return original(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loop.SeedRun, "end_epoch", end_epoch)
+    config = _config("dfa")
+    datas = [load_dataset(config.data, seed) for seed in SEEDS]
+    together = train_ensemble(config, SEEDS, datas)
+    assert isinstance(together[1], DivergedError)
+    for seed in (0, 2):
+        alone = train_run(config, seed, data=datas[seed])
+        got = together[seed]
+        assert not isinstance(got, Exception), got
+        assert [r["epoch"] for r in got.rows] == [r["epoch"] for r in alone.rows]
+        assert _close(got.rows[-1]["train_loss"], alone.rows[-1]["train_loss"], LOSS_RTOL)
+
+
 @pytest.mark.parametrize("rule", ["backprop", "dfa", "fa"])
 def test_ensemble_equals_separate_runs_with_balancing(rule: str) -> None:
     config = _config(rule, **{"regulariser.kind": "l1", "regulariser.strength": 1e-4})

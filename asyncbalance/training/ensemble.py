@@ -265,10 +265,16 @@ def train_ensemble(config: TrainConfig, seeds: Sequence[int], datas: Sequence[Da
                 runs[i].balance(bal.mode, epoch)
         scheduler.step()
         share = (time.perf_counter() - t0) / len(runs)
-        for i in alive:
-            runs[i].end_epoch(epoch, losses[i], int(rights[i]), n, share,
-                              None if progress is None else
-                              (lambda text, i=i: progress(seeds[i], text)))
+        for i in list(alive):
+            try:
+                runs[i].end_epoch(epoch, losses[i], int(rights[i]), n, share,
+                                  None if progress is None else
+                                  (lambda text, i=i: progress(seeds[i], text)))
+            except DivergedError as exc:
+                # A finite loss far above the untrained model's: the member diverged, as its
+                # separate run would have; the others go on.
+                failed[i] = exc
+                alive.remove(i)
         if not alive:
             break
     total = time.perf_counter() - started
