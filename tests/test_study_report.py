@@ -89,6 +89,25 @@ def test_an_arm_still_rising_blocks_final(tmp_path: Path) -> None:
     assert "  - [paper] better vs plain, accuracy at epoch 10: higher" in summary
 
 
+def test_an_arm_whose_every_run_diverged_is_said_so_not_called_unsettled(
+        tmp_path: Path) -> None:
+    study = _study()
+    root = record_root(tmp_path / "rec", study, "cpu")
+    for job in plan(study, "cpu"):
+        record = _record(job, [float(v) for v in np.linspace(0.1, 0.8, 11)])
+        if job.arm == "partial":
+            record["diverged"] = "optimizer.lr: training diverged in epoch 1"
+            record["summary"]["test_accuracy"] = None
+            record["curves"] = {"epoch": [], "test_accuracy": []}
+        write_record(root / job.relpath(), record)
+    out = tmp_path / "claims.md"
+    write_report(study, "cpu", tmp_path / "rec", out)
+    text = out.read_text()
+    assert "Every run of partial diverged: no curve to settle." in text
+    assert "partial (too short to settle" not in text and "+nan" not in text
+    assert "Not settled at epoch 10" in text and "plain (still rising" in text
+
+
 def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
     text = _write(tmp_path, flat=False)
     verdicts = text.split("**Verdicts**")[1]

@@ -111,8 +111,11 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
                     + " | ".join(speed) + f" | {change} | {state} |")
     moving = []
     last = 0
+    # An arm whose every run diverged has no curve: nothing to settle.
+    diverged_arms = [arm for arm in arms if cell.runs.get(arm) and
+                     all(r.get("diverged") for r in cell.runs[arm].values())]
     for arm in arms:
-        if not cell.runs.get(arm):
+        if not cell.runs.get(arm) or arm in diverged_arms:
             continue
         settled, gain, span, last = arm_settling(cell, arm)
         if not settled:
@@ -125,7 +128,10 @@ def _speed_rows(cell: Cell, claim: Claim, arms: Sequence[str]) -> tuple[list[str
             moving.append(f"{arm} ({what}: {100 * gain:+.2f} points over its last "
                           f"{span:.0f} epochs, trend {100 * drift:+.2f})")
     notes = []
-    if any(cell.runs.get(arm) for arm in arms):
+    if diverged_arms:
+        notes.append("Every run of " + ", ".join(diverged_arms) + " diverged: no curve to "
+                     "settle.")
+    if any(cell.runs.get(arm) for arm in arms if arm not in diverged_arms):
         rule = (f"a mean curve has settled when it changed by less than "
                 f"{100 * FLAT_TOLERANCE:.1f} points over its last {int(100 * FLAT_WINDOW)} % "
                 f"of the epochs, at least {MIN_WINDOW_EPOCHS:.0f} epochs and at most half the "
