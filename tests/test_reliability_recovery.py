@@ -185,18 +185,24 @@ def test_a_busy_host_is_not_taken_for_lost(tmp_path: Path, ray_session,
     # A poll counts as late after 20 ms here (5 s in use): turns of a 10^4-neuron block host
     # take longer, so late polls are certain, as they are at 10^5 neurons with 5 s. A host
     # found alive and listening is busy: re-set up from its checkpoints instead, it would
-    # lose its progress (how a 10^5-neuron run went back to u = 0 again and again). Every
-    # sample is a Ray poll with the hosts' checkpoints here (the first at the start, while
-    # the hosts' first turns run), not one every 0.25 s beside the monitor links.
+    # lose its progress (how a 10^5-neuron run went back to u = 0 again and again). The
+    # first sample polls through Ray, with the hosts' checkpoints, while their first turns
+    # run (runs take their first Ray poll 0.25 s in; this one is made due at the start).
     monkeypatch.setattr(backend, "PENDING_SECONDS", 0.02)
-    monkeypatch.setattr(backend, "FULL_POLL_SECONDS", 0.0)
+    start = backend.RayBackend.start
+
+    def start_with_a_ray_poll_due(self) -> None:
+        start(self)
+        self.last_full_poll = self.last_checkpoint_poll = -np.inf
+
+    monkeypatch.setattr(backend.RayBackend, "start", start_with_a_ray_poll_due)
     summary = run_scenario(scenario_from_mapping({
         "name": "busy", "seed": 0, "backend": "ray", "record_events": False,
         "network": {"kind": "sparse_mlp", "sizes": [50, 2500, 2500, 2500, 2500, 10],
                     "fan_in": 12, "unit_spread": 1.0, "seed": 0},
         "partition": {"granularity": "neuron"},
         "stop": {"tol": 1e-6, "max_wall_seconds": 90.0, "function_check": "final"},
-        "ray": {"clock": "free", "hosts": 2, "checkpoint_seconds": 0.0}}), tmp_path / "run")
+        "ray": {"clock": "free", "hosts": 2}}), tmp_path / "run")
     transport = summary["transport"]
     assert transport["host_losses"] == [] and summary["crashes"] == 0
     assert transport["slow_polls"] > 0
