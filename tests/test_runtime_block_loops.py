@@ -10,7 +10,9 @@ import pytest
 
 from asyncbalance.runtime import block_loops, run_scenario
 from asyncbalance.runtime.block import ShardBlock
+from asyncbalance.runtime.block_host import Routes
 from asyncbalance.runtime.coordinator import prepare
+from asyncbalance.runtime.delays import DelaySampler
 from asyncbalance.runtime.layout import build_layout
 from asyncbalance.runtime.scenario import scenario_from_mapping
 from asyncbalance.runtime.shard import Rule
@@ -67,6 +69,68 @@ def test_compiled_loops_match_the_numpy_passes_without_faults(
     numpy_passes, _ = _run(tmp_path, "b", CLEAN, partition, "messages", False, monkeypatch)
     assert summary["converged"] and summary["messages_dropped"] == 0
     assert compiled == numpy_passes
+
+
+@pytest.mark.parametrize("delay", [{"delay": "exponential", "mean": 0.7},
+                                   {"delay": "constant", "mean": 0.35},
+                                   {"delay": "exponential", "mean": 0.0}],
+                         ids=["exponential", "constant", "zero"])
+def test_fused_fan_out_writes_the_general_paths_records_byte_for_byte(
+        tmp_path: Path, delay: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Neurons with nothing to lose and batch records: the compiled host fans out in one
+    # pass (``fan_out_into_windows``); the numpy passes take the general path.
+    calls = []
+    fused = block_loops.fan_out_into_windows
+    monkeypatch.setattr(block_loops, "fan_out_into_windows",
+                        lambda *args: calls.append(1) or fused(*args))
+    data = {**CLEAN, "links": {**delay, "heterogeneity": 0.5, "resend_interval": 1.5}}
+    compiled, summary = _run(tmp_path, "a", data, "neurons", "batches", True, monkeypatch)
+    assert calls
+    numpy_passes, _ = _run(tmp_path, "b", data, "neurons", "batches", False, monkeypatch)
+    assert summary["converged"]
+    assert compiled == numpy_passes
+
+
+@pytest.mark.parametrize("delay_kind", [0, 1, 2])
+@pytest.mark.parametrize("step", [0.05, 1e-7])
+def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(
+        delay_kind: int, step: float) -> None:
+    # Three hosts, senders of every host, some twice; a step of 1e-7 spreads the windows
+    # beyond the counting sort's range, so its stable-sort fallback runs as well.
+    problem = prepare(scenario_from_mapping({
+        "name": "f", "network": {"kind": "mlp", "sizes": [5, 9, 9, 3], "seed": 3},
+        "partition": {"granularity": "neuron"}}))
+    layout = build_layout(problem.graph, [spec.units for spec in problem.specs])
+    rng = np.random.default_rng(delay_kind)
+    routes = Routes.build(layout, rng.integers(0, 3, layout.n_shards))
+    link_mean = rng.uniform(0.1, 2.0, layout.n_links)
+    senders = np.sort(rng.integers(0, layout.n_shards, 40))
+    versions = rng.integers(0, 1 << 40, 40)
+    times = np.sort(rng.uniform(3.0, 9.0, 40))
+    values = rng.standard_normal(40)
+    for host in range(3):
+        links, entry, link_versions, sent_at = block_loops.messages_from(
+            senders, versions, times, routes.pair_ptr, routes.pair_links, 3, host)
+        assert links.shape[0] > 0
+        draw_rng, fused_rng = np.random.default_rng(7), np.random.default_rng(7)
+        if delay_kind == 0:
+            delays, draws = np.zeros(links.shape[0]), np.zeros(0)
+        elif delay_kind == 1:
+            delays = DelaySampler("constant").sample_many(draw_rng, link_mean[links])
+            draws = np.zeros(0)
+        else:
+            delays = DelaySampler("exponential").sample_many(draw_rng, link_mean[links])
+            draws = fused_rng.standard_exponential(size=links.shape[0])
+        want = block_loops.sort_into_windows(
+            sent_at + delays, links, link_versions, values, entry,
+            np.ones(layout.n_links, dtype=np.int64), step, True)
+        *got, got_delays = block_loops.fan_out_into_windows(
+            senders, versions, times, values, routes.pair_ptr, routes.pair_links, 3, host,
+            link_mean, draws, delay_kind, step)
+        assert len(np.unique(want[0])) > 1
+        for got_array, want_array in zip(got, want, strict=True):
+            np.testing.assert_array_equal(got_array, want_array)
+        np.testing.assert_array_equal(got_delays, delays)
 
 
 def _block(seed: int, partition: str) -> ShardBlock:

@@ -202,6 +202,23 @@ class BlockHost:
         # versions, halo values and wakes).
         self.direct = (not s.paced and s.loss == 0.0 and s.duplication == 0.0
                        and not s.partitions and not self.faults and self.level != "messages")
+        self.fused_delay_kind = self._fused_delay_kind()
+
+    def _fused_delay_kind(self) -> int | None:
+        """How ``block_loops.fan_out_into_windows`` draws this host's delays (0: none, 1:
+        the link's mean, 2: exponential), or None where the general path must fan out:
+        units that are not neurons, messages that can be lost, doubled or cut, a
+        per-message log, or delays it does not draw the way ``DelaySampler`` does."""
+        s = self.settings
+        if not (block_loops.COMPILED and self.neurons) or self.level == "messages" or \
+                s.loss > 0.0 or s.duplication > 0.0 or s.partitions:
+            return None
+        positive = self.link_mean > 0.0
+        if not s.paced or not positive.any():
+            return 0
+        if not positive.all():
+            return None
+        return {"constant": 1, "exponential": 2}.get(self.sampler.distribution)
 
     def reload(self, layout: BlockLayout, generation: int, now: float) -> None:
         """New costs for the same shards: every shard restarts at u = 0 in ``generation``."""
@@ -421,6 +438,8 @@ class BlockHost:
         if self.direct:
             self._apply_now(senders, versions, times, values)
             return np.zeros(0)
+        if self.fused_delay_kind is not None:
+            return self._fan_out_fused(senders, versions, times, values)
         if block_loops.COMPILED:
             links, entry, link_versions, sent_at = block_loops.messages_from(
                 senders, versions, times, routes.pair_ptr, routes.pair_links, routes.n_hosts,
@@ -472,6 +491,27 @@ class BlockHost:
                 return np.zeros(0)
         return self._enqueue_copies(senders, links, entry, link_versions, sent_at, values,
                                     copies, n_copies)
+
+    def _fan_out_fused(self, senders: np.ndarray, versions: np.ndarray, times: np.ndarray,
+                       values: np.ndarray) -> np.ndarray:
+        """``_fan_out`` for neurons with nothing to lose, double or cut, in one compiled
+        pass (``block_loops.fan_out_into_windows``): the same link messages, draws, arrival
+        times and wheel (its chunks equal to those of the general path)."""
+        routes = self.routes
+        keys = senders * routes.n_hosts + self.host_id
+        m = int((routes.pair_ptr[keys + 1] - routes.pair_ptr[keys]).sum())
+        if m == 0:
+            return np.zeros(0)
+        self.counters["sent"] += m
+        # The draws ``DelaySampler.sample_many`` takes for exponential delays, in order.
+        draws = (self.rng.standard_exponential(size=m) if self.fused_delay_kind == 2
+                 else np.zeros(0))
+        window_keys, bounds, *arrays, delays = block_loops.fan_out_into_windows(
+            senders, versions, times, values, routes.pair_ptr, routes.pair_links,
+            routes.n_hosts, self.host_id, self.link_mean, draws, self.fused_delay_kind,
+            self.step)
+        self._enqueue_sorted(_Chunk(*arrays), bounds, window_keys.tolist())
+        return delays
 
     def _enqueue_copies(self, senders: np.ndarray, links: np.ndarray, entry: np.ndarray,
                         link_versions: np.ndarray, sent_at: np.ndarray, values: np.ndarray,
@@ -611,6 +651,12 @@ class BlockHost:
         else:
             chunk, bounds, first_keys = self._sort_into_windows(times, links, versions,
                                                                 values, starts)
+        self._enqueue_sorted(chunk, bounds, first_keys)
+
+    def _enqueue_sorted(self, chunk: _Chunk, bounds: np.ndarray, first_keys: list[int]
+                        ) -> None:
+        """A chunk sorted by arrival window into the wheel: window i's messages are
+        ``bounds[i]:bounds[i + 1]``, its key ``first_keys[i]``."""
         buckets = self.buckets
         # A chunk lives until its last range is taken. The tail of a delay distribution (the
         # last tenth of the messages, over many windows) would keep whole chunks alive for

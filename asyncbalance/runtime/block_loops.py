@@ -14,6 +14,8 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
   applied as they leave, without message arrays;
 - ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
   link messages by arrival window, into the arrays of a chunk of the timing wheel;
+  ``fan_out_into_windows`` the same for neurons straight from a batch of sends, delays
+  included, without the intermediate per-message arrays;
 - ``save_shards``: checkpoints (own values, halo slots and incoming link versions) of many
   shards, copied range by range;
 - ``scaled_neighbours`` and ``term_sums``: the exponential sums of a move, split around one
@@ -346,6 +348,117 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
 
 
 @_jit
+def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links, n_hosts,
+                         host, link_mean, draws, delay_kind, step):  # pragma: no cover
+    """``messages_from``, the delays and ``sort_into_windows`` in two passes, for entries
+    that carry one value each (neurons) to links that fill one slot each: no per-message
+    arrays of links, entries or send times, no gathers through a sort order.
+
+    The link messages of entries ``senders`` to ``host`` are taken in ``messages_from``'s
+    order; message i's delay is 0 (``delay_kind`` 0), its link's mean (1, every mean
+    positive) or its link's mean times ``draws[i]`` (2: exponential, every mean positive,
+    as ``DelaySampler.sample_many`` scales standard draws); it arrives at send time plus
+    delay. Returns ``sort_into_windows``'s arrays (stably sorted by arrival window) and the
+    delays in message order."""
+    total = 0
+    for e in range(senders.shape[0]):
+        key = senders[e] * n_hosts + host
+        total += pair_ptr[key + 1] - pair_ptr[key]
+    delays = np.empty(total)
+    keys = np.empty(total, dtype=np.int64)
+    at = 0
+    for e in range(senders.shape[0]):
+        key = senders[e] * n_hosts + host
+        sent = times[e]
+        for q in range(pair_ptr[key], pair_ptr[key + 1]):
+            if delay_kind == 0:
+                delay = 0.0
+            elif delay_kind == 1:
+                delay = link_mean[pair_links[q]]
+            else:
+                delay = link_mean[pair_links[q]] * draws[at]
+            delays[at] = delay
+            keys[at] = np.int64(np.floor((sent + delay) / step))
+            at += 1
+    sorted_times = np.empty(total)
+    sorted_links = np.empty(total, dtype=np.int64)
+    sorted_versions = np.empty(total, dtype=np.int64)
+    carried = np.empty(total)
+    ptr = np.arange(total + 1)
+    if total == 0:
+        return (np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), sorted_times,
+                sorted_links, sorted_versions, carried, ptr, delays)
+    base, top = keys.min(), keys.max()
+    if top - base < 1 << 20:
+        # Stable counting sort: each message goes straight to its place.
+        span = top - base
+        place = np.zeros(span + 2, dtype=np.int64)
+        for i in range(total):
+            place[keys[i] - base + 1] += 1
+        n_windows = 0
+        for b in range(1, span + 2):
+            if place[b] > 0:
+                n_windows += 1
+            place[b] += place[b - 1]
+        window_keys = np.empty(n_windows, dtype=np.int64)
+        bounds = np.empty(n_windows + 1, dtype=np.int64)
+        w = 0
+        for b in range(span + 1):
+            if place[b + 1] > place[b]:
+                window_keys[w] = base + b
+                bounds[w] = place[b]
+                w += 1
+        bounds[n_windows] = total
+        at = 0
+        for e in range(senders.shape[0]):
+            key = senders[e] * n_hosts + host
+            sent = times[e]
+            version = versions[e]
+            value = values[e]
+            for q in range(pair_ptr[key], pair_ptr[key + 1]):
+                b = keys[at] - base
+                j = place[b]
+                place[b] = j + 1
+                sorted_times[j] = sent + delays[at]
+                sorted_links[j] = pair_links[q]
+                sorted_versions[j] = version
+                carried[j] = value
+                at += 1
+        return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, \
+            ptr, delays
+    # Windows too far apart for a count per window: a stable sort of the keys.
+    links = np.empty(total, dtype=np.int64)
+    entry = np.empty(total, dtype=np.int64)
+    at = 0
+    for e in range(senders.shape[0]):
+        key = senders[e] * n_hosts + host
+        for q in range(pair_ptr[key], pair_ptr[key + 1]):
+            links[at] = pair_links[q]
+            entry[at] = e
+            at += 1
+    order = np.argsort(keys, kind="mergesort")
+    window_keys = np.empty(total, dtype=np.int64)
+    bounds = np.empty(total + 1, dtype=np.int64)
+    n_windows = 0
+    previous = base - 1
+    for j in range(total):
+        o = order[j]
+        e = entry[o]
+        sorted_times[j] = times[e] + delays[o]
+        sorted_links[j] = links[o]
+        sorted_versions[j] = versions[e]
+        carried[j] = values[e]
+        if keys[o] != previous:
+            previous = keys[o]
+            window_keys[n_windows] = previous
+            bounds[n_windows] = j
+            n_windows += 1
+    bounds[n_windows] = total
+    return (window_keys[:n_windows], bounds[:n_windows + 1], sorted_times, sorted_links,
+            sorted_versions, carried, ptr, delays)
+
+
+@_jit
 def scaled_neighbours(values, positions, ptr, rate, value_index):  # pragma: no cover
     """``rate[q] * values[value_index[q]]`` for every term q of each of ``positions`` (the
     terms ``ptr[p] .. ptr[p + 1]`` of position p), position after position."""
@@ -426,6 +539,8 @@ def warm_up() -> None:
                     np.ones(2, dtype=bool), np.arange(2, dtype=np.int64), one_slot,
                     np.full(2, np.inf), np.zeros(2, dtype=np.int64))
             sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
+    for delay_kind in (0, 1, 2):
+        fan_out_into_windows(i8, i8, f8, f8, ptr, i8, 1, 0, f8, f8, delay_kind, 0.1)
     wake_on_news(np.full(2, np.inf), i8, 0, np.zeros(2, dtype=bool), f8, np.zeros(2))
     messages_from(i8, i8, f8, ptr, i8, 1, 0)
     apply_sent(i8, i8, f8, f8, i8, ptr, i8, 1, 0, ptr, i8, ptr, 1, i8, i8, np.zeros(4),
