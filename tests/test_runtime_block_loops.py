@@ -180,6 +180,57 @@ def test_deliver_keeps_the_newest_in_arrival_order_when_links_repeat(
         np.testing.assert_array_equal(compiled.dirty, reference.dirty)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_deliver_follows_the_rule_link_by_link(seed: int) -> None:
+    # Some links delivered once, some many times (out of version order, equal times
+    # included), a few receivers down; the expected state comes from the rule itself, link
+    # by link, in plain Python.
+    rng = np.random.default_rng(seed)
+    n_links = 100_003
+    n_shards, n_own, m = 50, 50, 4_000
+    link_dst = rng.integers(0, n_shards, n_links)
+    pool = rng.choice(n_links, 1_500, replace=False)
+    links = rng.choice(pool, m)
+    versions = rng.integers(0, 8, m).astype(np.int64)
+    times = rng.integers(0, 20, m).astype(np.float64)
+    values = rng.integers(0, 3, m).astype(np.float64)
+    alive = rng.random(n_shards) > 0.1
+    link_version = rng.integers(-1, 4, n_links)
+    state = rng.integers(0, 3, n_own + n_links).astype(np.float64)
+    want_version, want_state = link_version.copy(), state.copy()
+    want_status = np.ones(m, dtype=np.int8)
+    want_dirty = np.zeros(n_shards, dtype=bool)
+    want_first = np.full(n_shards, np.inf)
+    for link in np.unique(links):
+        receiver = link_dst[link]
+        group = sorted(np.nonzero(links == link)[0], key=lambda i: (times[i], i))
+        if not alive[receiver]:
+            want_status[group] = 0
+            continue
+        winner = -1
+        for i in group:
+            if versions[i] > want_version[link]:
+                want_status[i], want_version[link], winner = 2, versions[i], i
+                want_first[receiver] = min(want_first[receiver], times[i])
+        if winner >= 0 and want_state[n_own + link] != values[winner]:
+            want_state[n_own + link] = values[winner]
+            want_dirty[receiver] = True
+    dirty = np.zeros(n_shards, dtype=bool)
+    first = np.full(n_shards, np.inf)
+    touched = np.zeros(n_shards, dtype=np.int64)
+    status, _, n_touched = block_loops.deliver(
+        links, versions, times, False, values, np.arange(m, dtype=np.int64),
+        np.arange(n_links + 1, dtype=np.int64), n_own, link_dst, link_version, state, dirty,
+        alive, np.argsort(links, kind="stable"), True, first, touched)
+    assert (want_status == 0).any() and (want_status == 1).any() and (want_status == 2).any()
+    np.testing.assert_array_equal(status, want_status)
+    np.testing.assert_array_equal(link_version, want_version)
+    np.testing.assert_array_equal(state, want_state)
+    np.testing.assert_array_equal(dirty, want_dirty)
+    np.testing.assert_array_equal(first, want_first)
+    assert sorted(touched[:n_touched]) == sorted(np.nonzero(np.isfinite(want_first))[0])
+
+
 def test_window_order_is_a_stable_sort_by_window() -> None:
     rng = np.random.default_rng(0)
     keys = rng.integers(100, 140, 5_000)
