@@ -426,36 +426,14 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
                 at += 1
         return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, \
             ptr, delays
-    # Windows too far apart for a count per window: a stable sort of the keys.
-    links = np.empty(total, dtype=np.int64)
-    entry = np.empty(total, dtype=np.int64)
-    at = 0
-    for e in range(senders.shape[0]):
-        key = senders[e] * n_hosts + host
-        for q in range(pair_ptr[key], pair_ptr[key + 1]):
-            links[at] = pair_links[q]
-            entry[at] = e
-            at += 1
-    order = np.argsort(keys, kind="mergesort")
-    window_keys = np.empty(total, dtype=np.int64)
-    bounds = np.empty(total + 1, dtype=np.int64)
-    n_windows = 0
-    previous = base - 1
-    for j in range(total):
-        o = order[j]
-        e = entry[o]
-        sorted_times[j] = times[e] + delays[o]
-        sorted_links[j] = links[o]
-        sorted_versions[j] = versions[e]
-        carried[j] = values[e]
-        if keys[o] != previous:
-            previous = keys[o]
-            window_keys[n_windows] = previous
-            bounds[n_windows] = j
-            n_windows += 1
-    bounds[n_windows] = total
-    return (window_keys[:n_windows], bounds[:n_windows + 1], sorted_times, sorted_links,
-            sorted_versions, carried, ptr, delays)
+    # Windows too far apart for a count per window: the general path's stable sort.
+    links, entry, link_versions, sent_at = messages_from(senders, versions, times, pair_ptr,
+                                                         pair_links, n_hosts, host)
+    window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr = \
+        sort_into_windows(sent_at + delays, links, link_versions, values, entry,
+                          np.zeros(0, dtype=np.int64), step, True)
+    return (window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr,
+            delays)
 
 
 @_jit
