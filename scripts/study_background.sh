@@ -10,7 +10,8 @@
 # a later session. Every POLL seconds, and once more at the end, the record files that are
 # new or changed under the budget's record folder are committed: `git add` and `git commit`
 # name those paths only, so nobody else's staged or unstaged work is touched. Extra
-# arguments go to `asyncbalance study run` (e.g. --claim ID, --max-runs N, --threads 1).
+# arguments go to `asyncbalance study run` (e.g. --claim ID, --max-runs N, --threads 1,
+# --part 1/2 beside a second `asyncbalance study run ... --part 2/2` on another core).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2

@@ -136,6 +136,24 @@ def test_a_diverged_run_is_recorded_and_never_rerun(tmp_path: Path) -> None:
     assert run_study(study, "smoke", tmp_path, log=lambda _: None).ran == 0
 
 
+def test_parts_run_by_separate_processes_record_every_job_once(tmp_path: Path) -> None:
+    from asyncbalance.study.runner import run_study
+
+    study = parse_study({
+        "name": "p", "base": {"data": {"name": "digits"}, "device": "cpu"},
+        "budgets": {"smoke": {"seeds": 2, "tune_seeds": 1}},
+        "claim": [{"id": "c", "epochs": {"smoke": 1}, "baseline": "plain",
+                   "arms": {"plain": {}, "slow": {"set": {"optimizer.lr": 1e-3}},
+                            "fast": {"set": {"optimizer.lr": 0.2}}},
+                   "settings": {"tuned": {"tune": {"optimizer.lr": [1e-2, 0.1]}}}}]})
+    ran = [run_study(study, "smoke", tmp_path, log=lambda _: None, part=(index, 2)).ran
+           for index in (1, 2)]
+    # Each part ran its own cells whole (tuning, then the tuned runs that read it); together
+    # they ran the plan once, and a full pass finds nothing left.
+    assert all(ran) and sum(ran) == len(plan(study, "smoke"))
+    assert run_study(study, "smoke", tmp_path, log=lambda _: None).ran == 0
+
+
 def test_tuning_picks_the_best_mean_validation_accuracy(tmp_path: Path) -> None:
     from asyncbalance.study.runner import select_tuned
 

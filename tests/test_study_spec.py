@@ -8,7 +8,7 @@ import pytest
 
 from asyncbalance.cli import main
 from asyncbalance.errors import InvalidInputError
-from asyncbalance.study.spec import load_study, parse_study, plan
+from asyncbalance.study.spec import load_study, parse_study, part_of_plan, plan
 
 STUDY = Path(__file__).resolve().parents[1] / "studies" / "paper_claims.toml"
 
@@ -127,3 +127,34 @@ def test_tuning_seed_s_holds_out_fold_s_of_the_claims_k_fold() -> None:
             parse_study(_study(validation_folds=bad))
     with pytest.raises(InvalidInputError, match="validation_folds"):
         parse_study(_study(validation_folds=5, validation_fraction=0.2))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_parts_of_a_plan_split_it_by_whole_cells(count: int) -> None:
+    jobs = plan(load_study(STUDY), "cpu")
+    parts = [part_of_plan(jobs, index, count) for index in range(1, count + 1)]
+    # Every job in exactly one part, each part in plan order (tuning before tuned runs).
+    assert sorted(id(job) for part in parts for job in part) == sorted(id(j) for j in jobs)
+    for part in parts:
+        positions = [jobs.index(job) for job in part]
+        assert positions == sorted(positions)
+    # A cell's jobs (its tuning candidates, seeds and tuned runs) never span two parts.
+    owner = {}
+    for index, part in enumerate(parts):
+        for job in part:
+            assert owner.setdefault(job.cell, index) == index
+    tuned_cells = {job.cell for job in jobs if job.needs_tune}
+    assert tuned_cells and all(
+        {owner[job.cell] for job in jobs if job.cell == cell} == {owner[cell]}
+        for cell in tuned_cells)
+    # Cells are dealt out in turn: the parts differ by at most one cell.
+    cells = [len({job.cell for job in part}) for part in parts]
+    assert max(cells) - min(cells) <= 1
+
+
+def test_bad_part_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    for text in ("3/2", "0/2", "x", "1/0", "1"):
+        assert main(["study", "run", str(STUDY), "--budget", "smoke", "--part", text]) == 2
+        err = capsys.readouterr().err
+        assert "--part" in err and err.count("\n") == 1 and "Traceback" not in err
+

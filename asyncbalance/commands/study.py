@@ -42,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                            help="train every seed as a run of its own (default: the pending "
                                 "seeds of a cell train as one ensemble where the "
                                 "configuration allows it)")
+            p.add_argument("--part", default="1/1", metavar="I/N",
+                           help="run only the I-th of N parts of the jobs (whole cells, dealt "
+                                "out in turn), so that N processes started with the same "
+                                "arguments and --part 1/N .. N/N share one record folder "
+                                "without running a job twice (default 1/1: all)")
             p.add_argument("--quiet", action="store_true")
         if name == "report":
             p.add_argument("-o", "--output", default="docs/claims.md", metavar="REPORT.md")
@@ -55,15 +60,17 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..study.spec import load_study, plan
+    from ..study.spec import load_study, parse_part, plan
 
+    part = parse_part(args.part) if args.action == "run" else (1, 1)
     study = load_study(args.study)
     claims = tuple(args.claim)
     if args.action == "run":
         from ..study.runner import run_study
         log = (lambda _text: None) if args.quiet else (lambda text: print(text, flush=True))
         stats = run_study(study, args.budget, args.records, claims, args.device, args.data_dir,
-                          args.threads, args.max_runs, log, ensemble=not args.no_ensemble)
+                          args.threads, args.max_runs, log, ensemble=not args.no_ensemble,
+                          part=part)
         print(f"study {study.name} budget {args.budget}: {stats.ran} runs done, "
               f"{stats.skipped} already recorded, {stats.planned} planned "
               f"({stats.seconds:.0f}s)", file=sys.stderr)

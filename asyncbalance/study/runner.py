@@ -18,7 +18,7 @@ from ..provenance import finish, provenance
 from ..training.config import DataConfig, TrainConfig
 from ..training.loop import DivergedError
 from .records import make_record, read_record, write_record
-from .spec import Job, Study, config_hash, plan, points, tuned_label
+from .spec import Job, Study, config_hash, part_of_plan, plan, points, tuned_label
 
 
 @dataclass
@@ -125,7 +125,7 @@ def preflight(jobs: list[Job], data_dir: str | None) -> None:
 def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ...] = (),
               device: str = "cpu", data_dir: str | None = None, threads: int = 1,
               max_runs: int | None = None, log: Callable[[str], None] = print,
-              ensemble: bool = True) -> RunStats:
+              ensemble: bool = True, part: tuple[int, int] = (1, 1)) -> RunStats:
     """Run every job of ``budget`` not yet recorded under ``root``; ``max_runs`` stops after
     that many new runs (the rest is picked up by the next call).
 
@@ -134,6 +134,9 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
     (``training.ensemble``) when the configuration allows it, else one by one. Each seed's
     record is the one its separate run writes (to float32 rounding), with ``ensemble``
     naming the seeds that trained together.
+
+    ``part = (I, N)`` runs only the I-th of N parts of the plan (``spec.part_of_plan``), so
+    that N processes share one record folder.
     """
     import torch
 
@@ -142,7 +145,7 @@ def run_study(study: Study, budget: str, root: str | Path, claims: tuple[str, ..
 
     if threads > 0:
         torch.set_num_threads(threads)
-    jobs = plan(study, budget, claims)
+    jobs = part_of_plan(plan(study, budget, claims), *part)
     preflight(jobs, data_dir)
     base = record_root(root, study, budget)
     stats = RunStats(planned=len(jobs))

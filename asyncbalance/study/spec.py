@@ -439,3 +439,29 @@ def plan(study: Study, budget_name: str, claims: tuple[str, ...] = ()) -> list[J
                                               "run", mapping, {}, bool(setting.tune))))
     jobs.sort(key=lambda item: item[0])
     return [job for _, job in jobs]
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) as ``(I, N)``; bad text names ``--part``."""
+    head, _, tail = text.partition("/")
+    try:
+        index, count = int(head), int(tail)
+    except ValueError:
+        index, count = 0, 0
+    if count < 1 or not 1 <= index <= count:
+        raise InvalidInputError("--part", f"{text!r} is not I/N with 1 <= I <= N "
+                                "(e.g. 1/2 and 2/2 for two processes)")
+    return index, count
+
+
+def part_of_plan(jobs: list[Job], index: int, count: int) -> list[Job]:
+    """The jobs of part ``index`` of ``count``: the cells (claim, setting, point, arm) are
+    dealt out in turn, in the order they first appear in ``jobs``. A cell's tuning jobs and
+    its tuned runs stay in one part, and run there in plan order (tuning first), so parts
+    run by separate processes over one record folder never run the same job and never wait
+    for each other; the processes must plan the same jobs (the same study, budget and
+    claims)."""
+    slot: dict[tuple[str, str, str, str], int] = {}
+    for job in jobs:
+        slot.setdefault(job.cell, len(slot) % count)
+    return [job for job in jobs if slot[job.cell] == index - 1]
