@@ -46,7 +46,9 @@ finished run(s) of the $BUDGET budget" -- "${paths[@]}"; then
 
 "$PY" -m asyncbalance.cli study run "$STUDY" --budget "$BUDGET" --records "$RECORDS" "$@" &
 study_pid=$!
-stop() { kill -INT "$study_pid" 2>/dev/null; }
+# TERM, not INT: a background job of a non-interactive shell starts with SIGINT ignored, and
+# the CLI takes TERM as it takes Ctrl-C (the run in progress is dropped, the rest kept).
+stop() { kill -TERM "$study_pid" 2>/dev/null; }
 trap stop INT TERM
 
 while kill -0 "$study_pid" 2>/dev/null; do
