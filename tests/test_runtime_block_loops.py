@@ -231,6 +231,19 @@ def test_deliver_follows_the_rule_link_by_link(seed: int) -> None:
     assert sorted(touched[:n_touched]) == sorted(np.nonzero(np.isfinite(want_first))[0])
 
 
+@pytest.mark.parametrize("n_keys", [1, 2, 3, 64, 65, 1_000, (1 << 20) + 7])
+def test_stable_order_is_numpys_stable_argsort(n_keys: int) -> None:
+    rng = np.random.default_rng(n_keys)
+    for m in (0, 1, 5, 3_000):
+        keys = rng.integers(0, n_keys, m)  # many repeats: the order among them matters
+        np.testing.assert_array_equal(block_loops.stable_order(keys, n_keys),
+                                      np.argsort(keys, kind="stable"))
+    # Runs of ascending keys, as a window of link messages from several send batches.
+    runs = np.concatenate([np.sort(rng.integers(0, n_keys, 200)) for _ in range(7)])
+    np.testing.assert_array_equal(block_loops.stable_order(runs, n_keys),
+                                  np.argsort(runs, kind="stable"))
+
+
 def test_window_order_is_a_stable_sort_by_window() -> None:
     rng = np.random.default_rng(0)
     keys = rng.integers(100, 140, 5_000)

@@ -284,7 +284,8 @@ class ShardBlock:
             links, versions, np.zeros(0) if times is None else times, times is None, values,
             np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
             lay.link_dst, self.link_version, self.values, self.dirty, alive,
-            np.argsort(links, kind="stable"), self.one_slot, first_arrival, touched)
+            block_loops.stable_order(links, lay.n_links), self.one_slot, first_arrival,
+            touched)
 
     def _running_newest(self, subset: np.ndarray, links: np.ndarray, versions: np.ndarray,
                         times: np.ndarray | None, applied: np.ndarray) -> np.ndarray:
