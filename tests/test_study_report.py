@@ -108,6 +108,31 @@ def test_an_arm_whose_every_run_diverged_is_said_so_not_called_unsettled(
     assert "Not settled at epoch 10" in text and "plain (still rising" in text
 
 
+def test_a_seed_diverged_in_one_arm_leaves_both_paired_tests_alike(tmp_path: Path) -> None:
+    # Seed 2 of "better" diverged (no curve, no accuracy): the accuracy and the area under
+    # the curve are both paired over the 4 other seeds, and the tag says why.
+    study = _study()
+    root = record_root(tmp_path / "rec", study, "cpu")
+    rng = np.random.default_rng(5)
+    for job in plan(study, "cpu"):
+        level = 0.8 + rng.normal(0, 0.002) + (0.03 if job.arm == "better" else 0.0)
+        record = _record(job, [float(v) for v in np.linspace(0.1, level, 11)])
+        if job.arm == "better" and job.seed == 2:
+            record["diverged"] = "optimizer.lr: training diverged in epoch 3"
+            record["summary"]["test_accuracy"] = None
+            record["curves"] = {}
+        write_record(root / job.relpath(), record)
+    out = tmp_path / "claims.md"
+    write_report(study, "cpu", tmp_path / "rec", out)
+    text = out.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("- [paper; 4 of 5 planned "
+                                                                  "seeds, 1 diverged")]
+    assert any("better vs plain, area under the accuracy curve: higher (" in line
+               and "4 seeds" in line for line in lines)
+    assert any("better vs plain, accuracy at epoch 10: higher (" in line for line in lines)
+    assert "inf" not in text and "nan" not in text
+
+
 def test_no_final_word_while_the_baseline_still_rises(tmp_path: Path) -> None:
     text = _write(tmp_path, flat=False)
     verdicts = text.split("**Verdicts**")[1]

@@ -224,7 +224,7 @@ def test_robust_companion_for_a_diverging_seed() -> None:
     ten = median_interval(list(range(10)))               # k = 2: 1 - 2 * 11/1024
     assert (ten.low, ten.high) == (1, 8) and ten.coverage == pytest.approx(1 - 22 / 1024)
     text = sentence(PairedTest("", "a", "b", "q", tuple(d), seeds=(0, 1, 2, 3, 4)))
-    assert "seed 0 diverges (paired difference -50.90)" in text
+    assert "seed 0 lies apart (paired difference -50.90)" in text
     assert "median of the paired differences +2.50 [-50.90, +7.10]" in text
     assert "93.8 % coverage" in text
     # without the diverging seed, by hand: d = 7.1, 2.5, 6.2, -2.5 points, mean 3.325, sd

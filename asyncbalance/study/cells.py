@@ -86,8 +86,13 @@ def final_acc(record: dict) -> float | None:
     return record["summary"].get("test_accuracy")
 
 
-def auc_acc(record: dict) -> float:
-    return area_under_curve(*curve(record))
+def auc_acc(record: dict) -> float | None:
+    """The area under the test-accuracy curve; None for a run without one (diverged), as
+    ``final_acc``, so that a diverged seed leaves both paired tests alike."""
+    if record.get("diverged"):
+        return None
+    area = area_under_curve(*curve(record))
+    return area if math.isfinite(area) else None
 
 
 def mean_curve(runs: dict[int, dict], key: str = "test_accuracy"

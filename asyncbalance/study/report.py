@@ -187,14 +187,21 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool
                          tuple(x - y for x, y in zip(a, b, strict=True)),
                          seeds=tuple(kept), paper_effect=effect)
         aa, ab = paired(cell, arm, against, auc_acc)
+        kept_auc = [s for s in seeds if auc_acc(cell.runs[arm][s]) is not None
+                    and auc_acc(cell.runs[against][s]) is not None]
         auc = PairedTest(_tag(cell), arm, against, "area under the accuracy curve",
-                         tuple(x - y for x, y in zip(aa, ab, strict=True)), seeds=tuple(seeds))
+                         tuple(x - y for x, y in zip(aa, ab, strict=True)),
+                         seeds=tuple(kept_auc))
         complete = cell.enough(arm) and cell.enough(against)
         planned = min(cell.expected.get(arm, 0), cell.expected.get(against, 0))
         if complete and len(a) < planned:
-            # verdicts from the budget's seeds while the claim's extra seeds are pending
+            # verdicts from the seeds both arms finished: the claim's extra seeds may be
+            # pending, or a seed diverged in one of the arms (it has no accuracy to pair)
+            diverged = len(seeds) - len(kept)
             for test in (acc, auc):
-                test.tag = test.tag[:-2] + f"; {len(a)} of {planned} planned seeds] "
+                test.tag = (test.tag[:-2] + f"; {len(a)} of {planned} planned seeds"
+                            + (f", {diverged} diverged in one arm or both" if diverged
+                               else "") + "] ")
         if allow_verdicts and complete:
             pairs.append(PairRow(arm, against, len(a), [acc, auc], "verdict"))
         elif not allow_verdicts:

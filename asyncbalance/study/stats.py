@@ -306,8 +306,9 @@ def sentence(test: PairedTest) -> str:
     if outliers:
         med = median_interval(test.d)
         names = ", ".join(str(test.seeds[i]) if test.seeds else str(i) for i in outliers)
+        # "lies apart", not "diverges": a diverged run has no value to pair at all
         text += (f"; seed{'s' if len(outliers) > 1 else ''} {names} "
-                 f"diverge{'' if len(outliers) > 1 else 's'} (paired difference "
+                 f"lie{'' if len(outliers) > 1 else 's'} apart (paired difference "
                  + ", ".join(f"{test.scale * test.d[i]:+.2f}" for i in outliers)
                  + f"): median of the paired differences {test.scale * med.median:+.2f} "
                  f"[{test.scale * med.low:+.2f}, {test.scale * med.high:+.2f}] (sign-test "
