@@ -244,6 +244,22 @@ def test_stable_order_is_numpys_stable_argsort(n_keys: int) -> None:
                                   np.argsort(runs, kind="stable"))
 
 
+def test_deliveries_sort_links_by_radix_up_to_a_size_then_by_numpy(monkeypatch) -> None:
+    from asyncbalance.runtime import block as block_module
+
+    shard_block = _block(0, "neurons")
+    links = np.random.default_rng(0).integers(0, shard_block.layout.n_links, 500)
+    calls = []
+    radix = block_loops.stable_order
+    monkeypatch.setattr(block_loops, "stable_order", lambda *a: calls.append(1) or radix(*a))
+    want = np.argsort(links, kind="stable")
+    np.testing.assert_array_equal(shard_block._link_order(links), want)
+    assert calls == [1]
+    monkeypatch.setattr(block_module, "RADIX_MAX_LINKS", shard_block.layout.n_links - 1)
+    np.testing.assert_array_equal(shard_block._link_order(links), want)
+    assert calls == [1]
+
+
 def test_window_order_is_a_stable_sort_by_window() -> None:
     rng = np.random.default_rng(0)
     keys = rng.integers(100, 140, 5_000)
