@@ -74,12 +74,14 @@ def group_cells(study: Study, claim: Claim, budget: str, records: list[dict]) ->
     return list(cells.values())
 
 
-def paired(cell: Cell, arm: str, against: str, metric) -> tuple[list[float], list[float]]:
+def paired(cell: Cell, arm: str, against: str, metric
+           ) -> tuple[list[float], list[float], list[int]]:
+    """``metric`` of both arms over the seeds where both have it, and those seeds."""
     seeds = sorted(set(cell.runs.get(arm, {})) & set(cell.runs.get(against, {})))
     a = [metric(cell.runs[arm][s]) for s in seeds]
     b = [metric(cell.runs[against][s]) for s in seeds]
     keep = [i for i in range(len(seeds)) if a[i] is not None and b[i] is not None]
-    return [a[i] for i in keep], [b[i] for i in keep]
+    return [a[i] for i in keep], [b[i] for i in keep], [seeds[i] for i in keep]
 
 
 def final_acc(record: dict) -> float | None:

@@ -172,9 +172,7 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool
         if arm not in cell.expected or against not in cell.expected:
             continue
         seeds = sorted(set(cell.runs.get(arm, {})) & set(cell.runs.get(against, {})))
-        a, b = paired(cell, arm, against, final_acc)
-        kept = [s for s in seeds if final_acc(cell.runs[arm][s]) is not None
-                and final_acc(cell.runs[against][s]) is not None]
+        a, b, kept = paired(cell, arm, against, final_acc)
         if len(a) < 2:
             pairs.append(PairRow(arm, against, len(a), [], "pending"))
             continue
@@ -186,9 +184,7 @@ def _comparison(cell: Cell, claim: Claim, allow_verdicts: bool
         acc = PairedTest(_tag(cell), arm, against, word,
                          tuple(x - y for x, y in zip(a, b, strict=True)),
                          seeds=tuple(kept), paper_effect=effect)
-        aa, ab = paired(cell, arm, against, auc_acc)
-        kept_auc = [s for s in seeds if auc_acc(cell.runs[arm][s]) is not None
-                    and auc_acc(cell.runs[against][s]) is not None]
+        aa, ab, kept_auc = paired(cell, arm, against, auc_acc)
         auc = PairedTest(_tag(cell), arm, against, "area under the accuracy curve",
                          tuple(x - y for x, y in zip(aa, ab, strict=True)),
                          seeds=tuple(kept_auc))
