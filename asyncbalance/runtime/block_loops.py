@@ -392,9 +392,9 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
     arrays of links, entries or send times, no gathers through a sort order.
 
     The link messages of entries ``senders`` to ``host`` are taken in ``messages_from``'s
-    order; message i's delay is 0 (``delay_kind`` 0), its link's mean (1, every mean
-    positive) or its link's mean times ``draws[i]`` (2: exponential, every mean positive,
-    as ``DelaySampler.sample_many`` scales standard draws); it arrives at send time plus
+    order; message i's delay is 0 (``delay_kind`` 0), its link's mean (1: constant) or its
+    link's mean times ``draws[i]`` (2: exponential, as ``DelaySampler.sample_many`` scales
+    standard draws; means >= 0, a zero mean giving a zero delay); it arrives at send time plus
     delay. Returns ``sort_into_windows``'s arrays (stably sorted by arrival window) and the
     delays in message order."""
     total = 0
