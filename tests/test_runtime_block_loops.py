@@ -179,6 +179,10 @@ def test_deliver_keeps_the_newest_in_arrival_order_when_links_repeat(
         np.testing.assert_array_equal(compiled.link_version, reference.link_version)
         np.testing.assert_array_equal(compiled.values, reference.values)
         np.testing.assert_array_equal(compiled.dirty, reference.dirty)
+        # The numpy passes' scratch: never made by the compiled loops, left all -1 by the
+        # passes that use it.
+        assert compiled._mark_array is None
+        assert (reference._mark_array == -1).all()
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -345,6 +349,23 @@ def test_warm_up_compiles_every_signature_the_engine_uses(tmp_path: Path,
                 _run(tmp_path, f"w{len(list(tmp_path.iterdir()))}", data, partition, level,
                      True, monkeypatch)
     assert [len(loop.signatures) for loop in loops] == before
+
+
+def test_the_simulator_compiles_its_loops_before_its_clock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first run after an install compiles the loops (~6 s): in the simulator's
+    # construction, not inside ``advance``, whose seconds are the run's balancing time.
+    from asyncbalance.runtime.array_sim import ArraySimulator
+    from asyncbalance.runtime.events import EventWriter
+
+    problem = prepare(scenario_from_mapping({**CLEAN, "name": "w", "seed": 1,
+                                             "partition": PARTITIONS["neurons"]}))
+    calls: list[int] = []
+    monkeypatch.setattr(block_loops, "warm_up", lambda: calls.append(1))
+    sim = ArraySimulator(problem.specs, problem.scenario, EventWriter(None), problem.graph)
+    assert calls == [1]
+    sim.advance(4.0)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import special
 
 from ..graph import CostGraph
+from . import block_loops
 from .block_host import BlockHost
 from .events import EventWriter
 from .host import settings_for
@@ -94,6 +95,9 @@ class ArraySimulator(HostReadings):
                                                    for c in settings.crashes))
         self.now = 0.0
         self.busy_seconds = 0.0
+        # Compile the loops (or load them from numba's cache, ~0.2 s) before the clock, so
+        # that a first run after an install does not count their compilation as balancing.
+        block_loops.warm_up()
 
     @property
     def block(self):

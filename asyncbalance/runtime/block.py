@@ -64,13 +64,20 @@ class ShardBlock:
         # Per table, the exponent factor of each value (every term that reads a value has
         # the same one), built on the first window with terms enough (``_rates_by_value``).
         self._value_rates: list[np.ndarray | None] = [None, None]
-        # Scratch for finding repeated links in a batch without sorting it (always -1 between
-        # calls).
-        self._mark = np.full(layout.n_links, -1, dtype=np.int64)
+        self._mark_array: np.ndarray | None = None  # see ``_mark``
         # Link l fills halo slot l alone (neuron shards): the compiled delivery skips the
         # slot table.
         self.one_slot = bool(layout.n_slots == layout.n_links and
                               (np.diff(layout.link_slot_ptr) == 1).all())
+
+    @property
+    def _mark(self) -> np.ndarray:
+        """Scratch of the numpy passes for finding repeated links in a batch without sorting
+        it (-1 between calls). Made on first use: an int64 per link (0.2 GB at 10^5 neurons,
+        fan-in 133) that the compiled loops never read."""
+        if self._mark_array is None:
+            self._mark_array = np.full(self.layout.n_links, -1, dtype=np.int64)
+        return self._mark_array
 
     @property
     def own(self) -> np.ndarray:
@@ -329,15 +336,6 @@ class ShardBlock:
         is_last = np.ones(idx_applied.shape[0], dtype=bool)
         is_last[:-1] = seg_applied[1:] != seg_applied[:-1]
         return order[idx_applied[is_last]]
-
-    def links_repeat(self, links: np.ndarray) -> bool:
-        """Whether some link occurs more than once in ``links`` (no sort: a scratch mark)."""
-        index = np.arange(links.shape[0])
-        mark = self._mark
-        mark[links] = index
-        repeat = not bool((mark[links] == index).all())
-        mark[links] = -1
-        return repeat
 
     def _write(self, winners: np.ndarray, links: np.ndarray, versions: np.ndarray,
                values: np.ndarray, value_ptr: np.ndarray, m: int) -> np.ndarray:

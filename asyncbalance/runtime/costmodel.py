@@ -120,10 +120,11 @@ def layout_bytes(c: BlockCounts) -> int:
 
 
 def block_bytes(c: BlockCounts) -> int:
-    """Bytes of a ``ShardBlock``'s arrays."""
+    """Bytes of a ``ShardBlock``'s arrays (with the compiled loops: the numpy passes add a
+    scratch int64 per link on their first delivery)."""
     values = F8 * (c.units + c.slots + 1)
     per_unit = F8           # last_sent
-    per_link = I8 * 2       # link_version, the scratch mark
+    per_link = I8           # link_version
     per_shard = I8 * 4 + B1  # epoch, seq, last_send_time, unit_updates; dirty
     return values + per_unit * c.units + per_link * c.links + per_shard * c.shards
 
