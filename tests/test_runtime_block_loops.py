@@ -91,6 +91,71 @@ def test_fused_fan_out_writes_the_general_paths_records_byte_for_byte(
     assert compiled == numpy_passes
 
 
+def test_routes_keep_a_link_table_only_where_links_are_out_of_their_order() -> None:
+    # Hosts holding ranges of shards route link q from entry q: no table, and every loop
+    # that reads routes finds the links an explicit identity table gives.
+    problem = prepare(scenario_from_mapping({
+        "name": "r", "network": {"kind": "mlp", "sizes": [5, 9, 9, 3], "seed": 3},
+        "partition": {"granularity": "neuron"}}))
+    layout = build_layout(problem.graph, [spec.units for spec in problem.specs])
+    n = layout.n_shards
+    ranges = Routes.build(layout, np.arange(n) * 3 // n)
+    scattered = Routes.build(layout, np.random.default_rng(0).integers(0, 3, n))
+    assert ranges.pair_links.size == 0 and scattered.pair_links.size == layout.n_links
+    identity = np.arange(layout.n_links, dtype=np.int64)
+    rng = np.random.default_rng(1)
+    senders = np.sort(rng.integers(0, n, 30))
+    versions = rng.integers(1, 1 << 40, 30)
+    times = np.sort(rng.uniform(3.0, 9.0, 30))
+    values = rng.standard_normal(30)
+    link_mean = rng.uniform(0.1, 2.0, layout.n_links)
+    lay = layout
+    for host in range(3):
+        links, entry = ranges.links_to(senders, host)
+        assert links.size > 0
+        keys = senders[entry] * 3 + host
+        assert (links >= ranges.pair_ptr[keys]).all() and (links < ranges.pair_ptr[keys + 1]).all()
+        assert (np.arange(n) * 3 // n)[lay.link_dst[links]].tolist() == [host] * links.size
+        np.testing.assert_array_equal(lay.link_src[links], senders[entry])
+        for table in (ranges.pair_links, identity):
+            got = block_loops.messages_from(senders, versions, times, ranges.pair_ptr, table,
+                                            3, host)
+            np.testing.assert_array_equal(got[0], links)
+            np.testing.assert_array_equal(got[1], entry)
+        draws = rng.standard_exponential(links.size)
+        fused = [block_loops.fan_out_into_windows(
+            senders, versions, times, values, ranges.pair_ptr, table, 3, host, link_mean,
+            draws, 2, 0.05) for table in (ranges.pair_links, identity)]
+        for got, want in zip(*fused, strict=True):
+            np.testing.assert_array_equal(got, want)
+        applied = []
+        for table in (ranges.pair_links, identity):
+            version = np.full(lay.n_links, -1, dtype=np.int64)
+            state = np.zeros(lay.n_own + lay.n_slots + 1)
+            dirty = np.zeros(n, dtype=bool)
+            counts = lay.unit_ptr[senders + 1] - lay.unit_ptr[senders]
+            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            result = block_loops.apply_sent(
+                senders, versions, times, values, starts, ranges.pair_ptr, table, 3, host,
+                lay.link_slot_ptr, lay.slot_sender_pos, lay.unit_ptr, lay.n_own, lay.link_dst,
+                version, state, dirty, np.full(n, np.inf), np.zeros(n, dtype=np.int64))
+            applied.append((result[:2], version, state, dirty))
+        assert applied[0][0][1] > 0
+        for got, want in zip(*applied, strict=True):
+            np.testing.assert_array_equal(got, want)
+        # With a table: every fresh link that messages_from lists, and no other, is applied.
+        links, *_ = block_loops.messages_from(senders, versions, times, scattered.pair_ptr,
+                                              scattered.pair_links, 3, host)
+        version = np.full(lay.n_links, -1, dtype=np.int64)
+        block_loops.apply_sent(
+            senders, versions, times, values, starts, scattered.pair_ptr, scattered.pair_links,
+            3, host, lay.link_slot_ptr, lay.slot_sender_pos, lay.unit_ptr, lay.n_own,
+            lay.link_dst, version, np.zeros(lay.n_own + lay.n_slots + 1), np.zeros(n, bool),
+            np.full(n, np.inf), np.zeros(n, dtype=np.int64))
+        assert links.size > 0
+        assert sorted(np.nonzero(version >= 0)[0]) == sorted(set(links.tolist()))
+
+
 @pytest.mark.parametrize("delay_kind", [0, 1, 2])
 @pytest.mark.parametrize("step", [0.05, 1e-7])
 def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(

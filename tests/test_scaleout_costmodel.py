@@ -209,11 +209,11 @@ def test_extrapolation_by_hand() -> None:
               + 40 * 200        # per shard: 5 int64
               + 16 + 48)        # powers, coefs; six CSR pointers' last entries
     block = 8 * (200 + 2000 + 1) + 8 * 200 + 8 * 2000 + 33 * 200  # per link: version
-    host = (8 * (200 + 2000 + 1) + 32 * 2000 + 67 * 200 + 8 * (200 * 2 + 1)
+    host = (8 * (200 + 2000 + 1) + 24 * 2000 + 67 * 200 + 8 * (200 * 2 + 1)
             + 200 * 2)          # which hosts each shard feeds: one bool per shard and host
-    assert layout + block + host == 290_888
-    assert row["array_bytes_per_host"] == 290_888
-    assert row["memory_per_host"] == pytest.approx(1e8 + 2 * 290_888)
+    assert layout + block + host == 274_888
+    assert row["array_bytes_per_host"] == 274_888
+    assert row["memory_per_host"] == pytest.approx(1e8 + 2 * 274_888)
     # Per host and time unit: 20 windows over 200 shards, 100 x 0.5 moves, 1,000 x 0.8 link
     # messages; host 0 holds layer 1 and host 1 layer 2, so a send (100 x 0.8 per host) is
     # one entry to the other host: always from layer 2 (10 neighbours below), from layer 1

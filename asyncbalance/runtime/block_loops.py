@@ -207,7 +207,8 @@ def wake_on_news(first_arrival, touched, n_touched, dirty, next_tick,
 def messages_from(senders, versions, times, pair_ptr, pair_links, n_hosts,
                   host):  # pragma: no cover
     """The link messages of entries ``senders`` to the shards of ``host``: their links, the
-    entry of each, its version and its send time."""
+    entry of each, its version and its send time. Here and below, ``pair_links`` empty
+    means that route entry q is link q (``Routes``)."""
     total = 0
     for e in range(senders.shape[0]):
         key = senders[e] * n_hosts + host
@@ -216,11 +217,12 @@ def messages_from(senders, versions, times, pair_ptr, pair_links, n_hosts,
     entry = np.empty(total, dtype=np.int64)
     link_versions = np.empty(total, dtype=np.int64)
     sent_at = np.empty(total)
+    table = pair_links.shape[0] > 0
     at = 0
     for e in range(senders.shape[0]):
         key = senders[e] * n_hosts + host
         for q in range(pair_ptr[key], pair_ptr[key + 1]):
-            links[at] = pair_links[q]
+            links[at] = pair_links[q] if table else q
             entry[at] = e
             link_versions[at] = versions[e]
             sent_at[at] = times[e]
@@ -244,6 +246,7 @@ def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_lin
     messages = 0
     applied = 0
     n_touched = 0
+    table = pair_links.shape[0] > 0
     for e in range(senders.shape[0]):
         sender = senders[e]
         version = versions[e]
@@ -251,7 +254,7 @@ def apply_sent(senders, versions, times, values, entry_start, pair_ptr, pair_lin
         offset = entry_start[e] - unit_ptr[sender]
         messages += pair_ptr[key + 1] - pair_ptr[key]
         for q in range(pair_ptr[key], pair_ptr[key + 1]):
-            link = pair_links[q]
+            link = pair_links[q] if table else q
             if version <= link_version[link]:
                 continue
             applied += 1
@@ -403,6 +406,7 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
         total += pair_ptr[key + 1] - pair_ptr[key]
     delays = np.empty(total)
     keys = np.empty(total, dtype=np.int64)
+    table = pair_links.shape[0] > 0
     at = 0
     for e in range(senders.shape[0]):
         key = senders[e] * n_hosts + host
@@ -411,9 +415,9 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
             if delay_kind == 0:
                 delay = 0.0
             elif delay_kind == 1:
-                delay = link_mean[pair_links[q]]
+                delay = link_mean[pair_links[q] if table else q]
             else:
-                delay = link_mean[pair_links[q]] * draws[at]
+                delay = link_mean[pair_links[q] if table else q] * draws[at]
             delays[at] = delay
             keys[at] = np.int64(np.floor((sent + delay) / step))
             at += 1
@@ -457,7 +461,7 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
                 j = place[b]
                 place[b] = j + 1
                 sorted_times[j] = sent + delays[at]
-                sorted_links[j] = pair_links[q]
+                sorted_links[j] = pair_links[q] if table else q
                 sorted_versions[j] = version
                 carried[j] = value
                 at += 1

@@ -132,7 +132,9 @@ def block_bytes(c: BlockCounts) -> int:
 def host_bytes(c: BlockCounts) -> int:
     """Bytes of a ``BlockHost``'s own arrays (routes, link means, schedules, checkpoints)."""
     saved_values = F8 * (c.units + c.slots + 1)
-    per_link = I8 * 3 + F8  # pair_links, slot_count, saved_versions; link_mean
+    # Routes keep no link table where hosts hold ranges of shards (``Routes.build``), as
+    # every layout built here does.
+    per_link = I8 * 2 + F8  # slot_count, saved_versions; link_mean
     per_shard = I8 * 8 + B1 * 3  # shard_host, restarts, next_tick, wake_at, saved_time,
     #                              colour, delivery scratch (first arrival, touched); local,
     #                              alive, fresh
