@@ -58,7 +58,8 @@ COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coale
 @dataclass(frozen=True, eq=False)
 class _Chunk:
     """Link messages fanned out together, sorted by arrival window; message i carries
-    ``values[ptr[i]:ptr[i + 1]]``."""
+    ``values[ptr[i]:ptr[i + 1]]``, or ``values[i]`` where ``ptr`` is empty (one value per
+    message: 8 bytes less per message in flight)."""
 
     times: np.ndarray
     links: np.ndarray
@@ -678,10 +679,12 @@ class BlockHost:
             key = first_keys[i]
             if i >= tail and i > 0:
                 part = slice(lo, hi)
+                rows = chunk.ptr.size > 0
                 chunk_of = _Chunk(chunk.times[part].copy(), chunk.links[part].copy(),
                                   chunk.versions[part].copy(),
-                                  chunk.values[chunk.ptr[lo]:chunk.ptr[hi]].copy(),
-                                  chunk.ptr[lo:hi + 1] - chunk.ptr[lo])
+                                  chunk.values[chunk.ptr[lo]:chunk.ptr[hi]].copy() if rows
+                                  else chunk.values[part].copy(),
+                                  chunk.ptr[lo:hi + 1] - chunk.ptr[lo] if rows else chunk.ptr)
                 lo, hi = 0, hi - lo
             else:
                 chunk_of = chunk

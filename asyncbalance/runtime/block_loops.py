@@ -343,7 +343,7 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
     """Link messages sorted (stably) by arrival window ``floor(time / step)``: their times,
     links, versions, carried values with row pointers, and the first message of each window
     with the window's key (``bounds`` ends with the message count). ``one_slot``: every
-    message carries one value."""
+    message carries one value, and the row pointers are left empty."""
     n = times.shape[0]
     keys = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -375,7 +375,7 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
         carried = np.empty(n)
         for j in range(n):
             carried[j] = values[starts[order[j]]]
-        ptr = np.arange(n + 1)
+        ptr = np.zeros(0, dtype=np.int64)  # message i carries carried[i]
     else:
         counts = np.empty(n, dtype=np.int64)
         run_starts = np.empty(n, dtype=np.int64)
@@ -425,7 +425,7 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
     sorted_links = np.empty(total, dtype=np.int64)
     sorted_versions = np.empty(total, dtype=np.int64)
     carried = np.empty(total)
-    ptr = np.arange(total + 1)
+    ptr = np.zeros(0, dtype=np.int64)  # one value per message: no row pointers
     if total == 0:
         return (np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), sorted_times,
                 sorted_links, sorted_versions, carried, ptr, delays)
