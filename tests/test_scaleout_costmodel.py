@@ -98,6 +98,10 @@ def test_array_bytes_equal_the_arrays_a_host_holds(granularity: str, k: int, hos
         shards=layout.n_shards, hosts=hosts, cost_terms=layout.n_terms)
     assert layout.n_terms == (2 if elastic else 1)
     assert array_bytes(counts) == _nbytes(layout, host)
+    # A host that keeps no checkpoints (the simulator's, without restores from one).
+    bare = BlockHost(0, layout, shard_host, settings_for(s, {}), link_mean_array(s, layout),
+                     default_step(s), level="none", keep_checkpoints=False)
+    assert array_bytes(counts, checkpoints=False) == _nbytes(layout, bare) < _nbytes(layout, host)
 
 
 def test_frame_bytes_bound_the_encoder() -> None:

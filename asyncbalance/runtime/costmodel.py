@@ -129,12 +129,14 @@ def block_bytes(c: BlockCounts) -> int:
     return values + per_unit * c.units + per_link * c.links + per_shard * c.shards
 
 
-def host_bytes(c: BlockCounts) -> int:
-    """Bytes of a ``BlockHost``'s own arrays (routes, link means, schedules, checkpoints)."""
-    saved_values = F8 * (c.units + c.slots + 1)
+def host_bytes(c: BlockCounts, checkpoints: bool = True) -> int:
+    """Bytes of a ``BlockHost``'s own arrays (routes, link means, schedules, checkpoints);
+    ``checkpoints=False``: a host that keeps none (``keep_checkpoints``: the simulator
+    without crashes restored from a checkpoint)."""
+    saved_values = F8 * (c.units + c.slots + 1) if checkpoints else 0
     # Routes keep no link table where hosts hold ranges of shards (``Routes.build``), as
     # every layout built here does.
-    per_link = I8 * 2 + F8  # slot_count, saved_versions; link_mean
+    per_link = I8 * (2 if checkpoints else 1) + F8  # slot_count, saved_versions; link_mean
     per_shard = I8 * 8 + B1 * 3  # shard_host, restarts, next_tick, wake_at, saved_time,
     #                              colour, delivery scratch (first arrival, touched); local,
     #                              alive, fresh
@@ -143,15 +145,16 @@ def host_bytes(c: BlockCounts) -> int:
     return saved_values + per_link * c.links + per_shard * c.shards + pair_ptr + feeds_host
 
 
-def array_bytes(c: BlockCounts, local: bool = False) -> int:
+def array_bytes(c: BlockCounts, local: bool = False, checkpoints: bool = True) -> int:
     """Every array a block host holds: layout, block and host state.
 
     ``local``: with a layout of the host's own shards only (``c`` scaled by 1 / hosts), the
-    ``pair_ptr`` routing table still spanning its shards times the hosts.
+    ``pair_ptr`` routing table still spanning its shards times the hosts. ``checkpoints``:
+    whether the host keeps checkpoint copies (Ray hosts do; see ``host_bytes``).
     """
     if local:
         c = c.scaled(1.0 / c.hosts)
-    return layout_bytes(c) + block_bytes(c) + host_bytes(c)
+    return layout_bytes(c) + block_bytes(c) + host_bytes(c, checkpoints)
 
 
 def frame_bytes(entries: float, units_per_shard: float, frames: float = 1.0) -> float:

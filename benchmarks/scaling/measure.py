@@ -130,7 +130,8 @@ def sim_point(width: int, fan_in: int, step: float | None = None) -> dict[str, A
     row = {
         "width": width, "fan_in": fan_in, "step": sim.step, "neurons": layout.n_own,
         "synapses": counts.terms // 2, "counts": asdict(counts),
-        "array_bytes": array_bytes(counts), "counted_array_bytes": counted,
+        "array_bytes": array_bytes(counts, checkpoints=sim.host.keep_checkpoints),
+        "counted_array_bytes": counted,
         "converged": error <= TOL, "time_units": now, "max_abs_error": error,
         "windows": sim.host.windows, "shards": layout.n_shards,
         "moves": sim.host.unit_updates(), "links": c["delivered"], "sent": c["sent"],

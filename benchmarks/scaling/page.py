@@ -276,6 +276,8 @@ def cluster_note(analysis: dict[str, Any], total_memory: float) -> str:
                 f"the whole layout), on a machine of {fmt_bytes(total_memory)}.")
     run = json.loads(CLUSTER_RUN.read_text())
     rss = run["host_resident_bytes"]
+    driver = (f"driver {fmt_bytes(run['driver_peak_resident_bytes'])}"
+              if run.get("driver_peak_resident_bytes") else "the driver's peak not recorded")
     verdict = "converged" if run["converged"] else "did not converge"
     return (f"- `scenarios/neurons_100k.toml` (10^5 neurons, 1.3e7 synapses) on Ray over the "
             f"{run['nodes']}-node local cluster (`actors.cluster`, one host per node, "
@@ -284,8 +286,8 @@ def cluster_note(analysis: dict[str, Any], total_memory: float) -> str:
             f"balancing ({run['messages_sent']:.3g} link messages, {run['unit_updates']:.3g} "
             f"moves, {run['host_losses']} hosts lost). Resident memory per host "
             + ", ".join(fmt_bytes(b) for b in rss)
-            + f" (host-local layouts; the middle layers' host holds the most in-links), driver "
-            f"{fmt_bytes(run['driver_peak_resident_bytes'])}; the model predicts "
+            + f" (host-local layouts; the middle layers' host holds the most in-links), "
+            f"{driver}; the model predicts "
             f"{fmt_bytes(local)} per host for an even share ({fmt_bytes(whole)} with the whole "
             f"layout): largest measured / predicted {max(rss) / local:.2f}, mean "
             f"{sum(rss) / len(rss) / local:.2f}. 10^6 neurons (1.3e8 synapses) on three hosts "
