@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
+    from asyncbalance.errors import BalanceError
+
     parser = argparse.ArgumentParser(
         prog="python -m actors.cluster",
         description="Run a scenario on a fresh multi-node Ray cluster on this machine and "
@@ -440,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_on_local_cluster(args.scenario, args.out, args.nodes,
                                       tuple(args.overrides), args.cpus_per_node, runs)
+    except (BalanceError, ClusterError) as exc:
+        # A bad key, a scenario that cannot fit, a cluster that cannot start: one line.
+        print(f"python -m actors.cluster: error: {args.scenario}: {exc}", file=sys.stderr)
+        return 2
     finally:
         sys.stdout.flush()
         os.dup2(saved_stdout, 1)

@@ -200,6 +200,21 @@ def test_unreachable_address_is_named_not_waited_on() -> None:
         check_address("nowhere")
 
 
+def test_a_scenario_that_cannot_fit_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The memory estimate refuses it before any node starts: exit 2, one line naming the key
+    # and the estimate, no run directory.
+    from actors.cluster import main
+
+    out = tmp_path / "run"
+    code = main([str(ROOT / "scenarios" / "neurons_100k.toml"), "--out", str(out), "--set",
+                 "network.sizes=[1000,50000000,50000000,50000000,50000000,10]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "partition.granularity: needs about" in err[0] and "neurons_100k.toml" in err[0]
+    assert not out.exists()
+
+
 def test_bad_cluster_sizes_name_the_field() -> None:
     from actors.cluster import LocalCluster
 

@@ -3,17 +3,23 @@
 A pure function of the network keys and the partition: it counts the arrays that
 ``build_network`` (CSR layers), ``build_cost_graph`` (one float64 cost per link and term, the
 index arrays shared with the weights), ``solve_optimum`` (float32 copies for the Hessian
-products, and vectors of one float per neuron) and the shard specs keep. The shard part is
-calibrated on a measurement (neuron granularity, fan_in 133, 10^4 neurons: 547 bytes per
-hidden link, tracemalloc): every link sits in the specs of both its ends, and at neuron
-granularity each end also gets a per-neighbour entry of the units to send.
+products, and vectors of one float per neuron) and the shards keep.
+
+At neuron granularity the shards run as one shard block per host, whose arrays the cost
+model counts exactly (``costmodel.array_bytes``); the part is that count for one host
+holding the whole layout without checkpoint copies (the simulator), a floor for Ray hosts
+too (their host-local layouts add up to at least the whole one, and they keep checkpoints).
+Layer slices run as per-shard specs, calibrated on a measurement (fan_in 133, 10^4 neurons
+in the per-shard design: 547 bytes per hidden link, tracemalloc): every link sits in the
+specs of both its ends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidInputError
+from .costmodel import array_bytes, sparse_mlp_counts
 from .scenario import NetworkConfig, PartitionConfig
 
 __all__ = ["SparseFootprint", "expected_links", "sparse_footprint"]
@@ -71,15 +77,15 @@ def sparse_footprint(config: NetworkConfig, partition: PartitionConfig | None = 
     cost_graph = n_terms * FLOAT * hidden_links + 3 * n_terms * FLOAT * n_hidden
     optimum = n_terms * hidden_links * (FLOAT32 + INDEX) + SOLVER_VECTORS * FLOAT * n_hidden
     if partition.granularity == "neuron":
-        n_shards = n_hidden
-        peer_pairs = 2 * hidden_links
+        counts = replace(sparse_mlp_counts(sizes[1:-1], config.fan_in), cost_terms=n_terms)
+        shards = array_bytes(counts, checkpoints=False)
     else:
         n_shards = (-(-n_hidden // partition.units_per_shard) if partition.units_per_shard
                     else partition.shards_per_layer * (len(sizes) - 2))
         # A slice of a layer talks to the slices of the layers above and below.
         peer_pairs = min(2 * hidden_links, 2 * n_shards * max(partition.shards_per_layer, 1))
-    shards = 2 * hidden_links * LINK_IN_SPEC + peer_pairs * PEER_ENTRY + \
-        SHARD_OVERHEAD * n_shards
+        shards = 2 * hidden_links * LINK_IN_SPEC + peer_pairs * PEER_ENTRY + \
+            SHARD_OVERHEAD * n_shards
     # Drawing the largest layer: int64 rows and columns, float64 values, the COO -> CSR
     # conversion and the float64 copy ``layered_network`` makes (about 48 bytes per link).
     drawing = 48 * max(links)
