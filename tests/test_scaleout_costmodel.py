@@ -34,6 +34,7 @@ from asyncbalance.runtime.costmodel import (
     extrapolate,
     fit,
     frame_bytes,
+    held_array_bytes,
     held_out_ratios,
     prediction_ratios,
     rates_per_time_unit,
@@ -63,25 +64,6 @@ def _layout(s, regulariser=None):
     return build_layout(graph, partition_units(graph, part.granularity, part.shards_per_layer))
 
 
-def _nbytes(*objects) -> int:
-    """Bytes of every distinct numpy array reachable from the objects' attributes."""
-    seen: set[int] = set()
-    total = 0
-    stack = list(objects)
-    while stack:
-        obj = stack.pop()
-        for value in vars(obj).values():
-            if isinstance(value, np.ndarray):
-                base = value if value.base is None else value.base
-                if id(base) not in seen:
-                    seen.add(id(base))
-                    total += base.nbytes
-            elif type(value).__module__.startswith("asyncbalance") and hasattr(value,
-                                                                               "__dict__"):
-                stack.append(value)
-    return total
-
-
 @pytest.mark.parametrize(("granularity", "k", "hosts", "elastic"),
                          [("neuron", 1, 1, False), ("neuron", 1, 3, False),
                           ("shard", 3, 1, False), ("shard", 2, 4, True)])
@@ -97,11 +79,12 @@ def test_array_bytes_equal_the_arrays_a_host_holds(granularity: str, k: int, hos
         terms=layout.incoming.value_index.size + layout.outgoing.value_index.size,
         shards=layout.n_shards, hosts=hosts, cost_terms=layout.n_terms)
     assert layout.n_terms == (2 if elastic else 1)
-    assert array_bytes(counts) == _nbytes(layout, host)
+    assert array_bytes(counts) == held_array_bytes(layout, host)
     # A host that keeps no checkpoints (the simulator's, without restores from one).
     bare = BlockHost(0, layout, shard_host, settings_for(s, {}), link_mean_array(s, layout),
                      default_step(s), level="none", keep_checkpoints=False)
-    assert array_bytes(counts, checkpoints=False) == _nbytes(layout, bare) < _nbytes(layout, host)
+    bare_bytes = held_array_bytes(layout, bare)
+    assert array_bytes(counts, checkpoints=False) == bare_bytes < held_array_bytes(layout, host)
 
 
 def test_frame_bytes_bound_the_encoder() -> None:

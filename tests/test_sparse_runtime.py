@@ -14,6 +14,7 @@ from asyncbalance.network import layered_network
 from asyncbalance.regularisers import lp
 from asyncbalance.runtime import run_scenario
 from asyncbalance.runtime.block_host import BlockHost
+from asyncbalance.runtime.costmodel import held_array_bytes
 from asyncbalance.runtime.host import settings_for
 from asyncbalance.runtime.layout import _edges, build_layout
 from asyncbalance.runtime.partition import partition_units
@@ -100,25 +101,6 @@ def test_a_sparse_net_at_neuron_granularity_converges_in_the_simulator(tmp_path)
     assert summary["function_checks"] >= 1 and summary["function_max_rel_error"] <= 1e-12
 
 
-def _array_bytes(*objects) -> int:
-    """Bytes of every distinct numpy array reachable from the objects' attributes."""
-    seen: set[int] = set()
-    total = 0
-    stack = list(objects)
-    while stack:
-        obj = stack.pop()
-        for value in vars(obj).values():
-            if isinstance(value, np.ndarray):
-                base = value if value.base is None else value.base
-                if id(base) not in seen:
-                    seen.add(id(base))
-                    total += base.nbytes
-            elif type(value).__module__.startswith("asyncbalance") and hasattr(value,
-                                                                               "__dict__"):
-                stack.append(value)
-    return total
-
-
 def test_memory_estimate_counts_the_arrays_that_are_built() -> None:
     config = NetworkConfig(kind="sparse_mlp", sizes=(300, 2000, 2000, 10), fan_in=30, seed=1)
     estimate = sparse_footprint(config)
@@ -141,7 +123,7 @@ def test_memory_estimate_counts_the_arrays_that_are_built() -> None:
     host = BlockHost(0, layout, np.zeros(layout.n_shards, dtype=np.int64),
                      settings_for(scenario_from_mapping({}), {}),
                      np.ones(layout.n_links), 0.1, level="none", keep_checkpoints=False)
-    held = _array_bytes(layout, host)
+    held = held_array_bytes(layout, host)
     assert abs(neurons.shards - held) <= 0.01 * held
     assert neurons.shards > estimate.shards
     big = NetworkConfig(kind="sparse_mlp", sizes=(1000, 25000, 25000, 25000, 25000, 10),

@@ -59,8 +59,8 @@ import numpy as np
 __all__ = [
     "BYTES_PER_ENTRY_FIXED", "FRAME_ENVELOPE", "HELD_OUT_FACTOR", "BlockCounts", "CostModel",
     "Work", "array_bytes", "entries_per_send", "extrapolate", "fit", "frame_bytes",
-    "held_out_ratios", "layer_shares", "prediction_ratios", "rates_per_time_unit",
-    "sparse_mlp_counts", "worst_factor",
+    "held_array_bytes", "held_out_ratios", "layer_shares", "prediction_ratios",
+    "rates_per_time_unit", "sparse_mlp_counts", "worst_factor",
 ]
 
 I8, F8, B1 = 8, 8, 1  # int64 index, float64 value, bool flag
@@ -155,6 +155,28 @@ def array_bytes(c: BlockCounts, local: bool = False, checkpoints: bool = True) -
     if local:
         c = c.scaled(1.0 / c.hosts)
     return layout_bytes(c) + block_bytes(c) + host_bytes(c, checkpoints)
+
+
+def held_array_bytes(*objects: Any) -> int:
+    """``nbytes`` of every distinct numpy array reachable from ``objects``' attributes
+    (through nested objects of this package): what ``array_bytes`` predicts, counted on
+    built objects."""
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> int:
+        total = 0
+        for value in getattr(obj, "__dict__", {}).values():
+            if isinstance(value, np.ndarray):
+                base = value if value.base is None else value.base
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.nbytes if isinstance(base, np.ndarray) else value.nbytes
+            elif hasattr(value, "__dict__") and type(value).__module__.startswith(
+                    "asyncbalance"):
+                total += walk(value)
+        return total
+
+    return sum(walk(obj) for obj in objects)
 
 
 def frame_bytes(entries: float, units_per_shard: float, frames: float = 1.0) -> float:

@@ -249,12 +249,7 @@ def build_layout(graph: CostGraph, partition: Sequence[np.ndarray],
         if key.shape[0] < 2 or bool((key[1:] > key[:-1]).all()):
             return pos, nb, k
         order = np.argsort(key)
-        del key
-        # One array reordered at a time, each original let go as its copy is made.
-        pos = pos[order]
-        nb = nb[order]
-        k = k[:, order]
-        return pos, nb, k
+        return pos[order], nb[order], k[:, order]
 
     in_pos, in_nb, in_cost = side(dst, src, cost)
     out_pos, out_nb, out_cost = side(src, dst, cost)

@@ -37,7 +37,7 @@ from asyncbalance.optimum import solve_optimum
 from asyncbalance.regularisers import lp
 from asyncbalance.runtime.array_sim import ArraySimulator, default_step, link_mean_array
 from asyncbalance.runtime.block_host import BlockHost
-from asyncbalance.runtime.costmodel import BlockCounts, array_bytes
+from asyncbalance.runtime.costmodel import BlockCounts, array_bytes, held_array_bytes
 from asyncbalance.runtime.events import EventWriter
 from asyncbalance.runtime.frames import decode_frame, encode_frame
 from asyncbalance.runtime.host import settings_for
@@ -85,26 +85,6 @@ def counts_of(layout: BlockLayout, hosts: int = 1) -> BlockCounts:
                        hosts=hosts, cost_terms=layout.n_terms)
 
 
-def counted_nbytes(*objects: Any) -> int:
-    """``nbytes`` of every distinct numpy array reachable from ``objects``' attributes."""
-    seen: set[int] = set()
-
-    def walk(obj: Any) -> int:
-        total = 0
-        for value in getattr(obj, "__dict__", {}).values():
-            if isinstance(value, np.ndarray):
-                base = value if value.base is None else value.base
-                if id(base) not in seen:
-                    seen.add(id(base))
-                    total += base.nbytes if isinstance(base, np.ndarray) else value.nbytes
-            elif hasattr(value, "__dict__") and type(value).__module__.startswith(
-                    "asyncbalance"):
-                total += walk(value)
-        return total
-
-    return sum(walk(obj) for obj in objects)
-
-
 def _problem(s: Scenario) -> tuple[CostGraph, BlockLayout, np.ndarray]:
     graph = build_cost_graph(build_network(s.network), lp(P))
     layout = build_layout(graph, partition_units(graph, "neuron"))
@@ -116,7 +96,7 @@ def sim_point(width: int, fan_in: int, step: float | None = None) -> dict[str, A
     graph, layout, optimum = _problem(s)
     sim = ArraySimulator([], s, EventWriter(None), graph, step=step, layout=layout)
     counts = counts_of(layout)
-    counted = counted_nbytes(layout, sim.host)
+    counted = held_array_bytes(layout, sim.host)
     cpu = wall = 0.0
     now, error = 0.0, np.inf
     target = optimum[layout.units]
