@@ -100,7 +100,8 @@ def test_routes_keep_a_link_table_only_where_links_are_out_of_their_order() -> N
     layout = build_layout(problem.graph, [spec.units for spec in problem.specs])
     n = layout.n_shards
     ranges = Routes.build(layout, np.arange(n) * 3 // n)
-    scattered = Routes.build(layout, np.random.default_rng(0).integers(0, 3, n))
+    scattered_host = np.random.default_rng(0).integers(0, 3, n)
+    scattered = Routes.build(layout, scattered_host)
     assert ranges.pair_links.size == 0 and scattered.pair_links.size == layout.n_links
     identity = np.arange(layout.n_links, dtype=np.int64)
     rng = np.random.default_rng(1)
@@ -154,6 +155,9 @@ def test_routes_keep_a_link_table_only_where_links_are_out_of_their_order() -> N
             np.full(n, np.inf), np.zeros(n, dtype=np.int64))
         assert links.size > 0
         assert sorted(np.nonzero(version >= 0)[0]) == sorted(set(links.tolist()))
+        # ... and those are the links from the senders to this host's shards, from the layout.
+        from_senders = np.isin(lay.link_src, senders) & (scattered_host[lay.link_dst] == host)
+        assert sorted(set(links.tolist())) == np.nonzero(from_senders)[0].tolist()
 
 
 @pytest.mark.parametrize("delay_kind", [0, 1, 2])
