@@ -463,3 +463,45 @@ def test_a_checkpoint_holds_the_state_it_was_taken_from(
                                       block.link_version[lay.shard_in_links(one)])
         np.testing.assert_array_equal(saved["halo"], block.values[lay.n_own + lay.shard_slots(one)])
         np.testing.assert_array_equal(saved["own"], block.values[lay.shard_positions(one)[0]])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_neighbours_reads_each_term_once_in_order(seed: int) -> None:
+    # Positions with no terms (at the start, the end and between), repeated and unsorted
+    # positions, windows shorter and longer than the read-ahead cursor's distance: the
+    # products are the plain formula's, term by term, in position order.
+    rng = np.random.default_rng(seed)
+    n_positions = 40
+    counts = rng.integers(0, 6, n_positions) * (rng.random(n_positions) > 0.3)
+    counts[[0, -1]] = 0
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    values = rng.normal(size=50)
+    value_index = rng.integers(0, values.shape[0], int(ptr[-1])).astype(np.int64)
+    rate = rng.normal(size=int(ptr[-1]))
+    for n in (0, 1, 3, 17, 40, 400):
+        positions = rng.integers(0, n_positions, n).astype(np.int64)
+        if n:
+            positions[0] = 0
+            positions[-1] = n_positions - 1
+        terms = [q for p in positions for q in range(ptr[p], ptr[p + 1])]
+        want = np.array([rate[q] * values[value_index[q]] for q in terms])
+        got = block_loops.scaled_neighbours(values, positions, ptr, rate, value_index)
+        np.testing.assert_array_equal(got, want.reshape(-1))
+    assert block_loops.TERMS_AHEAD < int(counts.sum()) * 10  # the long windows pass it
+
+
+def test_prefetch_is_a_hint_that_changes_nothing() -> None:
+    import numba
+
+    from asyncbalance.runtime.prefetch import prefetch
+
+    @numba.njit
+    def total(array, ahead):
+        sum_ = 0.0
+        for i in range(array.shape[0]):
+            prefetch(array, i + ahead)  # past the end for the last ``ahead`` items
+            sum_ += array[i]
+        return sum_
+
+    array = np.arange(100.0)
+    assert total(array, 10**6) == total(array, 0) == float(array.sum())

@@ -36,12 +36,21 @@ import os
 
 import numpy as np
 
+from .prefetch import prefetch
+
 try:
     import numba
 except ImportError:  # the numpy passes take over
     numba = None
 
 COMPILED = numba is not None and os.environ.get("ASYNCBALANCE_NO_JIT", "") not in ("1", "true")
+
+# How far ahead the loops that read arrays of every link request their memory (``prefetch``):
+# measured at 10^5 neurons, fan-in 133, deliveries took 37 ns at 0 and 20 ns from 16 to 64
+# deliveries ahead; a move's neighbour reads 16 ns at 0, 10 at 16, 7.3 at 32 and 6.0 at 64
+# terms ahead.
+DELIVERY_AHEAD = 32
+TERMS_AHEAD = 64
 
 
 def _jit(function):
@@ -95,8 +104,26 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     check_alive = alive.shape[0] > 0
     keep_first = first_arrival.shape[0] > 0
     n_touched = 0
+    ahead = DELIVERY_AHEAD
     j = 0
     while j < m:
+        # The entries of the link one step ahead, and the message two steps ahead.
+        if j + ahead < m:
+            next_link = links[by_link[j + ahead]]
+            prefetch(link_version, next_link)
+            prefetch(link_dst, next_link)
+            if one_slot:
+                prefetch(state, n_own + next_link)
+            else:
+                prefetch(link_slot_ptr, next_link)
+            if j + 2 * ahead < m:
+                later = by_link[j + 2 * ahead]
+                prefetch(links, later)
+                prefetch(versions, later)
+                prefetch(starts, later)
+                prefetch(status, later)
+                if not ordered:
+                    prefetch(times, later)
         first = by_link[j]
         link = links[first]
         k = j + 1
@@ -481,13 +508,32 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
 def scaled_neighbours(values, positions, ptr, rate, value_index):  # pragma: no cover
     """``rate[q] * values[value_index[q]]`` for every term q of each of ``positions`` (the
     terms ``ptr[p] .. ptr[p + 1]`` of position p), position after position."""
+    n = positions.shape[0]
     total = 0
-    for i in range(positions.shape[0]):
+    for i in range(n):
         total += ptr[positions[i] + 1] - ptr[positions[i]]
     out = np.empty(total)
+    # A second cursor, TERMS_AHEAD terms ahead, requests the value its term will read: it
+    # points at term ``ahead_q`` of position ``ahead_i`` (past the end: ``ahead_i == n``).
+    ahead_i = 0
+    ahead_q = ptr[positions[0]] if n else 0
+    for step in range(TERMS_AHEAD + 1):
+        if step:
+            ahead_q += 1
+        while ahead_i < n and ahead_q >= ptr[positions[ahead_i] + 1]:
+            ahead_i += 1
+            if ahead_i < n:
+                ahead_q = ptr[positions[ahead_i]]
     at = 0
-    for i in range(positions.shape[0]):
+    for i in range(n):
         for q in range(ptr[positions[i]], ptr[positions[i] + 1]):
+            if ahead_i < n:
+                prefetch(values, value_index[ahead_q])
+                ahead_q += 1
+                while ahead_i < n and ahead_q >= ptr[positions[ahead_i] + 1]:
+                    ahead_i += 1
+                    if ahead_i < n:
+                        ahead_q = ptr[positions[ahead_i]]
             out[at] = rate[q] * values[value_index[q]]
             at += 1
     return out
