@@ -255,12 +255,12 @@ def test_deliver_keeps_the_newest_in_arrival_order_when_links_repeat(
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_deliver_follows_the_rule_link_by_link(seed: int) -> None:
+@pytest.mark.parametrize("n_links", [100_003, block_loops.PREFETCH_MIN_ENTRIES + 3])
+def test_deliver_follows_the_rule_link_by_link(seed: int, n_links: int) -> None:
     # Some links delivered once, some many times (out of version order, equal times
     # included), a few receivers down; the expected state comes from the rule itself, link
-    # by link, in plain Python.
+    # by link, in plain Python. Links in cache, and beyond (memory requested ahead).
     rng = np.random.default_rng(seed)
-    n_links = 100_003
     n_shards, n_own, m = 50, 50, 4_000
     link_dst = rng.integers(0, n_shards, n_links)
     pool = rng.choice(n_links, 1_500, replace=False)
@@ -466,16 +466,18 @@ def test_a_checkpoint_holds_the_state_it_was_taken_from(
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_scaled_neighbours_reads_each_term_once_in_order(seed: int) -> None:
+@pytest.mark.parametrize("n_values", [50, block_loops.PREFETCH_MIN_ENTRIES + 5])
+def test_scaled_neighbours_reads_each_term_once_in_order(seed: int, n_values: int) -> None:
     # Positions with no terms (at the start, the end and between), repeated and unsorted
     # positions, windows shorter and longer than the read-ahead cursor's distance: the
-    # products are the plain formula's, term by term, in position order.
+    # products are the plain formula's, term by term, in position order. Values in cache,
+    # and beyond (a cursor requests them ahead).
     rng = np.random.default_rng(seed)
     n_positions = 40
     counts = rng.integers(0, 6, n_positions) * (rng.random(n_positions) > 0.3)
     counts[[0, -1]] = 0
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    values = rng.normal(size=50)
+    values = rng.normal(size=n_values)
     value_index = rng.integers(0, values.shape[0], int(ptr[-1])).astype(np.int64)
     rate = rng.normal(size=int(ptr[-1]))
     for n in (0, 1, 3, 17, 40, 400):
