@@ -162,22 +162,25 @@ def test_routes_keep_a_link_table_only_where_links_are_out_of_their_order() -> N
 
 @pytest.mark.parametrize("delay_kind", [0, 1, 2])
 @pytest.mark.parametrize("step", [0.05, 1e-7])
+@pytest.mark.parametrize("width, n_senders", [(9, 40), (200, 1_500)])
 def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(
-        delay_kind: int, step: float) -> None:
+        delay_kind: int, step: float, width: int, n_senders: int) -> None:
     # Three hosts, senders of every host, some twice; a step of 1e-7 spreads the windows
-    # beyond the counting sort's range, so its stable-sort fallback runs as well.
+    # beyond the counting sort's range, so its stable-sort fallback runs as well. The wide
+    # net's batches outgrow the cache (stores requested ahead).
     problem = prepare(scenario_from_mapping({
-        "name": "f", "network": {"kind": "mlp", "sizes": [5, 9, 9, 3], "seed": 3},
+        "name": "f", "network": {"kind": "mlp", "sizes": [5, width, width, 3], "seed": 3},
         "partition": {"granularity": "neuron"}}))
     layout = build_layout(problem.graph, [spec.units for spec in problem.specs])
     rng = np.random.default_rng(delay_kind)
     routes = Routes.build(layout, rng.integers(0, 3, layout.n_shards))
     link_mean = rng.uniform(0.1, 2.0, layout.n_links)
     link_mean[::7] = 0.0  # zero means among positive ones: zero delays, draws still taken
-    senders = np.sort(rng.integers(0, layout.n_shards, 40))
-    versions = rng.integers(0, 1 << 40, 40)
-    times = np.sort(rng.uniform(3.0, 9.0, 40))
-    values = rng.standard_normal(40)
+    senders = np.sort(rng.integers(0, layout.n_shards, n_senders))
+    versions = rng.integers(0, 1 << 40, n_senders)
+    times = np.sort(rng.uniform(3.0, 9.0, n_senders))
+    values = rng.standard_normal(n_senders)
+    big = 0
     for host in range(3):
         links, entry, link_versions, sent_at = block_loops.messages_from(
             senders, versions, times, routes.pair_ptr, routes.pair_links, 3, host)
@@ -201,6 +204,8 @@ def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(
         for got_array, want_array in zip(got, want, strict=True):
             np.testing.assert_array_equal(got_array, want_array)
         np.testing.assert_array_equal(got_delays, delays)
+        big += 4 * links.shape[0] >= block_loops.PREFETCH_MIN_ENTRIES
+    assert big == (3 if width > 9 else 0)
 
 
 def _block(seed: int, partition: str) -> ShardBlock:

@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from .prefetch import prefetch
+from .prefetch import prefetch, prefetch_write
 
 try:
     import numba
@@ -51,8 +51,11 @@ COMPILED = numba is not None and os.environ.get("ASYNCBALANCE_NO_JIT", "") not i
 # entry too; a move's neighbour read 16 ns with none, 10, 7.3 and 6.0 ns 16, 32 and 64
 # terms ahead. Below PREFETCH_MIN_ENTRIES entries (2 MiB of float64, a core's L2 here) the
 # arrays stay in cache and requests would only cost instructions: none are made.
+# The fan-out's stores into its windows: 11 ns per link message with no requests, 7.5 ns
+# with each window's lines requested 16 messages ahead.
 DELIVERY_AHEAD = 32
 TERMS_AHEAD = 64
+WRITE_AHEAD = 16
 PREFETCH_MIN_ENTRIES = 1 << 18
 
 
@@ -487,6 +490,10 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
                 bounds[w] = place[b]
                 w += 1
         bounds[n_windows] = total
+        # Each window's messages are stored one after the other, a stream per window; the
+        # lines two ahead of a stream are requested as it enters a new one (where the four
+        # arrays together outgrow the cache).
+        ahead = WRITE_AHEAD if 4 * total >= PREFETCH_MIN_ENTRIES else total
         at = 0
         for e in range(senders.shape[0]):
             key = senders[e] * n_hosts + host
@@ -497,6 +504,11 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
                 b = keys[at] - base
                 j = place[b]
                 place[b] = j + 1
+                if (j & 7) == 0 and j + ahead < total:
+                    prefetch_write(sorted_times, j + ahead)
+                    prefetch_write(sorted_links, j + ahead)
+                    prefetch_write(sorted_versions, j + ahead)
+                    prefetch_write(carried, j + ahead)
                 sorted_times[j] = sent + delays[at]
                 sorted_links[j] = pair_links[q] if table else q
                 sorted_versions[j] = version
