@@ -152,6 +152,20 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
             if versions[first] > link_version[link]:
                 status[first] = 2
                 winner = first
+        elif k - j == 2:
+            # Nearly every repeated link (a sender's two sends arriving in one window): the
+            # two in delivery order without a group array or a sort.
+            a, b = by_link[j], by_link[j + 1]
+            if not ordered and times[b] < times[a]:
+                a, b = b, a
+            if versions[a] > link_version[link]:
+                status[a] = 2
+                link_version[link] = versions[a]
+                winner = a
+            if versions[b] > link_version[link]:
+                status[b] = 2
+                link_version[link] = versions[b]
+                winner = b
         else:
             group = by_link[j:k]  # in input order (the sort is stable)
             if not ordered:
@@ -169,11 +183,13 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
             receiver = link_dst[link]
             for q in range(begin, k):
                 i = by_link[q]
-                if status[i] == 2 and times[i] < first_arrival[receiver]:
-                    if first_arrival[receiver] == np.inf:
+                if status[i] == 2:
+                    seen = first_arrival[receiver]
+                    if seen == np.inf:
                         touched[n_touched] = receiver
                         n_touched += 1
-                    first_arrival[receiver] = times[i]
+                    # Without a branch on the times (which one is earlier is a coin toss).
+                    first_arrival[receiver] = min(seen, times[i])
         link_version[link] = versions[winner]
         if one_slot:
             lo, hi = link, link + 1
