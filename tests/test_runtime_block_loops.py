@@ -512,3 +512,28 @@ def test_prefetch_is_a_hint_that_changes_nothing() -> None:
 
     array = np.arange(100.0)
     assert total(array, 10**6) == total(array, 0) == float(array.sum())
+
+
+def test_prefetch_reaches_the_machine_code() -> None:
+    # A hint LLVM dropped (a wrong intrinsic name, a wrong pointer type) would leave the
+    # results right and the loops slow: the x86 code must hold the instruction.
+    import platform
+
+    import numba
+
+    from asyncbalance.runtime.prefetch import prefetch, prefetch_write
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("checks x86 machine code")
+
+    @numba.njit
+    def touch(array):
+        prefetch(array, 3)
+        prefetch_write(array, 5)
+        return array[0]
+
+    touch(np.zeros(8))
+    code = "\n".join(touch.inspect_asm().values())
+    # The write hint is prefetchw where the CPU has it, else a second prefetcht0.
+    assert "prefetcht0" in code
+    assert "prefetchw" in code or code.count("prefetcht0") >= 2

@@ -46,8 +46,9 @@ def _hint(write: int) -> Any:
         def codegen(context, builder, sig, args):
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             address = builder.bitcast(builder.gep(data, [args[1]]), cgutils.voidptr_t)
-            # The intrinsic's name carries its pointer type: "p0" where LLVM's pointers are
-            # opaque (llvmlite >= 0.45), "p0i8" before.
+            # The intrinsic's name carries its pointer type: "p0i8" where llvmlite's IR
+            # spells typed pointers (LLVM with opaque pointers renames it to "p0", checked
+            # in the emitted code: prefetcht0), "p0" where it spells them "ptr".
             suffix = "p0" if str(cgutils.voidptr_t) == "ptr" else "p0i8"
             i32 = ir.IntType(32)
             function = cgutils.get_or_insert_function(
