@@ -178,6 +178,7 @@ class BlockHost:
         self.next_tick = first.copy()
         self.wake_at = np.where(self.local, first, np.inf)
         self.alive = self.local.copy()
+        self.n_down = 0  # this host's shards down now (``alive`` False among ``local``)
         # Without checkpoints the copies are never read: none is made (at 10^5 neurons and
         # 2.7e7 links they would hold 0.4 GB).
         self.saved_values = (self.block.values.copy() if self.keep_checkpoints
@@ -373,7 +374,8 @@ class BlockHost:
     def _deliver_compiled(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
                           values: np.ndarray, starts: np.ndarray) -> None:
         """The deliveries of ``_deliver_due`` in compiled loops (same results)."""
-        alive = self.alive if not self.alive[self.local].all() else np.zeros(0, dtype=bool)
+        # A count, not a pass over every shard per window.
+        alive = self.alive if self.n_down else np.zeros(0, dtype=bool)
         status, _, n_touched = self.block.deliver_live(links, versions, values, starts, times,
                                                        alive, self._first_arrival,
                                                        self._touched)
@@ -762,6 +764,7 @@ class BlockHost:
             return
         self.retired_updates += int(self.block.unit_updates[shard])
         self.alive[shard] = False
+        self.n_down += 1
         self.wake_at[shard] = np.inf  # a down shard never wakes; news to it is dropped
         self.restore_from[shard] = (self._saved(shard) if crash.restore == "checkpoint"
                                     else None)
@@ -786,6 +789,7 @@ class BlockHost:
         self.next_tick[shard] = tick
         self.wake_at[shard] = tick
         self.alive[shard] = True
+        self.n_down -= 1
 
     def _message_record(self, kind: str, at: float, link: int, version: int,
                         *extra: object) -> None:
