@@ -172,3 +172,29 @@ def test_layout_fans_a_neurons_value_out_to_every_neighbour_once() -> None:
     assert len(pairs) == layout.n_slots
     expected = sum(spec.halo.shape[0] for spec in specs)
     assert layout.n_slots == expected
+
+
+def test_shard_colours_read_every_slice_of_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Layer parity colours an MLP's neuron shards; one link joining two shards of the same
+    # parity, even the very last one (read in a later slice), leaves a single colour, as
+    # does a recurrent net.
+    from dataclasses import replace
+
+    from asyncbalance.runtime import layout as layout_module
+    from asyncbalance.runtime.layout import shard_colours
+
+    graph = build_cost_graph(_mlp(3, (4, 6, 5, 6, 3)), lp(1.0))
+    layout = build_layout(graph, partition_units(graph, "neuron"))
+    monkeypatch.setattr(layout_module, "COLOUR_CHECK_LINKS", 3)
+    assert layout.n_links > 3 * 4
+    colour, n_colours = shard_colours(layout)
+    assert n_colours == 2
+    np.testing.assert_array_equal(colour, layout.shard_group % 2)
+    parity = layout.shard_group % 2
+    link_dst = layout.link_dst.copy()
+    src = layout.link_src[-1]
+    link_dst[-1] = np.nonzero((parity == parity[src]) & (np.arange(layout.n_shards) != src))[0][0]
+    colour, n_colours = shard_colours(replace(layout, link_dst=link_dst))
+    assert n_colours == 1 and not colour.any()
+    rnn = build_cost_graph(_rnn(5), lp(1.0))
+    assert shard_colours(build_layout(rnn, partition_units(rnn, "neuron")))[1] == 1

@@ -328,12 +328,20 @@ def _groups(graph: CostGraph, units: np.ndarray) -> np.ndarray:
     return (np.searchsorted(starts, units, side="right") - 1).astype(np.int64)
 
 
+COLOUR_CHECK_LINKS = 1 << 20
+
+
 def shard_colours(layout: BlockLayout) -> tuple[np.ndarray, int]:
     """A proper colouring of the shard graph, if the layers give one: layer parity when no
     link joins two shards of the same parity (every MLP), else one colour."""
     parity = layout.shard_group % 2
-    if layout.n_links and (parity[layout.link_src] == parity[layout.link_dst]).any():
-        return np.zeros(layout.n_shards, dtype=np.int64), 1
+    # In slices of links: two gathers over every link at once are 0.46 GB of fresh
+    # temporaries at 10^5 neurons (1.3 s of first-touch page faults measured on the 2-core
+    # machine, 0.06 s once those pages are the process's).
+    for lo in range(0, layout.n_links, COLOUR_CHECK_LINKS):
+        part = slice(lo, lo + COLOUR_CHECK_LINKS)
+        if (parity[layout.link_src[part]] == parity[layout.link_dst[part]]).any():
+            return np.zeros(layout.n_shards, dtype=np.int64), 1
     return parity, 2 if layout.n_shards and parity.any() else 1
 
 
