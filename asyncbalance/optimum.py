@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from . import kernels
+from .components import unit_components
 from .errors import InvalidInputError, NonConvergenceError
 from .graph import Block, CostGraph
 
@@ -49,7 +48,7 @@ def gauge_components(graph: CostGraph) -> list[np.ndarray]:
     if touches_visible.all():
         # The common case (every unit has a bias or an input/output edge): nothing floats.
         return []
-    labels = _unit_components(graph)
+    labels = unit_components(graph)
     anchored = np.unique(labels[touches_visible])
     floating = []
     for label in np.setdiff1d(np.unique(labels), anchored):
@@ -65,7 +64,7 @@ def check_bounded(graph: CostGraph) -> None:
     Shrinking (or growing) such a set together lowers R forever, so no balanced state exists:
     e.g. a recurrent net with input weights or biases but no output weights.
     """
-    labels = _unit_components(graph)
+    labels = unit_components(graph)
     into_visible = graph.visible_out.sum(0) > 0
     from_visible = graph.visible_in.sum(0) > 0
     for label in np.unique(labels):
@@ -81,24 +80,6 @@ def check_bounded(graph: CostGraph) -> None:
                 "network", f"hidden units {members[:8].tolist()}{'...' if members.size > 8 else ''}"
                 f" of group(s) {groups} have no path to {side}: R has no minimiser, so no "
                 "balanced state exists")
-
-
-def _unit_components(graph: CostGraph) -> np.ndarray:
-    """Connected-component label of every hidden unit over nonzero hidden-to-hidden edges."""
-    n = graph.n_units
-    rows, cols = [np.arange(n)], [np.arange(n)]
-    for b in graph.blocks:
-        if graph.sparse:
-            total = sum(b.costs).tocoo()
-            keep = total.data != 0
-            i, j = total.row[keep], total.col[keep]
-        else:
-            i, j = np.nonzero(sum(b.costs))
-        rows.append(i + b.dst[0])
-        cols.append(j + b.src[0])
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    adjacency = coo_matrix((np.ones(r.shape[0]), (r, c)), shape=(n, n))
-    return connected_components(adjacency, directed=False)[1]
 
 
 def project_gauge(vector: np.ndarray, components: list[np.ndarray]) -> np.ndarray:
