@@ -537,3 +537,92 @@ def test_prefetch_reaches_the_machine_code() -> None:
     # The write hint is prefetchw where the CPU has it, else a second prefetcht0.
     assert "prefetcht0" in code
     assert "prefetchw" in code or code.count("prefetcht0") >= 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_deliveries_in_two_threads_give_the_one_thread_results(
+        seed: int, partition: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many repeated links (the cut between the two parts falls inside a link's deliveries
+    # and must move past them), equal times, a receiver down: statuses, per-link state,
+    # dirty marks and every receiver's first arrival as with one thread.
+    from asyncbalance.runtime import block as block_module
+
+    monkeypatch.setattr(block_module, "PARALLEL_MIN_DELIVERIES", 1)
+    rng = np.random.default_rng(seed)
+    one, two = _block(seed, partition), _block(seed, partition)
+    two.threads = 2
+    lay = one.layout
+    start_versions = rng.integers(-1, 3, lay.n_links)
+    one.link_version[:], two.link_version[:] = start_versions, start_versions
+    alive = np.ones(lay.n_shards, dtype=bool)
+    alive[rng.choice(lay.n_shards, 2, replace=False)] = False
+    for round_ in range(4):
+        m = 301
+        links = np.sort(rng.integers(0, lay.n_links, m))[rng.permutation(m)]
+        versions = rng.integers(0, 6, m).astype(np.int64) + 2 * round_
+        times = rng.integers(0, 5, m).astype(np.float64)
+        counts = np.diff(lay.link_slot_ptr)[links]
+        values = rng.integers(0, 3, int(counts.sum())).astype(np.float64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        results = []
+        for block in (one, two):
+            first = np.full(lay.n_shards, np.inf)
+            touched = np.zeros(lay.n_shards, dtype=np.int64)
+            status, changed, n_touched = block.deliver_live(links, versions, values, starts,
+                                                            times, alive, first, touched)
+            results.append((status, changed, first, sorted(touched[:n_touched].tolist())))
+        (s1, c1, f1, t1), (s2, c2, f2, t2) = results
+        assert (s1 == 0).any() and (s1 == 2).any()
+        assert len(t1) == len(set(t2)) == len(t2) > 0
+        np.testing.assert_array_equal(s2, s1)
+        np.testing.assert_array_equal(c2, c1)
+        np.testing.assert_array_equal(f2, f1)
+        assert t2 == t1
+        np.testing.assert_array_equal(two.link_version, one.link_version)
+        np.testing.assert_array_equal(two.values, one.values)
+        np.testing.assert_array_equal(two.dirty, one.dirty)
+
+
+def test_the_simulator_writes_the_same_records_with_two_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every batch of deliveries and every window of moves split between two threads, faults
+    # included: the event log byte for byte.
+    from asyncbalance.runtime import array_sim
+    from asyncbalance.runtime import block as block_module
+
+    monkeypatch.setattr(block_module, "PARALLEL_MIN_DELIVERIES", 1)
+    monkeypatch.setattr(block_module, "PARALLEL_MIN_TERMS", 1)
+    logs = []
+    for cores in (1, 2):
+        monkeypatch.setattr(array_sim.os, "cpu_count", lambda cores=cores: cores)
+        logs.append(_run(tmp_path, f"threads{cores}", FAULTY, "neurons", "messages", True,
+                         monkeypatch)[0])
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_moves_in_two_threads_give_the_one_thread_flows(
+        partition: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncbalance.runtime import block as block_module
+
+    monkeypatch.setattr(block_module, "PARALLEL_MIN_TERMS", 1)
+    monkeypatch.setattr(ShardBlock, "_rates_by_value", lambda *args: None)  # per term
+    one, two = _block(1, partition), _block(1, partition)
+    two.threads = 2
+    rng = np.random.default_rng(1)
+    lay = one.layout
+    one.values[:lay.zero_index] = rng.normal(0.0, 0.7, lay.zero_index)
+    two.values[:] = one.values
+    calls = []
+    original = ShardBlock._term_sums
+
+    def counted(self, *args):
+        calls.append(self.threads)
+        return original(self, *args)
+
+    monkeypatch.setattr(ShardBlock, "_term_sums", counted)
+    for positions in (np.arange(lay.n_own), np.arange(1, lay.n_own, 2), np.arange(1)):
+        for got, want in zip(two._flows(positions), one._flows(positions), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert 2 in calls

@@ -26,6 +26,7 @@ order, so the same seed gives the same record, byte for byte.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -93,6 +94,9 @@ class ArraySimulator(HostReadings):
                               level=event_level(scenario),
                               keep_checkpoints=any(c.restore == "checkpoint"
                                                    for c in settings.crashes))
+        # One process on the machine: large batches of deliveries and large windows of moves
+        # use a second core where there is one (the same results; ``ShardBlock.threads``).
+        self.host.block.threads = 2 if (os.cpu_count() or 1) >= 2 else 1
         self.now = 0.0
         self.busy_seconds = 0.0
         # Compile the loops (or load them from numba's cache, ~0.2 s) before the clock, so

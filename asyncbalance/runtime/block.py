@@ -20,6 +20,8 @@ Versions are ``epoch * 2**32 + seq``: the same order as the reference's ``(epoch
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .. import kernels
@@ -29,6 +31,20 @@ from .shard import Rule
 
 # Links of a block up to which deliveries sort their links by radix (``_link_order``).
 RADIX_MAX_LINKS = 1 << 22
+# Deliveries in a batch, and terms in a window's moves (a rough count: the span of the
+# moving positions' terms), from which a block with ``threads = 2`` splits the work between
+# two threads (below, handing half to a thread costs more than it saves).
+PARALLEL_MIN_DELIVERIES = 1 << 16
+PARALLEL_MIN_TERMS = 1 << 16
+
+_second_thread: ThreadPoolExecutor | None = None
+
+
+def _second_thread_pool() -> ThreadPoolExecutor:
+    global _second_thread
+    if _second_thread is None:
+        _second_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block")
+    return _second_thread
 
 SEQ_BITS = 32
 
@@ -42,6 +58,10 @@ class ShardBlock:
 
     # Exponentials are taken per value when ratio x the window's terms >= the values.
     per_value_ratio = 2
+    # Threads the compiled deliveries of a large batch (``deliver_live``) and the moves of a
+    # large window (``_term_sums``) use: 1 or 2. The simulator sets 2 where the machine has
+    # two cores; a Ray host, one of several processes sharing the cores, keeps 1.
+    threads = 1
 
     def __init__(self, layout: BlockLayout, rule: Rule, resend_interval: float,
                  send_threshold: float = 0.0, epochs: np.ndarray | None = None):
@@ -111,11 +131,7 @@ class ShardBlock:
                                                             table.cost[t], table.value_index,
                                                             visible[t])
                         continue
-                    exps = block_loops.scaled_neighbours(values, positions, table.ptr,
-                                                         table.rate[t], table.value_index)
-                    np.exp(exps, out=exps)
-                    sums[t] = block_loops.term_sums(exps, positions, table.ptr, table.cost[t],
-                                                    visible[t])
+                    sums[t] = self._term_sums(positions, table, t, visible[t])
                 out.append(sums)
                 continue
             index, segment = expand_ranges(table.ptr[positions], table.ptr[positions + 1])
@@ -128,6 +144,29 @@ class ShardBlock:
         c = lay.degrees[positions]
         p = lay.powers[:, None]
         return out[0] * np.exp(p * u[None, :]), out[1] * np.exp(-p * c[None, :] * u[None, :])
+
+    def _term_sums(self, positions: np.ndarray, table: TermTable, t: int,
+                   visible: np.ndarray) -> np.ndarray:
+        """Per position, ``visible + sum(cost * exp(rate * neighbour))`` over its terms of
+        cost term ``t`` (compiled gather and sums around one vectorised ``np.exp``). With
+        two threads and a large window, the second half of the positions goes to the other
+        thread: each position's sum is the one-thread sum, bit for bit."""
+        values = self.values
+
+        def part(chosen: np.ndarray) -> np.ndarray:
+            exps = block_loops.scaled_neighbours(values, chosen, table.ptr, table.rate[t],
+                                                 table.value_index)
+            np.exp(exps, out=exps)  # numpy lets the other thread run meanwhile
+            return block_loops.term_sums(exps, chosen, table.ptr, table.cost[t], visible)
+
+        n = positions.shape[0]
+        if self.threads < 2 or n < 2 or \
+                int(table.ptr[positions[-1] + 1] - table.ptr[positions[0]]) < PARALLEL_MIN_TERMS:
+            return part(positions)
+        half = n // 2
+        second = _second_thread_pool().submit(part, positions[half:])
+        first = part(positions[:half])
+        return np.concatenate([first, second.result()])
 
     def _rates_by_value(self, which: int, table: TermTable, positions: np.ndarray
                         ) -> np.ndarray | None:
@@ -290,11 +329,41 @@ class ShardBlock:
         (dropped), 1 (delivered) or 2 (applied), whether it changed the view, and how many
         receivers were touched."""
         lay = self.layout
-        return block_loops.deliver(
-            links, versions, np.zeros(0) if times is None else times, times is None, values,
-            np.ascontiguousarray(starts, dtype=np.int64), lay.link_slot_ptr, lay.n_own,
-            lay.link_dst, self.link_version, self.values, self.dirty, alive,
-            self._link_order(links), self.one_slot, first_arrival, touched)
+        times = np.zeros(0) if times is None else times
+        ordered = times.shape[0] == 0
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        by_link = self._link_order(links)
+        m = links.shape[0]
+        if self.threads < 2 or m < PARALLEL_MIN_DELIVERIES:
+            return block_loops.deliver(
+                links, versions, times, ordered, values, starts, lay.link_slot_ptr,
+                lay.n_own, lay.link_dst, self.link_version, self.values, self.dirty, alive,
+                by_link, self.one_slot, first_arrival, touched)
+        # Two parts that split the links between them (the cut moved past the deliveries of
+        # the link it falls in), the second on another thread: per-link state is disjoint,
+        # a receiver's first arrival is kept per part and merged by min, so the results are
+        # the one-thread ones exactly (measured on windows of 10^5 neurons: 15 -> 8.6 ns per
+        # delivery).
+        cut = m // 2
+        while cut < m and links[by_link[cut]] == links[by_link[cut - 1]]:
+            cut += 1
+        status = np.ones(m, dtype=np.int8)
+        changed = np.zeros(m, dtype=bool)
+        keep_first = first_arrival.shape[0] > 0
+        other_first = np.full(first_arrival.shape[0], np.inf)
+        other_touched = np.zeros(touched.shape[0], dtype=np.int64)
+        common = (links, versions, times, ordered, values, starts, lay.link_slot_ptr, lay.n_own,
+                  lay.link_dst, self.link_version, self.values, self.dirty, alive, by_link)
+        second = _second_thread_pool().submit(
+            block_loops.deliver_part, *common, cut, m, self.one_slot, other_first,
+            other_touched, status, changed)
+        n_touched = block_loops.deliver_part(*common, 0, cut, self.one_slot, first_arrival,
+                                             touched, status, changed)
+        n_other = second.result()
+        if keep_first:
+            n_touched = block_loops.merge_first_arrivals(first_arrival, touched, n_touched,
+                                                         other_first, other_touched, n_other)
+        return status, changed, n_touched
 
     def _link_order(self, links: np.ndarray) -> np.ndarray:
         """The stable order of a batch's links. Measured per key on windows of the neuron

@@ -7,6 +7,8 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
 - ``expand_ranges``: the items of many index ranges, and the range of each;
 - ``deliver``: link deliveries with the reference's version rule (in order of arrival when
   a link occurs more than once), writing the winners' values into the halo;
+  ``deliver_part`` the same over whole links of a batch, so that two parts can run at once,
+  and ``merge_first_arrivals`` what joins their receivers' first arrivals;
 - ``wake_on_news``: the wake times of receivers whose view changed;
 - ``stable_order``: the stable order of a batch's links (a two-pass radix sort);
 - ``messages_from``, ``link_values``: the link messages of a batch of sends and the values
@@ -107,13 +109,30 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     m = links.shape[0]
     status = np.ones(m, dtype=np.int8)
     changed = np.zeros(m, dtype=np.bool_)
+    n_touched = deliver_part(links, versions, times, ordered, values, starts, link_slot_ptr,
+                             n_own, link_dst, link_version, state, dirty, alive, by_link, 0, m,
+                             one_slot, first_arrival, touched, status, changed)
+    return status, changed, n_touched
+
+
+@_jit
+def deliver_part(links, versions, times, ordered, values, starts, link_slot_ptr, n_own,
+                 link_dst, link_version, state, dirty, alive, by_link, begin_at, end_at,
+                 one_slot, first_arrival, touched, status, changed):  # pragma: no cover
+    """``deliver`` over the deliveries ``by_link[begin_at:end_at]`` only, writing their
+    ``status`` and ``changed`` into the arrays given; the count of touched receivers. The
+    range must hold whole links (every delivery of a link or none): two parts that split
+    the links between them touch disjoint entries of every per-link array, so they may run
+    at once, each with its own ``first_arrival`` and ``touched`` (``merge_first_arrivals``).
+    """
+    m = end_at
     check_alive = alive.shape[0] > 0
     keep_first = first_arrival.shape[0] > 0
     n_touched = 0
     # No requests where the arrays of every link fit in cache: the look-ahead points past
     # the batch.
     ahead = DELIVERY_AHEAD if link_version.shape[0] >= PREFETCH_MIN_ENTRIES else m
-    j = 0
+    j = begin_at
     while j < m:
         # The entries of the link one step ahead, and the message two steps ahead.
         if j + ahead < m:
@@ -206,7 +225,23 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
         if differs:
             changed[winner] = True
             dirty[link_dst[link]] = True
-    return status, changed, n_touched
+    return n_touched
+
+
+@_jit
+def merge_first_arrivals(first_arrival, touched, n_touched, other_first, other_touched,
+                         n_other):  # pragma: no cover
+    """Fold the first arrivals a second delivery part kept (``other_first``, its receivers
+    ``other_touched[:n_other]``) into ``first_arrival`` by min, listing in ``touched`` the
+    receivers new to it; ``other_first`` is left all inf. The new count of ``touched``."""
+    for j in range(n_other):
+        r = other_touched[j]
+        if first_arrival[r] == np.inf:
+            touched[n_touched] = r
+            n_touched += 1
+        first_arrival[r] = min(first_arrival[r], other_first[r])
+        other_first[r] = np.inf
+    return n_touched
 
 
 @_jit
@@ -641,10 +676,17 @@ def warm_up() -> None:
                     np.full(2, -1, dtype=np.int64), np.zeros(4), np.zeros(2, dtype=bool),
                     np.ones(2, dtype=bool), np.arange(2, dtype=np.int64), one_slot,
                     np.full(2, np.inf), np.zeros(2, dtype=np.int64))
+            deliver_part(i8, np.ones(2, dtype=np.int64), f8, ordered, f8, i8, ptr, 1, i8,
+                         np.full(2, -1, dtype=np.int64), np.zeros(4), np.zeros(2, dtype=bool),
+                         np.ones(2, dtype=bool), np.arange(2, dtype=np.int64), 0, 2, one_slot,
+                         np.full(2, np.inf), np.zeros(2, dtype=np.int64),
+                         np.ones(2, dtype=np.int8), np.zeros(2, dtype=bool))
             sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
     for delay_kind in (0, 1, 2):
         fan_out_into_windows(i8, i8, f8, f8, ptr, i8, 1, 0, f8, f8, delay_kind, 0.1)
     wake_on_news(np.full(2, np.inf), i8, 0, np.zeros(2, dtype=bool), f8, np.zeros(2))
+    merge_first_arrivals(np.full(2, np.inf), np.zeros(2, dtype=np.int64), 0,
+                         np.full(2, np.inf), np.zeros(2, dtype=np.int64), 0)
     stable_order(i8, 2)
     messages_from(i8, i8, f8, ptr, i8, 1, 0)
     apply_sent(i8, i8, f8, f8, i8, ptr, i8, 1, 0, ptr, i8, ptr, 1, i8, i8, np.zeros(4),
