@@ -315,3 +315,22 @@ def test_batch_records_add_up_to_the_counters(paced: bool) -> None:
             for dst in host.pending_hosts():
                 hosts[dst].receive_frame(host.take_frame(dst), clock)
     assert all(h.counters["frame_entries"] > 0 and h.counters["applied"] > 0 for h in hosts)
+
+
+def test_a_hosts_count_of_down_shards_follows_its_crashes_and_restarts() -> None:
+    # The count stands for "some shard of mine is down" in every delivery: after each step
+    # it equals the down shards among the host's own, rises with crashes (one overlapping
+    # another, one on the other host) and is back to 0 once they have all restarted.
+    data = dict(SCENARIO, faults={
+        "checkpoint_interval": 1.0,
+        "crashes": [{"shard": 5, "at": 2.0, "down_for": 3.0},
+                    {"shard": 7, "at": 3.0, "down_for": 4.0, "restore": "zero"},
+                    {"shard": 50, "at": 2.5, "down_for": 1.0}]})
+    _, _, hosts = _hosts(2, data=data)
+    seen = []
+    for clock in np.arange(0.5, 10.0, 0.5):
+        for host in hosts:
+            host.advance(float(clock))
+            assert host.n_down == int((~host.alive[host.local]).sum())
+        seen.append(sum(host.n_down for host in hosts))
+    assert max(seen) == 3 and seen[-1] == 0  # all three down at t = 3
