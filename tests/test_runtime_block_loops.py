@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from asyncbalance.runtime import block_loops, run_scenario
+from asyncbalance.runtime import fan_out as fan_out_module
 from asyncbalance.runtime.block import ShardBlock
 from asyncbalance.runtime.block_host import Routes
 from asyncbalance.runtime.coordinator import prepare
@@ -164,10 +165,13 @@ def test_routes_keep_a_link_table_only_where_links_are_out_of_their_order() -> N
 @pytest.mark.parametrize("step", [0.05, 1e-7])
 @pytest.mark.parametrize("width, n_senders", [(9, 40), (200, 1_500)])
 def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(
-        delay_kind: int, step: float, width: int, n_senders: int) -> None:
+        delay_kind: int, step: float, width: int, n_senders: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Three hosts, senders of every host, some twice; a step of 1e-7 spreads the windows
     # beyond the counting sort's range, so its stable-sort fallback runs as well. The wide
-    # net's batches outgrow the cache (stores requested ahead).
+    # net's batches outgrow the cache (stores requested ahead). Two threads (every batch
+    # split) give the same arrays.
+    monkeypatch.setattr(fan_out_module, "PARALLEL_MIN_MESSAGES", 1)
     problem = prepare(scenario_from_mapping({
         "name": "f", "network": {"kind": "mlp", "sizes": [5, width, width, 3], "seed": 3},
         "partition": {"granularity": "neuron"}}))
@@ -204,6 +208,12 @@ def test_fan_out_into_windows_equals_messages_draws_and_the_window_sort(
         for got_array, want_array in zip(got, want, strict=True):
             np.testing.assert_array_equal(got_array, want_array)
         np.testing.assert_array_equal(got_delays, delays)
+        *split, split_delays = fan_out_module.fan_out(
+            senders, versions, times, values, routes.pair_ptr, routes.pair_links, 3, host,
+            link_mean, draws, delay_kind, step, 2)
+        for split_array, want_array in zip(split, want, strict=True):
+            np.testing.assert_array_equal(split_array, want_array)
+        np.testing.assert_array_equal(split_delays, delays)
         big += 4 * links.shape[0] >= block_loops.PREFETCH_MIN_ENTRIES
     assert big == (3 if width > 9 else 0)
 
@@ -598,6 +608,29 @@ def test_the_simulator_writes_the_same_records_with_two_threads(
         monkeypatch.setattr(array_sim.os, "cpu_count", lambda cores=cores: cores)
         logs.append(_run(tmp_path, f"threads{cores}", FAULTY, "neurons", "messages", True,
                          monkeypatch)[0])
+    assert logs[0] == logs[1]
+
+
+def test_the_fan_out_in_two_threads_writes_the_one_thread_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Neurons with exponential delays and batch records: every batch of sends is fanned out
+    # by two threads (the second storing after the first in each window), the event log byte
+    # for byte as with one.
+    from asyncbalance.runtime import array_sim
+
+    monkeypatch.setattr(fan_out_module, "PARALLEL_MIN_MESSAGES", 1)
+    stores = []
+    original = block_loops.store_into_windows
+    monkeypatch.setattr(block_loops, "store_into_windows",
+                        lambda *args: stores.append(args[8]) or original(*args))
+    logs = []
+    for cores in (1, 2):
+        monkeypatch.setattr(array_sim.os, "cpu_count", lambda cores=cores: cores)
+        logs.append(_run(tmp_path, f"threads{cores}", CLEAN, "neurons", "batches", True,
+                         monkeypatch)[0])
+    # The one-thread run stores inside the compiled fan-out, unseen here; each batch of the
+    # two-thread run stores twice, the second part from an entry past 0.
+    assert sum(first > 0 for first in stores) > 100
     assert logs[0] == logs[1]
 
 

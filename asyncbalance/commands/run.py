@@ -12,6 +12,7 @@ from ..config import check_scenario_command
 from ..errors import InvalidInputError
 from ..io import check_writable_dir, json_text, nearest_existing
 from ..progress import Progress
+from ..runtime.allocator import retain_freed_memory
 from ..runtime.coordinator import run_points
 from ..runtime.memory_estimate import check_scenario_memory
 from ..runtime.record import Sample
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(points[0].scenario.name)
     _check_out(out)
     bar = _ProgressBar(args.quiet, len(points))
+    # Arrays freed by one simulator window are reused by the next (see ``allocator``).
+    retain_freed_memory()
     try:
         result = run_points(points, out, backend=args.backend, address=args.address,
                             progress=bar, command_line=getattr(args, "command_line", None))

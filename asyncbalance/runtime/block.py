@@ -20,14 +20,13 @@ Versions are ``epoch * 2**32 + seq``: the same order as the reference's ``(epoch
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from .. import kernels
 from . import block_loops
 from .layout import BlockLayout, TermTable, expand_ranges
 from .shard import Rule
+from .threads import second_thread
 
 # Links of a block up to which deliveries sort their links by radix (``_link_order``).
 RADIX_MAX_LINKS = 1 << 22
@@ -36,15 +35,6 @@ RADIX_MAX_LINKS = 1 << 22
 # two threads (below, handing half to a thread costs more than it saves).
 PARALLEL_MIN_DELIVERIES = 1 << 16
 PARALLEL_MIN_TERMS = 1 << 16
-
-_second_thread: ThreadPoolExecutor | None = None
-
-
-def _second_thread_pool() -> ThreadPoolExecutor:
-    global _second_thread
-    if _second_thread is None:
-        _second_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block")
-    return _second_thread
 
 SEQ_BITS = 32
 
@@ -164,7 +154,7 @@ class ShardBlock:
                 int(table.ptr[positions[-1] + 1] - table.ptr[positions[0]]) < PARALLEL_MIN_TERMS:
             return part(positions)
         half = n // 2
-        second = _second_thread_pool().submit(part, positions[half:])
+        second = second_thread().submit(part, positions[half:])
         first = part(positions[:half])
         return np.concatenate([first, second.result()])
 
@@ -354,7 +344,7 @@ class ShardBlock:
         other_touched = np.zeros(touched.shape[0], dtype=np.int64)
         common = (links, versions, times, ordered, values, starts, lay.link_slot_ptr, lay.n_own,
                   lay.link_dst, self.link_version, self.values, self.dirty, alive, by_link)
-        second = _second_thread_pool().submit(
+        second = second_thread().submit(
             block_loops.deliver_part, *common, cut, m, self.one_slot, other_first,
             other_touched, status, changed)
         n_touched = block_loops.deliver_part(*common, 0, cut, self.one_slot, first_arrival,

@@ -40,6 +40,7 @@ import numpy as np
 from . import block_loops
 from .block import ShardBlock, version_of
 from .delays import DelaySampler, WakeSchedule
+from .fan_out import fan_out
 from .frames import Frame
 from .host import EPOCH_STRIDE, CrashRecord, HostSettings
 from .layout import BlockLayout, expand_ranges, shard_colours
@@ -517,10 +518,10 @@ class BlockHost:
         # The draws ``DelaySampler.sample_many`` takes for exponential delays, in order.
         draws = (self.rng.standard_exponential(size=m) if self.fused_delay_kind == 2
                  else np.zeros(0))
-        window_keys, bounds, *arrays, delays = block_loops.fan_out_into_windows(
+        window_keys, bounds, *arrays, delays = fan_out(
             senders, versions, times, values, routes.pair_ptr, routes.pair_links,
             routes.n_hosts, self.host_id, self.link_mean, draws, self.fused_delay_kind,
-            self.step)
+            self.step, self.block.threads)
         self._enqueue_sorted(_Chunk(*arrays), bounds, window_keys.tolist())
         return delays
 

@@ -18,7 +18,8 @@ gathers. These loops do the same work in fewer passes, with the same results, bi
 - ``sort_into_windows`` (with ``window_order``, ``gather_runs``): a stable counting sort of
   link messages by arrival window, into the arrays of a chunk of the timing wheel;
   ``fan_out_into_windows`` the same for neurons straight from a batch of sends, delays
-  included, without the intermediate per-message arrays;
+  included, without the intermediate per-message arrays, in passes (``fanned_delays``,
+  ``count_windows``, ``window_places``, ``store_into_windows``) that two threads can share;
 - ``save_shards``: checkpoints (own values, halo slots and incoming link versions) of many
   shards, copied range by range;
 - ``scaled_neighbours`` and ``term_sums``: the exponential sums of a move, split around one
@@ -59,6 +60,9 @@ DELIVERY_AHEAD = 32
 TERMS_AHEAD = 64
 WRITE_AHEAD = 16
 PREFETCH_MIN_ENTRIES = 1 << 18
+# Windows a batch's arrivals may span for the counting sort by window (beyond: a stable
+# sort).
+WINDOW_SPAN_MAX = 1 << 20
 
 
 def _jit(function):
@@ -440,7 +444,7 @@ def sort_into_windows(times, links, versions, values, starts, slot_count,
     for i in range(n):
         keys[i] = np.int64(np.floor(times[i] / step))
     base, top = keys.min(), keys.max()
-    if top - base < 1 << 20:
+    if top - base < WINDOW_SPAN_MAX:
         order = window_order(keys, base, top - base)
     else:
         order = np.argsort(keys, kind="mergesort")
@@ -490,16 +494,55 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
     link's mean times ``draws[i]`` (2: exponential, as ``DelaySampler.sample_many`` scales
     standard draws; means >= 0, a zero mean giving a zero delay); it arrives at send time plus
     delay. Returns ``sort_into_windows``'s arrays (stably sorted by arrival window) and the
-    delays in message order."""
+    delays in message order. ``fanned_delays``, ``count_windows``, ``window_places`` and
+    ``store_into_windows`` are its passes, which two threads can share (``fan_out``)."""
+    n = senders.shape[0]
     total = 0
-    for e in range(senders.shape[0]):
+    for e in range(n):
         key = senders[e] * n_hosts + host
         total += pair_ptr[key + 1] - pair_ptr[key]
     delays = np.empty(total)
     keys = np.empty(total, dtype=np.int64)
+    if total == 0:
+        return (np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty(0),
+                np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0),
+                np.zeros(0, dtype=np.int64), delays)
+    base, top = fanned_delays(senders, times, pair_ptr, pair_links, n_hosts, host, link_mean,
+                              draws, delay_kind, step, 0, n, 0, delays, keys)
+    if top - base < WINDOW_SPAN_MAX:
+        counts = np.zeros(top - base + 2, dtype=np.int64)
+        count_windows(keys, 0, total, base, counts)
+        window_keys, bounds, place = window_places(counts, counts, base, False)
+        sorted_times = np.empty(total)
+        sorted_links = np.empty(total, dtype=np.int64)
+        sorted_versions = np.empty(total, dtype=np.int64)
+        carried = np.empty(total)
+        store_into_windows(senders, versions, times, values, pair_ptr, pair_links, n_hosts,
+                           host, 0, n, 0, keys, delays, base, place, sorted_times,
+                           sorted_links, sorted_versions, carried)
+        return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, \
+            np.zeros(0, dtype=np.int64), delays
+    # Windows too far apart for a count per window: the general path's stable sort.
+    links, entry, link_versions, sent_at = messages_from(senders, versions, times, pair_ptr,
+                                                         pair_links, n_hosts, host)
+    window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr = \
+        sort_into_windows(sent_at + delays, links, link_versions, values, entry,
+                          np.zeros(0, dtype=np.int64), step, True)
+    return (window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr,
+            delays)
+
+
+@_jit
+def fanned_delays(senders, times, pair_ptr, pair_links, n_hosts, host, link_mean, draws,
+                  delay_kind, step, first, last, at, delays, keys):  # pragma: no cover
+    """The delays and arrival windows of the link messages of entries ``first .. last - 1``
+    (``fan_out_into_windows``'s rules), written from message ``at`` on into ``delays`` and
+    ``keys``; the smallest and the largest window (int64's largest and smallest without
+    messages, so that the parts' bounds combine by min and max)."""
     table = pair_links.shape[0] > 0
-    at = 0
-    for e in range(senders.shape[0]):
+    lowest = np.iinfo(np.int64).max
+    highest = np.iinfo(np.int64).min
+    for e in range(first, last):
         key = senders[e] * n_hosts + host
         sent = times[e]
         for q in range(pair_ptr[key], pair_ptr[key + 1]):
@@ -510,71 +553,83 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
             else:
                 delay = link_mean[pair_links[q] if table else q] * draws[at]
             delays[at] = delay
-            keys[at] = np.int64(np.floor((sent + delay) / step))
+            window = np.int64(np.floor((sent + delay) / step))
+            keys[at] = window
+            lowest = min(lowest, window)
+            highest = max(highest, window)
             at += 1
-    sorted_times = np.empty(total)
-    sorted_links = np.empty(total, dtype=np.int64)
-    sorted_versions = np.empty(total, dtype=np.int64)
-    carried = np.empty(total)
-    ptr = np.zeros(0, dtype=np.int64)  # one value per message: no row pointers
-    if total == 0:
-        return (np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), sorted_times,
-                sorted_links, sorted_versions, carried, ptr, delays)
-    base, top = keys.min(), keys.max()
-    if top - base < 1 << 20:
-        # Stable counting sort: each message goes straight to its place.
-        span = top - base
-        place = np.zeros(span + 2, dtype=np.int64)
-        for i in range(total):
-            place[keys[i] - base + 1] += 1
-        n_windows = 0
-        for b in range(1, span + 2):
-            if place[b] > 0:
-                n_windows += 1
-            place[b] += place[b - 1]
-        window_keys = np.empty(n_windows, dtype=np.int64)
-        bounds = np.empty(n_windows + 1, dtype=np.int64)
-        w = 0
-        for b in range(span + 1):
-            if place[b + 1] > place[b]:
-                window_keys[w] = base + b
-                bounds[w] = place[b]
-                w += 1
-        bounds[n_windows] = total
-        # Each window's messages are stored one after the other, a stream per window; the
-        # lines two ahead of a stream are requested as it enters a new one (where the four
-        # arrays together outgrow the cache).
-        ahead = WRITE_AHEAD if 4 * total >= PREFETCH_MIN_ENTRIES else total
-        at = 0
-        for e in range(senders.shape[0]):
-            key = senders[e] * n_hosts + host
-            sent = times[e]
-            version = versions[e]
-            value = values[e]
-            for q in range(pair_ptr[key], pair_ptr[key + 1]):
-                b = keys[at] - base
-                j = place[b]
-                place[b] = j + 1
-                if (j & 7) == 0 and j + ahead < total:
-                    prefetch_write(sorted_times, j + ahead)
-                    prefetch_write(sorted_links, j + ahead)
-                    prefetch_write(sorted_versions, j + ahead)
-                    prefetch_write(carried, j + ahead)
-                sorted_times[j] = sent + delays[at]
-                sorted_links[j] = pair_links[q] if table else q
-                sorted_versions[j] = version
-                carried[j] = value
-                at += 1
-        return window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, \
-            ptr, delays
-    # Windows too far apart for a count per window: the general path's stable sort.
-    links, entry, link_versions, sent_at = messages_from(senders, versions, times, pair_ptr,
-                                                         pair_links, n_hosts, host)
-    window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr = \
-        sort_into_windows(sent_at + delays, links, link_versions, values, entry,
-                          np.zeros(0, dtype=np.int64), step, True)
-    return (window_keys, bounds, sorted_times, sorted_links, sorted_versions, carried, ptr,
-            delays)
+    return lowest, highest
+
+
+@_jit
+def count_windows(keys, lo, hi, base, counts):  # pragma: no cover
+    """Adds the messages ``lo .. hi - 1`` of each window ``base + b`` to ``counts[b + 1]``."""
+    for i in range(lo, hi):
+        counts[keys[i] - base + 1] += 1
+
+
+@_jit
+def window_places(counts, first_counts, base, two_parts):  # pragma: no cover
+    """From the messages per window of all parts (``counts``, window ``base + b`` at
+    ``b + 1``): the keys of the windows that have messages, their bounds in a stable sort by
+    window, and where each window's first message goes. ``two_parts``: the first part's own
+    counts are ``first_counts``, and the second place array (where the second part's
+    messages go, after the first part's in every window) follows the first in the result."""
+    span = counts.shape[0] - 2
+    n_windows = 0
+    for b in range(1, span + 2):
+        if counts[b] > 0:
+            n_windows += 1
+    window_keys = np.empty(n_windows, dtype=np.int64)
+    bounds = np.empty(n_windows + 1, dtype=np.int64)
+    place = np.empty((2 if two_parts else 1) * (span + 1), dtype=np.int64)
+    at = 0
+    w = 0
+    for b in range(span + 1):
+        place[b] = at
+        if two_parts:
+            place[span + 1 + b] = at + first_counts[b + 1]
+        if counts[b + 1] > 0:
+            window_keys[w] = base + b
+            bounds[w] = at
+            w += 1
+        at += counts[b + 1]
+    bounds[n_windows] = at
+    return window_keys, bounds, place
+
+
+@_jit
+def store_into_windows(senders, versions, times, values, pair_ptr, pair_links, n_hosts, host,
+                       first, last, at, keys, delays, base, place, sorted_times, sorted_links,
+                       sorted_versions, carried):  # pragma: no cover
+    """The link messages of entries ``first .. last - 1`` (message ``at`` on, windows and
+    delays from ``fanned_delays``), each stored at its window's next place (``place``, per
+    window ``base + b``, advanced as it fills): a stable counting sort by window."""
+    table = pair_links.shape[0] > 0
+    total = sorted_times.shape[0]
+    # Each window's messages are stored one after the other, a stream per window; the lines
+    # two ahead of a stream are requested as it enters a new one (where the four arrays
+    # together outgrow the cache).
+    ahead = WRITE_AHEAD if 4 * total >= PREFETCH_MIN_ENTRIES else total
+    for e in range(first, last):
+        key = senders[e] * n_hosts + host
+        sent = times[e]
+        version = versions[e]
+        value = values[e]
+        for q in range(pair_ptr[key], pair_ptr[key + 1]):
+            b = keys[at] - base
+            j = place[b]
+            place[b] = j + 1
+            if (j & 7) == 0 and j + ahead < total:
+                prefetch_write(sorted_times, j + ahead)
+                prefetch_write(sorted_links, j + ahead)
+                prefetch_write(sorted_versions, j + ahead)
+                prefetch_write(carried, j + ahead)
+            sorted_times[j] = sent + delays[at]
+            sorted_links[j] = pair_links[q] if table else q
+            sorted_versions[j] = version
+            carried[j] = value
+            at += 1
 
 
 @_jit
@@ -684,6 +739,13 @@ def warm_up() -> None:
             sort_into_windows(f8, i8, i8, f8, i8, np.ones(2, dtype=np.int64), 0.1, one_slot)
     for delay_kind in (0, 1, 2):
         fan_out_into_windows(i8, i8, f8, f8, ptr, i8, 1, 0, f8, f8, delay_kind, 0.1)
+        fanned_delays(i8, f8, ptr, i8, 1, 0, f8, f8, delay_kind, 0.1, 0, 2, 0, np.zeros(4),
+                      np.zeros(4, dtype=np.int64))
+    count_windows(i8, 0, 2, 0, np.zeros(3, dtype=np.int64))
+    for two_parts in (False, True):
+        window_places(np.ones(3, dtype=np.int64), np.ones(3, dtype=np.int64), 0, two_parts)
+    store_into_windows(i8, i8, f8, f8, ptr, i8, 1, 0, 0, 2, 0, i8, f8, 0, i8[:1], f8, i8, i8,
+                       f8)
     wake_on_news(np.full(2, np.inf), i8, 0, np.zeros(2, dtype=bool), f8, np.zeros(2))
     merge_first_arrivals(np.full(2, np.inf), np.zeros(2, dtype=np.int64), 0,
                          np.full(2, np.inf), np.zeros(2, dtype=np.int64), 0)
