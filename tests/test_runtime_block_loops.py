@@ -271,10 +271,13 @@ def test_deliver_keeps_the_newest_in_arrival_order_when_links_repeat(
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("n_links", [100_003, block_loops.PREFETCH_MIN_ENTRIES + 3])
-def test_deliver_follows_the_rule_link_by_link(seed: int, n_links: int) -> None:
+@pytest.mark.parametrize("carried", ["shuffled", "in order"])
+def test_deliver_follows_the_rule_link_by_link(seed: int, n_links: int, carried: str) -> None:
     # Some links delivered once, some many times (out of version order, equal times
     # included), a few receivers down; the expected state comes from the rule itself, link
-    # by link, in plain Python. Links in cache, and beyond (memory requested ahead).
+    # by link, in plain Python. Links in cache, and beyond (memory requested ahead). Each
+    # message's value read through its start in a shuffled array, or, with no starts, the
+    # i-th value for the i-th message.
     rng = np.random.default_rng(seed)
     n_shards, n_own, m = 50, 50, 4_000
     link_dst = rng.integers(0, n_shards, n_links)
@@ -307,8 +310,14 @@ def test_deliver_follows_the_rule_link_by_link(seed: int, n_links: int) -> None:
     dirty = np.zeros(n_shards, dtype=bool)
     first = np.full(n_shards, np.inf)
     touched = np.zeros(n_shards, dtype=np.int64)
+    if carried == "shuffled":
+        starts = rng.permutation(m).astype(np.int64)
+        carried_values = np.empty(m)
+        carried_values[starts] = values
+    else:
+        starts, carried_values = np.zeros(0, dtype=np.int64), values
     status, _, n_touched = block_loops.deliver(
-        links, versions, times, False, values, np.arange(m, dtype=np.int64),
+        links, versions, times, False, carried_values, starts,
         np.arange(n_links + 1, dtype=np.int64), n_own, link_dst, link_version, state, dirty,
         alive, np.argsort(links, kind="stable"), True, first, touched)
     assert (want_status == 0).any() and (want_status == 1).any() and (want_status == 2).any()

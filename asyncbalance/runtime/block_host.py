@@ -312,10 +312,13 @@ class BlockHost:
         times = np.concatenate([c.times[lo:hi] for c, lo, hi in ranges])
         links = np.concatenate([c.links[lo:hi] for c, lo, hi in ranges])
         versions = np.concatenate([c.versions[lo:hi] for c, lo, hi in ranges])
+        starts: np.ndarray | None
         if self.block.one_slot:
-            # One value per message: message i carries values[i].
+            # One value per message: message i carries values[i] (``starts`` None until the
+            # messages are reordered or filtered).
             values = np.concatenate([c.values[lo:hi] for c, lo, hi in ranges])
-            starts = np.arange(values.shape[0], dtype=np.int64)
+            starts = None if block_loops.COMPILED else np.arange(values.shape[0],
+                                                                 dtype=np.int64)
         else:
             # Each range's values are contiguous in its chunk: read just those.
             pieces = [c.values[c.ptr[lo]:c.ptr[hi]] for c, lo, hi in ranges]
@@ -327,6 +330,8 @@ class BlockHost:
         later = times > limit
         if later.any():
             # The caller stops inside this window: what is due after ``limit`` waits.
+            if starts is None:
+                starts = np.arange(values.shape[0], dtype=np.int64)
             self._enqueue(times[later], links[later], versions[later], values, starts[later])
             due = ~later
             times, links, versions, starts = times[due], links[due], versions[due], starts[due]
@@ -335,8 +340,8 @@ class BlockHost:
         if self.level == "messages":
             # The per-message log is written in the order of delivery times.
             order = np.argsort(times, kind="stable")
-            times, links, versions, starts = times[order], links[order], versions[order], \
-                starts[order]
+            times, links, versions = times[order], links[order], versions[order]
+            starts = order if starts is None else starts[order]
         processed = int(times.shape[0])
         if block_loops.COMPILED:
             self._deliver_compiled(times, links, versions, values, starts)
@@ -373,10 +378,13 @@ class BlockHost:
         return processed
 
     def _deliver_compiled(self, times: np.ndarray, links: np.ndarray, versions: np.ndarray,
-                          values: np.ndarray, starts: np.ndarray) -> None:
-        """The deliveries of ``_deliver_due`` in compiled loops (same results)."""
+                          values: np.ndarray, starts: np.ndarray | None) -> None:
+        """The deliveries of ``_deliver_due`` in compiled loops (same results); ``starts``
+        None: message i carries ``values[i]``."""
         # A count, not a pass over every shard per window.
         alive = self.alive if self.n_down else np.zeros(0, dtype=bool)
+        if starts is None:
+            starts = np.zeros(0, dtype=np.int64)
         status, _, n_touched = self.block.deliver_live(links, versions, values, starts, times,
                                                        alive, self._first_arrival,
                                                        self._touched)

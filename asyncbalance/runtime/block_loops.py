@@ -98,9 +98,11 @@ def deliver(links, versions, times, ordered, values, starts, link_slot_ptr, n_ow
     """Apply link deliveries; per delivery 0 (its receiver is down: dropped), 1 (delivered,
     not newer) or 2 (applied), and whether it changed the receiver's view.
 
-    Delivery i carries ``values[starts[i]:starts[i] + slots of its link]``. It is applied
-    when its version is newer than every version seen on its link before it, in order of
-    ``times`` (stable) unless ``ordered`` says the input order is the delivery order. Only
+    Delivery i carries ``values[starts[i]:starts[i] + slots of its link]``; with ``starts``
+    empty, ``values[i]`` alone (links of one slot: a window of neurons' messages as the
+    timing wheel gives it, with no array of starts to read). It is applied when its
+    version is newer than every version seen on its link before it, in order of ``times``
+    (stable) unless ``ordered`` says the input order is the delivery order. Only
     the last applied delivery of a link writes the halo; a changed view marks the receiver
     ``dirty``. ``alive`` (per shard; empty: all) drops deliveries to down receivers.
     ``by_link`` is the stable order of ``links``: links are independent, so they are taken
@@ -132,6 +134,7 @@ def deliver_part(links, versions, times, ordered, values, starts, link_slot_ptr,
     m = end_at
     check_alive = alive.shape[0] > 0
     keep_first = first_arrival.shape[0] > 0
+    has_starts = starts.shape[0] > 0
     n_touched = 0
     # No requests where the arrays of every link fit in cache: the look-ahead points past
     # the batch.
@@ -151,13 +154,15 @@ def deliver_part(links, versions, times, ordered, values, starts, link_slot_ptr,
                 later = by_link[j + 2 * ahead]
                 prefetch(links, later)
                 prefetch(versions, later)
-                prefetch(starts, later)
+                if has_starts:
+                    prefetch(starts, later)
                 prefetch(status, later)
                 if not ordered:
                     prefetch(times, later)
             # The value the message one step ahead carries, and the receiver's first
             # arrival half a step ahead (its link's receiver is in cache by then).
-            prefetch(values, starts[by_link[j + ahead]])
+            carrier = by_link[j + ahead]
+            prefetch(values, starts[carrier] if has_starts else carrier)
             if keep_first:
                 prefetch(first_arrival, link_dst[links[by_link[j + ahead // 2]]])
         first = by_link[j]
@@ -218,7 +223,7 @@ def deliver_part(links, versions, times, ordered, values, starts, link_slot_ptr,
             lo, hi = link, link + 1
         else:
             lo, hi = link_slot_ptr[link], link_slot_ptr[link + 1]
-        source = starts[winner]
+        source = starts[winner] if has_starts else winner
         differs = False
         for slot in range(lo, hi):
             new = values[source]
