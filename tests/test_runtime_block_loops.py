@@ -623,15 +623,29 @@ def test_the_simulator_writes_the_same_records_with_two_threads(
 def test_the_fan_out_in_two_threads_writes_the_one_thread_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Neurons with exponential delays and batch records: every batch of sends is fanned out
-    # by two threads (the second storing after the first in each window), the event log byte
-    # for byte as with one.
-    from asyncbalance.runtime import array_sim
+    # by two threads (the second storing after the first in each window), and the second
+    # thread draws the next fan-out's delays ahead while the first sorts a window's
+    # deliveries; the event log byte for byte as with one thread.
+    import threading
+
+    from asyncbalance.runtime import array_sim, block_host
+    from asyncbalance.runtime.draws import DelayDraws
 
     monkeypatch.setattr(fan_out_module, "PARALLEL_MIN_MESSAGES", 1)
+    monkeypatch.setattr(block_host, "DRAW_AHEAD_MIN", 1)
     stores = []
     original = block_loops.store_into_windows
     monkeypatch.setattr(block_loops, "store_into_windows",
                         lambda *args: stores.append(args[8]) or original(*args))
+    drawn_ahead = []
+    prepare = DelayDraws.prepare
+
+    def spied(self: DelayDraws, n: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            drawn_ahead.append(n - self.waiting)
+        prepare(self, n)
+
+    monkeypatch.setattr(DelayDraws, "prepare", spied)
     logs = []
     for cores in (1, 2):
         monkeypatch.setattr(array_sim.os, "cpu_count", lambda cores=cores: cores)
@@ -640,6 +654,7 @@ def test_the_fan_out_in_two_threads_writes_the_one_thread_records(
     # The one-thread run stores inside the compiled fan-out, unseen here; each batch of the
     # two-thread run stores twice, the second part from an entry past 0.
     assert sum(first > 0 for first in stores) > 100
+    assert sum(missing > 0 for missing in drawn_ahead) > 20
     assert logs[0] == logs[1]
 
 

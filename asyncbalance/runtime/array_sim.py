@@ -20,8 +20,12 @@ or from u = 0, anti-entropy re-sends. What changes is the bookkeeping:
 - **Event log.** One ``batch`` record per window (counts, time span, delay statistics); with
   ``record_events = "messages"`` also one record per message, in the reference's schema.
 
-Everything random comes from one generator seeded by the scenario and is drawn in window
-order, so the same seed gives the same record, byte for byte.
+Everything random comes from generators seeded by the scenario: one for wake times, loss,
+duplication and delays other than exponential, drawn in window order, and a stream of
+standard exponential draws that exponential delays scale (``draws.DelayDraws``), taken in
+the order of the link messages; with two threads the second draws a window's share of that
+stream ahead while the first sorts the window's deliveries, the same values. The same seed
+gives the same record, byte for byte, on one thread or two.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import msgpack
@@ -40,10 +41,12 @@ import numpy as np
 from . import block_loops
 from .block import ShardBlock, version_of
 from .delays import DelaySampler, WakeSchedule
+from .draws import DelayDraws
 from .fan_out import fan_out
 from .frames import Frame
 from .host import EPOCH_STRIDE, CrashRecord, HostSettings
 from .layout import BlockLayout, expand_ranges, shard_colours
+from .threads import second_thread
 
 CHECKPOINT_FORMAT = 2
 # Messages beyond this share of a send batch (its slowest, by arrival window) are stored
@@ -51,6 +54,11 @@ CHECKPOINT_FORMAT = 2
 # least TAIL_MIN_MESSAGES only (below that the copies cost more than the memory they free:
 # 124,000 small copies in a run of the quickstart at neuron granularity).
 TAIL_SHARE = 0.9
+# The spawn key of a host's stream of exponential delay draws (``draws.DelayDraws``), and
+# the link messages of a fan-out from which the next one's draws are drawn ahead (below,
+# handing them to the second thread costs more than it saves).
+DELAY_STREAM = 1
+DRAW_AHEAD_MIN = 1 << 16
 TAIL_MIN_MESSAGES = 1 << 16
 COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
                  "stale", "frames", "frame_entries")
@@ -135,6 +143,13 @@ class BlockHost:
         self.routes = Routes.build(layout, shard_host)
         self.link_mean = np.asarray(link_mean, dtype=np.float64)
         self.rng = np.random.default_rng([settings.seed, host_id, generation])
+        # Exponential delays scale standard draws from a stream of their own, which the
+        # second thread can draw ahead while the first sorts a window (``draws``); all else
+        # draws from ``rng``, in order.
+        self.delay_draws = DelayDraws(np.random.default_rng(np.random.SeedSequence(
+            [settings.seed, host_id, generation], spawn_key=(DELAY_STREAM,))))
+        self._drawing: Future | None = None
+        self._last_fan_out = 0
         self.sampler = DelaySampler(settings.delay, settings.delay_spread,
                                     settings.pareto_shape)
         self.wake = WakeSchedule(settings.wake_kind, settings.wake_period, settings.wake_jitter)
@@ -383,6 +398,14 @@ class BlockHost:
         None: message i carries ``values[i]``."""
         # A count, not a pass over every shard per window.
         alive = self.alive if self.n_down else np.zeros(0, dtype=bool)
+        m = times.shape[0]
+        if self.fused_delay_kind == 2 and self.block.threads > 1 and self._drawing is None \
+                and self._last_fan_out >= DRAW_AHEAD_MIN and 2 * m >= self._last_fan_out:
+            # The second thread is idle while this thread sorts the batch by link (~6 ns per
+            # delivery, a delay draw ~3 ns): it draws the next fan-out's delays meanwhile,
+            # as many as the last one took.
+            self._drawing = second_thread().submit(self.delay_draws.prepare,
+                                                   self._last_fan_out)
         if starts is None:
             starts = np.zeros(0, dtype=np.int64)
         status, _, n_touched = self.block.deliver_live(links, versions, values, starts, times,
@@ -524,14 +547,21 @@ class BlockHost:
             return np.zeros(0)
         self.counters["sent"] += m
         # The draws ``DelaySampler.sample_many`` takes for exponential delays, in order.
-        draws = (self.rng.standard_exponential(size=m) if self.fused_delay_kind == 2
-                 else np.zeros(0))
+        draws = self._delay_draws(m) if self.fused_delay_kind == 2 else np.zeros(0)
+        self._last_fan_out = m
         window_keys, bounds, *arrays, delays = fan_out(
             senders, versions, times, values, routes.pair_ptr, routes.pair_links,
             routes.n_hosts, self.host_id, self.link_mean, draws, self.fused_delay_kind,
             self.step, self.block.threads)
         self._enqueue_sorted(_Chunk(*arrays), bounds, window_keys.tolist())
         return delays
+
+    def _delay_draws(self, m: int) -> np.ndarray:
+        """The next ``m`` standard draws of the delay stream (after any drawn ahead)."""
+        if self._drawing is not None:
+            self._drawing.result()
+            self._drawing = None
+        return self.delay_draws.take(m)
 
     def _enqueue_copies(self, senders: np.ndarray, links: np.ndarray, entry: np.ndarray,
                         link_versions: np.ndarray, sent_at: np.ndarray, values: np.ndarray,
@@ -541,7 +571,11 @@ class BlockHost:
         delays."""
         lay = self.layout
         s = self.settings
-        delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]])
+        if s.paced and self._drawing is not None:
+            self._drawing.result()
+            self._drawing = None
+        delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]],
+                                           self.delay_draws)
                   if s.paced else np.zeros(n_copies))
         if block_loops.COMPILED and self.neurons:
             # One unit per sender and one slot per link: a link message carries its sender's
