@@ -54,12 +54,12 @@ CHECKPOINT_FORMAT = 2
 # least TAIL_MIN_MESSAGES only (below that the copies cost more than the memory they free:
 # 124,000 small copies in a run of the quickstart at neuron granularity).
 TAIL_SHARE = 0.9
+TAIL_MIN_MESSAGES = 1 << 16
 # The spawn key of a host's stream of exponential delay draws (``draws.DelayDraws``), and
 # the link messages of a fan-out from which the next one's draws are drawn ahead (below,
 # handing them to the second thread costs more than it saves).
 DELAY_STREAM = 1
 DRAW_AHEAD_MIN = 1 << 16
-TAIL_MIN_MESSAGES = 1 << 16
 COUNTER_NAMES = ("sent", "delivered", "applied", "dropped", "duplicated", "coalesced",
                  "stale", "frames", "frame_entries")
 
@@ -561,10 +561,15 @@ class BlockHost:
 
     def _delay_draws(self, m: int) -> np.ndarray:
         """The next ``m`` standard draws of the delay stream (after any drawn ahead)."""
+        self._drawn_ahead()
+        return self.delay_draws.take(m)
+
+    def _drawn_ahead(self) -> None:
+        """Waits for the draws the second thread is drawing ahead, if any: the stream is
+        taken by one thread at a time."""
         if self._drawing is not None:
             self._drawing.result()
             self._drawing = None
-        return self.delay_draws.take(m)
 
     def _enqueue_copies(self, senders: np.ndarray, links: np.ndarray, entry: np.ndarray,
                         link_versions: np.ndarray, sent_at: np.ndarray, values: np.ndarray,
@@ -574,9 +579,7 @@ class BlockHost:
         delays."""
         lay = self.layout
         s = self.settings
-        if s.paced and self._drawing is not None:
-            self._drawing.result()
-            self._drawing = None
+        self._drawn_ahead()
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]],
                                            self.delay_draws)
                   if s.paced else np.zeros(n_copies))
