@@ -550,7 +550,8 @@ class BlockHost:
             return np.zeros(0)
         self.counters["sent"] += m
         # The draws ``DelaySampler.sample_many`` takes for exponential delays, in order.
-        draws = self._delay_draws(m) if self.fused_delay_kind == 2 else np.zeros(0)
+        self._wait_for_draws()
+        draws = self.delay_draws.take(m) if self.fused_delay_kind == 2 else np.zeros(0)
         self._last_fan_out = m
         window_keys, bounds, *arrays, delays = fan_out(
             senders, versions, times, values, routes.pair_ptr, routes.pair_links,
@@ -559,12 +560,7 @@ class BlockHost:
         self._enqueue_sorted(_Chunk(*arrays), bounds, window_keys.tolist())
         return delays
 
-    def _delay_draws(self, m: int) -> np.ndarray:
-        """The next ``m`` standard draws of the delay stream (after any drawn ahead)."""
-        self._drawn_ahead()
-        return self.delay_draws.take(m)
-
-    def _drawn_ahead(self) -> None:
+    def _wait_for_draws(self) -> None:
         """Waits for the draws the second thread is drawing ahead, if any: the stream is
         taken by one thread at a time."""
         if self._drawing is not None:
@@ -579,7 +575,7 @@ class BlockHost:
         delays."""
         lay = self.layout
         s = self.settings
-        self._drawn_ahead()
+        self._wait_for_draws()
         delays = (self.sampler.sample_many(self.rng, self.link_mean[links[copies]],
                                            self.delay_draws)
                   if s.paced else np.zeros(n_copies))

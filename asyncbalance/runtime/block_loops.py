@@ -517,7 +517,7 @@ def fan_out_into_windows(senders, versions, times, values, pair_ptr, pair_links,
     if top - base < WINDOW_SPAN_MAX:
         counts = np.zeros(top - base + 2, dtype=np.int64)
         count_windows(keys, 0, total, base, counts)
-        window_keys, bounds, place = window_places(counts, counts, base, False)
+        window_keys, bounds, place = window_places(counts, base)
         sorted_times = np.empty(total)
         sorted_links = np.empty(total, dtype=np.int64)
         sorted_versions = np.empty(total, dtype=np.int64)
@@ -574,12 +574,10 @@ def count_windows(keys, lo, hi, base, counts):  # pragma: no cover
 
 
 @_jit
-def window_places(counts, first_counts, base, two_parts):  # pragma: no cover
-    """From the messages per window of all parts (``counts``, window ``base + b`` at
-    ``b + 1``): the keys of the windows that have messages, their bounds in a stable sort by
-    window, and where each window's first message goes. ``two_parts``: the first part's own
-    counts are ``first_counts``, and the second place array (where the second part's
-    messages go, after the first part's in every window) follows the first in the result."""
+def window_places(counts, base):  # pragma: no cover
+    """From the messages per window (``counts``, window ``base + b`` at ``b + 1``): the keys
+    of the windows that have messages, their bounds in a stable sort by window, and where
+    each window's first message goes (per window ``base + b``, messages or not)."""
     span = counts.shape[0] - 2
     n_windows = 0
     for b in range(1, span + 2):
@@ -587,13 +585,11 @@ def window_places(counts, first_counts, base, two_parts):  # pragma: no cover
             n_windows += 1
     window_keys = np.empty(n_windows, dtype=np.int64)
     bounds = np.empty(n_windows + 1, dtype=np.int64)
-    place = np.empty((2 if two_parts else 1) * (span + 1), dtype=np.int64)
+    place = np.empty(span + 1, dtype=np.int64)
     at = 0
     w = 0
     for b in range(span + 1):
         place[b] = at
-        if two_parts:
-            place[span + 1 + b] = at + first_counts[b + 1]
         if counts[b + 1] > 0:
             window_keys[w] = base + b
             bounds[w] = at
@@ -747,8 +743,7 @@ def warm_up() -> None:
         fanned_delays(i8, f8, ptr, i8, 1, 0, f8, f8, delay_kind, 0.1, 0, 2, 0, np.zeros(4),
                       np.zeros(4, dtype=np.int64))
     count_windows(i8, 0, 2, 0, np.zeros(3, dtype=np.int64))
-    for two_parts in (False, True):
-        window_places(np.ones(3, dtype=np.int64), np.ones(3, dtype=np.int64), 0, two_parts)
+    window_places(np.ones(3, dtype=np.int64), 0)
     store_into_windows(i8, i8, f8, f8, ptr, i8, 1, 0, 0, 2, 0, i8, f8, 0, i8[:1], f8, i8, i8,
                        f8)
     wake_on_news(np.full(2, np.inf), i8, 0, np.zeros(2, dtype=bool), f8, np.zeros(2))

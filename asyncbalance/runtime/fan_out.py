@@ -59,15 +59,15 @@ def fan_out(senders: np.ndarray, versions: np.ndarray, times: np.ndarray, values
                            second_counts)
     block_loops.count_windows(windows, 0, middle, base, first_counts)
     second.result()
-    window_keys, bounds, place = block_loops.window_places(
-        first_counts + second_counts, first_counts, base, True)
+    window_keys, bounds, place = block_loops.window_places(first_counts + second_counts, base)
+    # The second part's messages go after the first part's in every window.
+    second_place = place + first_counts[1:]
 
     arrays = (np.empty(total), np.empty(total, dtype=np.int64),
               np.empty(total, dtype=np.int64), np.empty(total))
     stores = (senders, versions, times, values, pair_ptr, pair_links, n_hosts, host)
     second = worker.submit(block_loops.store_into_windows, *stores, cut, n, middle, windows,
-                           delays, base, place[span + 1:], *arrays)
-    block_loops.store_into_windows(*stores, 0, cut, 0, windows, delays, base,
-                                   place[:span + 1], *arrays)
+                           delays, base, second_place, *arrays)
+    block_loops.store_into_windows(*stores, 0, cut, 0, windows, delays, base, place, *arrays)
     second.result()
     return (window_keys, bounds, *arrays, np.zeros(0, dtype=np.int64), delays)
